@@ -1,0 +1,701 @@
+// Fused linear sparse-KD / cross-entropy loss: CPU kernel.
+//
+// Rows (supervised positions only) are processed in chunks sized from a memory budget. Per chunk:
+//   1. logits[c, V] = H[c] W^T (+ b)          one GEMM into a reused buffer
+//   2. epilogue, parallel over rows            row logsumexp, divergence, CE; the buffer is
+//                                              overwritten with d(loss)/d(logits)
+//   3. grad_H[c] = dlogits W,  grad_W += dlogits^T H[c],  grad_b += colsum(dlogits)
+// so nothing of size N x V is ever allocated and backward only scales the stored gradients.
+//
+// The buffer has the input dtype: float32/float64 inputs get exact GEMMs; bfloat16/float16 inputs
+// use the CPU's half-precision GEMM (oneDNN), which accumulates in fp32 but rounds its output to
+// the input dtype. The epilogue upcasts each row to fp32, so the logits carry one rounding
+// (relative 2^-8 for bf16) and d(loss)/d(logits) is rounded once before the gradient GEMMs; this is
+// the same precision plain PyTorch gets in bf16 (tests/test_sparse_kd.py checks the error against
+// it). grad_W is accumulated over chunks in fp32.
+//
+// Math of the epilogue (docs/kd-losses.md). Per row, with z the (soft-capped) logits, u = z / T,
+// q = softmax(u), pi = softmax(z), a support S of teacher ids and buckets S + {rest}:
+//   For a divergence D(p, q_buckets), dD/du_v = q_v (g_b(v) - gbar), g_b = dD/dq_b,
+//   gbar = sum_b q_b g_b. Every token outside S shares one coefficient, so the whole row's
+//   gradient is "kr * exp(u_v - m/T)" plus K fix-ups at the support ids:
+//   forward KL (tail):  dD/du_j = q_j P - p_j,   kr = P / sT - p_rest / rT   (P = P_S + p_rest)
+//   reverse KL (tail):  dD/du_b = q_b (log q_b - log p_b - D)
+//   JSD (tail):         g_b = (1 - beta) log(q_b / m_b),   dD/du_b = q_b (g_b - gbar)
+//   renorm: forward KL  dD/du_j = q_j - p~_j, kr = 1 / sT; reverse KL / JSD over q~ = q / Q_S:
+//           dD/du_j = q~_j (g_j - gbar~), kr = 0
+//   sampled:            D = -sum w_j log q_j, dD/du_j = q_j W - w_j, kr = W / sT  (W = sum w)
+//   d loss / d z_v = kd_weight T dD/du_v + ((1 - kd_weight) + 2 z_loss lse1) pi_v
+//                    - (1 - kd_weight) [v == y],   times (1 - (z_v / c)^2) under softcap c.
+// sT and rT are the sums of exp(u - m/T) over the whole row and over the tokens outside S; rT is
+// summed over the gaps between the sorted support ids, so q(rest) = rT / sT has no cancellation.
+#include "vec.h"
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+namespace pangu_fastkd {
+
+int64_t default_chunk_budget_bytes();
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+using VecD = at::vec::Vectorized<double>;
+
+enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+enum MissingMass : int64_t { kTail = 0, kRenorm = 1 };
+enum TargetKind { kNoTeacher, kTopK, kSampled };
+
+constexpr double kEps = 1e-12;
+const double kLogEps = std::log(kEps);
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+struct Options {
+  TargetKind kind;
+  double kd_weight, beta, temperature, softcap, z_loss, scale;
+  int64_t divergence, missing_mass, K, V;
+  bool include_label, write_grad, compute_stats;
+};
+
+// Sparse target rows, converted once to contiguous int32 / fp32 (they are N x K, small).
+struct Target {
+  const int32_t* ids = nullptr;
+  const float* logits = nullptr;  // top-K teacher logits, or sampled weights
+  const float* lse = nullptr;
+  const float* label_logit = nullptr;
+};
+
+// What one row contributes: its loss and the statistics of KDStats, in that order.
+struct RowResult {
+  double loss = 0, divergence = 0, ce = 0, q_support = 0, p_support = 0, lse = 0, correct = 0;
+};
+
+// One support bucket of a row: a token id, its teacher value and the student's logit there.
+struct SupportEntry {
+  int64_t id;
+  double teacher;  // teacher logit (top-K) or weight (sampled)
+  double z;        // student logit (after softcap)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Vectorised row passes. `acc_t` is float (fp32/bf16/fp16 inputs) or double (float64 inputs).
+
+template <typename acc_t>
+acc_t row_max(const acc_t* z, int64_t n) {
+  using V = at::vec::Vectorized<acc_t>;
+  return at::vec::reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, z, n);
+}
+
+template <typename acc_t>
+void apply_softcap(acc_t* z, int64_t n, acc_t cap) {
+  using V = at::vec::Vectorized<acc_t>;
+  const V c(cap), inv_c(acc_t(1) / cap);
+  at::vec::map([&](V x) { return c * (x * inv_c).tanh(); }, z, z, n);
+}
+
+// Adds sum(exp(z - m)) and sum(exp((z - m) / T)) over z[begin, end) to s1 and sT.
+template <typename acc_t>
+void sum_exp(const acc_t* z, int64_t begin, int64_t end, acc_t m, acc_t inv_t, bool same_t,
+             double& s1, double& sT) {
+  using V = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  V acc1(0), accT(0);
+  const V vm(m), vinv(inv_t);
+  int64_t v = begin;
+  for (; v + W <= end; v += W) {
+    V x = V::loadu(z + v) - vm;
+    acc1 += x.exp();
+    if (!same_t) accT += (x * vinv).exp();
+  }
+  if (v < end) {
+    // Lanes past `count` load as 0; mask them to -inf so they add exp(-inf) = 0.
+    const int64_t count = end - v;
+    V x = V::loadu(z + v, count) - vm;
+    V lanes = V::set(V(-std::numeric_limits<acc_t>::infinity()), x, count);
+    acc1 += lanes.exp();
+    if (!same_t) accT += (lanes * vinv).exp();
+  }
+  const double r1 = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, acc1);
+  s1 += r1;
+  sT += same_t ? r1 : at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, accT);
+}
+
+// Overwrites z with coef_t * exp((z - m) / T) + coef_1 * exp(z - m), times the softcap derivative.
+template <typename acc_t>
+void write_row_grad(acc_t* z, int64_t n, acc_t m, acc_t inv_t, bool same_t, acc_t coef_t,
+                    acc_t coef_1, acc_t softcap) {
+  using V = at::vec::Vectorized<acc_t>;
+  const V vm(m), vinv(inv_t), ct(coef_t), c1(coef_1), one(1), inv_cap(softcap > 0 ? 1 / softcap : 0);
+  const bool capped = softcap > 0;
+  at::vec::map(
+      [&](V x) {
+        V d = x - vm;
+        V g = same_t ? (ct + c1) * d.exp() : ct * (d * vinv).exp() + c1 * d.exp();
+        if (capped) {
+          V r = x * inv_cap;
+          g = g * (one - r * r);
+        }
+        return g;
+      },
+      z, z, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-row loss and gradient.
+
+struct BucketTerms {
+  double D = 0;
+  double kr = 0;               // coefficient of exp(u_v - m/T) for every token outside the support
+  std::vector<double> d_sup;  // dD/du at each support entry
+  double p_support = 0;
+};
+
+double log_floor(double logx) { return std::max(logx, kLogEps); }
+
+// Reverse KL / JSD over buckets with probabilities q, log q, p, log p (the last bucket may be
+// "rest"). Returns D and c_b = g_b - gbar, so that dD/du_v = q_v c_b(v).
+void reverse_or_jsd(const Options& o, const std::vector<double>& p, const std::vector<double>& logp,
+                    const std::vector<double>& q, const std::vector<double>& logq, double& D,
+                    std::vector<double>& c) {
+  const size_t B = p.size();
+  c.assign(B, 0.0);
+  D = 0;
+  if (o.divergence == kReverseKL) {
+    for (size_t b = 0; b < B; ++b) D += q[b] * (log_floor(logq[b]) - log_floor(logp[b]));
+    for (size_t b = 0; b < B; ++b) c[b] = log_floor(logq[b]) - log_floor(logp[b]) - D;
+    return;
+  }
+  const double beta = o.beta;
+  double gbar = 0;
+  for (size_t b = 0; b < B; ++b) {
+    const double m = beta * p[b] + (1 - beta) * q[b];
+    const double logm = std::log(std::max(m, kEps));
+    if (p[b] > 0) D += beta * p[b] * (log_floor(logp[b]) - logm);
+    D += (1 - beta) * q[b] * (log_floor(logq[b]) - logm);
+    c[b] = (1 - beta) * (log_floor(logq[b]) - logm);
+    gbar += q[b] * c[b];
+  }
+  for (size_t b = 0; b < B; ++b) c[b] -= gbar;
+}
+
+// sT, rT: sums of exp(u - m/T) over the whole row and outside the support; log_sT = log(sT).
+BucketTerms divergence_terms(const Options& o, const std::vector<SupportEntry>& sup, double m,
+                             double sT, double rT, double lam, int64_t row) {
+  const double T = o.temperature;
+  const size_t n = sup.size();
+  const double log_sT = std::log(sT);
+  BucketTerms out;
+  out.d_sup.assign(n, 0.0);
+  std::vector<double> logq(n), q(n);
+  for (size_t j = 0; j < n; ++j) {
+    logq[j] = (sup[j].z - m) / T - log_sT;
+    q[j] = std::exp(logq[j]);
+  }
+
+  if (o.kind == kSampled) {
+    double W = 0;
+    for (size_t j = 0; j < n; ++j) {
+      W += sup[j].teacher;
+      out.D -= sup[j].teacher * logq[j];
+      out.d_sup[j] = q[j];  // times W below
+    }
+    for (size_t j = 0; j < n; ++j) out.d_sup[j] = q[j] * W - sup[j].teacher;
+    out.kr = W / sT;
+    out.p_support = W;
+    return out;
+  }
+
+  if (o.missing_mass == kTail) {
+    std::vector<double> logp(n), p(n);
+    double P_S = 0;
+    for (size_t j = 0; j < n; ++j) {
+      logp[j] = sup[j].teacher / T - lam;
+      p[j] = std::exp(logp[j]);
+      P_S += p[j];
+    }
+    const double p_rest = std::max(0.0, 1.0 - P_S);
+    const double log_q_rest = std::log(rT) - log_sT;
+    out.p_support = P_S;
+    if (o.divergence == kForwardKL) {
+      const double P = P_S + p_rest;
+      for (size_t j = 0; j < n; ++j) {
+        if (p[j] > 0) out.D += p[j] * (logp[j] - logq[j]);
+        out.d_sup[j] = q[j] * P - p[j];
+      }
+      out.kr = P / sT;
+      if (p_rest > 0) {
+        out.D += p_rest * (std::log(p_rest) - log_q_rest);
+        if (rT > 0) out.kr -= p_rest / rT;
+      }
+      return out;
+    }
+    // Reverse KL and JSD: buckets are the support plus "rest".
+    p.push_back(p_rest);
+    logp.push_back(p_rest > 0 ? std::log(p_rest) : kNegInf);
+    q.push_back(rT / sT);
+    logq.push_back(log_q_rest);
+    std::vector<double> c;
+    reverse_or_jsd(o, p, logp, q, logq, out.D, c);
+    for (size_t j = 0; j < n; ++j) out.d_sup[j] = q[j] * c[j];
+    out.kr = c[n] / sT;
+    return out;
+  }
+
+  // renorm: the teacher renormalised over the support, p~ = softmax_S(t / T).
+  double t_max = kNegInf;
+  for (const auto& e : sup) t_max = std::max(t_max, e.teacher / T);
+  TORCH_CHECK_VALUE(std::isfinite(t_max), "sparse_kd: row ", row,
+                    " has no finite teacher logit on its support; missing_mass='renorm' needs one");
+  double t_sum = 0;
+  for (const auto& e : sup) t_sum += std::exp(e.teacher / T - t_max);
+  std::vector<double> logp(n), p(n);
+  for (size_t j = 0; j < n; ++j) {
+    logp[j] = sup[j].teacher / T - t_max - std::log(t_sum);
+    p[j] = std::exp(logp[j]);
+  }
+  out.p_support = 1.0;
+  if (o.divergence == kForwardKL) {
+    for (size_t j = 0; j < n; ++j) {
+      if (p[j] > 0) out.D += p[j] * (logp[j] - logq[j]);
+      out.d_sup[j] = q[j] - p[j];
+    }
+    out.kr = 1.0 / sT;
+    return out;
+  }
+  // q~ = q / Q_S, from the logits so that it stays exact when Q_S underflows.
+  double z_max = kNegInf;
+  for (const auto& e : sup) z_max = std::max(z_max, e.z);
+  double z_sum = 0;
+  for (const auto& e : sup) z_sum += std::exp((e.z - z_max) / T);
+  std::vector<double> logqt(n), qt(n);
+  for (size_t j = 0; j < n; ++j) {
+    logqt[j] = (sup[j].z - z_max) / T - std::log(z_sum);
+    qt[j] = std::exp(logqt[j]);
+  }
+  std::vector<double> c;
+  reverse_or_jsd(o, p, logp, qt, logqt, out.D, c);
+  for (size_t j = 0; j < n; ++j) out.d_sup[j] = qt[j] * c[j];
+  out.kr = 0;
+  return out;
+}
+
+// Collects the support of one row (valid ids, plus the label under label conditioning), sorted
+// by id so the tokens outside it form contiguous gaps.
+void build_support(const Options& o, const Target& tg, int64_t row, int64_t y,
+                   std::vector<SupportEntry>& sup) {
+  sup.clear();
+  if (o.kind == kNoTeacher || o.kd_weight == 0) return;
+  const int32_t* ids = tg.ids + row * o.K;
+  const float* vals = tg.logits + row * o.K;
+  bool label_seen = false;
+  for (int64_t j = 0; j < o.K; ++j) {
+    if (ids[j] < 0) continue;
+    sup.push_back({ids[j], vals[j], 0.0});
+    label_seen |= ids[j] == y;
+  }
+  if (o.kind == kTopK && o.include_label && !label_seen) sup.push_back({y, tg.label_logit[row], 0.0});
+  std::sort(sup.begin(), sup.end(), [](const SupportEntry& a, const SupportEntry& b) { return a.id < b.id; });
+  TORCH_CHECK_VALUE(!sup.empty(), "sparse_kd: supervised row ", row,
+                    " has an empty teacher support (every id is -1) while kd_weight > 0");
+}
+
+// Loss and statistics of one row; overwrites z with d(scale * loss)/dz when o.write_grad.
+template <typename acc_t>
+RowResult process_row(const Options& o, const Target& tg, acc_t* z, int64_t row, int64_t y,
+                      std::vector<SupportEntry>& sup) {
+  const int64_t V = o.V;
+  const double T = o.temperature;
+  const bool same_t = T == 1.0;
+  if (o.softcap > 0) apply_softcap<acc_t>(z, V, acc_t(o.softcap));
+  const acc_t m = row_max<acc_t>(z, V);
+  build_support(o, tg, row, y, sup);
+  for (auto& e : sup) e.z = z[e.id];
+  const double zy = z[y];
+
+  // Sums over the gaps between support ids, then the support's own terms.
+  double r1 = 0, rT = 0;
+  int64_t prev = 0;
+  for (const auto& e : sup) {
+    sum_exp<acc_t>(z, prev, e.id, m, acc_t(1.0 / T), same_t, r1, rT);
+    prev = e.id + 1;
+  }
+  sum_exp<acc_t>(z, prev, V, m, acc_t(1.0 / T), same_t, r1, rT);
+  double s1 = r1, sT = rT;
+  for (const auto& e : sup) {
+    s1 += std::exp(e.z - m);
+    sT += std::exp((e.z - m) / T);
+  }
+  RowResult res;
+  res.lse = m + std::log(s1);
+  res.ce = res.lse - zy;
+  BucketTerms terms;
+  if (!sup.empty()) {
+    const double lam = tg.lse ? double(tg.lse[row]) : 0.0;
+    terms = divergence_terms(o, sup, m, sT, rT, lam, row);
+    for (const auto& e : sup) res.q_support += std::exp((e.z - m) / T) / sT;
+  }
+  res.divergence = terms.D;
+  res.p_support = terms.p_support;
+  res.loss = o.kd_weight * T * T * terms.D + (1 - o.kd_weight) * res.ce + o.z_loss * res.lse * res.lse;
+  if (o.compute_stats) {
+    int64_t arg = 0;
+    while (arg < V && z[arg] != m) ++arg;  // first maximum, like torch.argmax
+    res.correct = arg == y ? 1.0 : 0.0;
+  }
+  if (!o.write_grad) return res;
+
+  // pi-coefficient: CE and z-loss both push softmax(z); the KD term pushes softmax(z / T).
+  const double b1 = (1 - o.kd_weight) + 2 * o.z_loss * res.lse;
+  const double coef_1 = o.scale * b1 / s1;
+  const double coef_t = o.scale * o.kd_weight * T * terms.kr;
+  const double cap = o.softcap;
+  auto cap_grad = [cap](double zv) { return cap > 0 ? 1 - (zv / cap) * (zv / cap) : 1.0; };
+  write_row_grad<acc_t>(z, V, m, acc_t(1.0 / T), same_t, acc_t(coef_t), acc_t(coef_1), acc_t(cap));
+  bool label_in_support = false;
+  for (size_t j = 0; j < sup.size(); ++j) {
+    const auto& e = sup[j];
+    double g = o.kd_weight * T * terms.d_sup[j] + b1 * std::exp(e.z - m) / s1;
+    if (e.id == y) {
+      g -= 1 - o.kd_weight;
+      label_in_support = true;
+    }
+    z[e.id] = acc_t(o.scale * g * cap_grad(e.z));
+  }
+  if (!label_in_support) {
+    const double g = o.kd_weight * T * terms.kr * std::exp((zy - m) / T) + b1 * std::exp(zy - m) / s1 -
+                     (1 - o.kd_weight);
+    z[y] = acc_t(o.scale * g * cap_grad(zy));
+  }
+  return res;
+}
+
+// Runs the epilogue over the rows of one chunk; `buf` is [rows, V] in the GEMM dtype.
+template <typename buf_t, typename acc_t>
+void chunk_epilogue(const Options& o, const Target& tg, at::Tensor buf, const int64_t* src_rows,
+                    const int64_t* labels, std::vector<RowResult>& results) {
+  const int64_t rows = buf.size(0), V = o.V;
+  buf_t* data = buf.data_ptr<buf_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<SupportEntry> sup;
+    std::vector<acc_t> scratch;
+    if constexpr (!std::is_same_v<buf_t, acc_t>) scratch.resize(V);
+    for (int64_t r = begin; r < end; ++r) {
+      buf_t* row_ptr = data + r * V;
+      acc_t* z;
+      if constexpr (std::is_same_v<buf_t, acc_t>) {
+        z = row_ptr;
+      } else {
+        at::vec::convert(row_ptr, scratch.data(), V);
+        z = scratch.data();
+      }
+      const int64_t src = src_rows[r];
+      results[r] = process_row<acc_t>(o, tg, z, src, labels[src], sup);
+      if constexpr (!std::is_same_v<buf_t, acc_t>) {
+        if (o.write_grad) at::vec::convert(scratch.data(), row_ptr, V);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input checks. Shapes and dtypes first, then the data of the sparse target (before any GEMM).
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "sparse_kd: ", name, " must be on the CPU, got ", t.device());
+}
+
+std::string row_msg(int64_t row) { return " (row " + std::to_string(row) + ")"; }
+
+void check_target_rows(const Options& o, const Target& tg, const int64_t* labels,
+                       const std::vector<int64_t>& rows, double cache_temperature) {
+  // Parallel over rows; at::parallel_for rethrows the first error on the calling thread.
+  at::parallel_for(0, int64_t(rows.size()), 256, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> sorted;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = rows[i];
+      const int32_t* ids = tg.ids + r * o.K;
+      const float* vals = tg.logits + r * o.K;
+      sorted.clear();
+      double wsum = 0;
+      for (int64_t j = 0; j < o.K; ++j) {
+        TORCH_CHECK_VALUE(ids[j] >= -1 && ids[j] < o.V, "sparse_kd: target ids must lie in [0, ", o.V,
+                          ") or be -1, got ", ids[j], row_msg(r));
+        if (ids[j] < 0) continue;
+        sorted.push_back(ids[j]);
+        const float v = vals[j];
+        if (o.kind == kTopK) {
+          TORCH_CHECK_VALUE(!std::isnan(v) && v != std::numeric_limits<float>::infinity(),
+                            "sparse_kd: teacher logits must be finite or -inf, got ", v, row_msg(r));
+        } else {
+          TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, "sparse_kd: sampled weights must be >= 0 and finite, got ",
+                            v, row_msg(r));
+          wsum += v;
+        }
+      }
+      std::sort(sorted.begin(), sorted.end());
+      TORCH_CHECK_VALUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(),
+                        "sparse_kd: target ids must be distinct within a row", row_msg(r));
+      if (o.kind == kTopK) {
+        TORCH_CHECK_VALUE(std::isfinite(tg.lse[r]), "sparse_kd: teacher lse must be finite, got ", tg.lse[r],
+                          row_msg(r));
+        const float lab = tg.label_logit[r];
+        TORCH_CHECK_VALUE(!std::isnan(lab) && lab != std::numeric_limits<float>::infinity(),
+                          "sparse_kd: teacher label_logit must be finite or -inf, got ", lab, row_msg(r));
+      } else {
+        TORCH_CHECK_VALUE(std::abs(wsum - 1.0) <= 1e-3, "sparse_kd: sampled weights must sum to 1 (within 1e-3), got ",
+                          wsum, row_msg(r));
+      }
+    }
+  });
+}
+
+// The logits buffer is the kernel's only large allocation; its rows come from this budget.
+int64_t chunk_rows_for(int64_t V, int64_t elem_size, int64_t requested, int64_t n_rows) {
+  int64_t rows = requested;
+  if (rows <= 0) {
+    rows = default_chunk_budget_bytes() / std::max<int64_t>(1, V * elem_size);
+    // Multiples of 16 keep the GEMM's row blocks full; fewer than 16 rows starve it.
+    rows = std::max<int64_t>(16, rows / 16 * 16);
+  }
+  return std::max<int64_t>(1, std::min(rows, std::max<int64_t>(1, n_rows)));
+}
+
+}  // namespace
+
+int64_t default_chunk_budget_bytes() {
+  // PANGU_FASTKD_CHUNK_MB overrides the 128 MiB default for the logits buffer.
+  if (const char* env = std::getenv("PANGU_FASTKD_CHUNK_MB")) {
+    const long long mb = std::atoll(env);
+    if (mb > 0) return int64_t(mb) << 20;
+  }
+  return int64_t(128) << 20;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd_fused_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels_in, const std::optional<at::Tensor>& ids_in,
+    const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& teacher_lse,
+    const std::optional<at::Tensor>& label_logit, const std::optional<at::Tensor>& sample_weights,
+    double kd_weight, int64_t divergence, double beta, double temperature, double cache_temperature,
+    int64_t missing_mass, bool include_label, int64_t ignore_index, double softcap, double z_loss,
+    int64_t reduction, double num_items, int64_t chunk_rows, bool need_grad_input, bool need_grad_weight,
+    bool compute_stats) {
+  // ---- shapes, dtypes, devices, options
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "sparse_kd: hidden must be [N, d], got shape ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "sparse_kd: weight must be [V, d], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "sparse_kd: weight is [V, d] with d = ", weight.size(1),
+                    " but hidden has d = ", hidden.size(1));
+  const auto dtype = hidden.scalar_type();
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "sparse_kd: hidden must be a floating tensor, got ", dtype);
+  TORCH_CHECK_TYPE(weight.scalar_type() == dtype, "sparse_kd: weight dtype ", weight.scalar_type(),
+                   " differs from hidden dtype ", dtype);
+  const int64_t N = hidden.size(0), d = hidden.size(1), V = weight.size(0);
+  TORCH_CHECK_VALUE(V > 0 && d > 0, "sparse_kd: empty vocabulary or hidden size");
+  check_cpu(hidden, "hidden");
+  check_cpu(weight, "weight");
+  check_cpu(labels_in, "labels");
+  TORCH_CHECK_VALUE(labels_in.dim() == 1 && labels_in.size(0) == N, "sparse_kd: labels must be [N] = [", N,
+                    "], got shape ", labels_in.sizes());
+  TORCH_CHECK_TYPE(labels_in.scalar_type() == at::kLong || labels_in.scalar_type() == at::kInt,
+                   "sparse_kd: labels must be int64 or int32, got ", labels_in.scalar_type());
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, "sparse_kd: bias must be [V] = [", V,
+                      "], got shape ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, "sparse_kd: bias dtype ", bias->scalar_type(),
+                     " differs from hidden dtype ", dtype);
+  }
+  TORCH_CHECK_VALUE(kd_weight >= 0 && kd_weight <= 1, "sparse_kd: kd_weight must be in [0, 1], got ", kd_weight);
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 2, "sparse_kd: unknown divergence code ", divergence);
+  TORCH_CHECK_VALUE(missing_mass == 0 || missing_mass == 1, "sparse_kd: unknown missing_mass code ", missing_mass);
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "sparse_kd: beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "sparse_kd: temperature must be > 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(z_loss >= 0, "sparse_kd: z_loss must be >= 0, got ", z_loss);
+  TORCH_CHECK_VALUE(reduction == 0 || reduction == 1, "sparse_kd: unknown reduction code ", reduction);
+
+  Options o{};
+  o.kd_weight = kd_weight;
+  o.beta = beta;
+  o.temperature = temperature;
+  o.softcap = softcap > 0 ? softcap : 0;
+  o.z_loss = z_loss;
+  o.divergence = divergence;
+  o.missing_mass = missing_mass;
+  o.include_label = include_label;
+  o.V = V;
+  o.compute_stats = compute_stats;
+  o.kind = kNoTeacher;
+
+  // ---- sparse target
+  at::Tensor ids, tvals, tlse, tlabel;
+  Target tg;
+  if (kd_weight > 0) {
+    TORCH_CHECK_VALUE(ids_in.has_value(), "sparse_kd: kd_weight > 0 needs a teacher target (ids)");
+    const bool sampled = sample_weights.has_value();
+    TORCH_CHECK_VALUE(sampled != teacher_logits.has_value(),
+                      "sparse_kd: pass either teacher_logits (top-K) or sample_weights (sampled), not both");
+    o.kind = sampled ? kSampled : kTopK;
+    check_cpu(*ids_in, "target ids");
+    TORCH_CHECK_VALUE(ids_in->dim() == 2 && ids_in->size(0) == N, "sparse_kd: target ids must be [N, K] with N = ",
+                      N, ", got shape ", ids_in->sizes());
+    TORCH_CHECK_VALUE(ids_in->size(1) > 0, "sparse_kd: target ids must have K >= 1 columns, got K = 0");
+    TORCH_CHECK_TYPE(at::isIntegralType(ids_in->scalar_type(), false),
+                     "sparse_kd: target ids must be an integer tensor, got ", ids_in->scalar_type());
+    o.K = ids_in->size(1);
+    ids = ids_in->to(at::kInt).contiguous();
+    const auto& vals = sampled ? *sample_weights : *teacher_logits;
+    const char* vname = sampled ? "sample_weights" : "teacher logits";
+    check_cpu(vals, vname);
+    TORCH_CHECK_VALUE(vals.sizes() == ids_in->sizes(), "sparse_kd: ", vname, " must match ids' shape ",
+                      ids_in->sizes(), ", got ", vals.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(vals.scalar_type()), "sparse_kd: ", vname,
+                     " must be a floating tensor, got ", vals.scalar_type());
+    tvals = vals.to(at::kFloat).contiguous();
+    tg.ids = ids.data_ptr<int32_t>();
+    tg.logits = tvals.data_ptr<float>();
+    if (!sampled) {
+      TORCH_CHECK_VALUE(teacher_lse.has_value() && label_logit.has_value(),
+                        "sparse_kd: a top-K target needs teacher lse and label_logit");
+      for (auto [t, name] : {std::pair{&*teacher_lse, "teacher lse"}, std::pair{&*label_logit, "label_logit"}}) {
+        check_cpu(*t, name);
+        TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == N, "sparse_kd: ", name, " must be [N] = [", N,
+                          "], got shape ", t->sizes());
+        TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "sparse_kd: ", name,
+                         " must be a floating tensor, got ", t->scalar_type());
+      }
+      tlse = teacher_lse->to(at::kFloat).contiguous();
+      tlabel = label_logit->to(at::kFloat).contiguous();
+      tg.lse = tlse.data_ptr<float>();
+      tg.label_logit = tlabel.data_ptr<float>();
+      TORCH_CHECK_VALUE(missing_mass != kTail || std::abs(temperature - cache_temperature) <= 1e-6,
+                        "sparse_kd: missing_mass='tail' needs temperature == cache temperature (", temperature,
+                        " != ", cache_temperature, "); use missing_mass='renorm'");
+    } else {
+      TORCH_CHECK_VALUE(divergence == kForwardKL,
+                        "sparse_kd: sampled targets support only divergence='forward_kl'");
+      TORCH_CHECK_VALUE(!include_label, "sparse_kd: include_label applies to top-K targets only");
+    }
+  }
+
+  // ---- supervised rows
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  std::vector<int64_t> rows;
+  rows.reserve(N);
+  for (int64_t i = 0; i < N; ++i) {
+    if (lab[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(lab[i] >= 0 && lab[i] < V, "sparse_kd: labels must lie in [0, ", V,
+                      ") or equal ignore_index=", ignore_index, ", got ", lab[i], row_msg(i));
+    rows.push_back(i);
+  }
+  const int64_t n_sup = int64_t(rows.size());
+  if (o.kind != kNoTeacher) check_target_rows(o, tg, lab, rows, cache_temperature);
+
+  if (num_items > 0) {
+    o.scale = 1.0 / num_items;
+  } else {
+    o.scale = (reduction == 1 && n_sup > 0) ? 1.0 / double(n_sup) : 1.0;
+  }
+  o.write_grad = need_grad_input || need_grad_weight;
+
+  // ---- outputs
+  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor H = hidden.contiguous(), W = weight.contiguous();
+  const bool all_rows = n_sup == N;
+  at::Tensor row_index = at::from_blob(rows.data(), {n_sup}, at::kLong);
+  at::Tensor H_sup = all_rows ? H : H.index_select(0, row_index);
+  at::Tensor grad_h_sup, grad_w_acc, grad_b_acc;
+  if (need_grad_input) grad_h_sup = at::empty({n_sup, d}, H.options());
+  if (need_grad_weight) {
+    grad_w_acc = at::zeros({V, d}, W.options().dtype(acc_dtype));
+    if (bias.has_value()) grad_b_acc = at::zeros({V}, W.options().dtype(acc_dtype));
+  }
+  at::Tensor stats = compute_stats ? at::zeros({N, 6}, hidden.options().dtype(at::kFloat))
+                                   : at::empty({0, 6}, hidden.options().dtype(at::kFloat));
+
+  // ---- chunks
+  const int64_t chunk = chunk_rows_for(V, hidden.element_size(), chunk_rows, n_sup);
+  at::Tensor buffer = at::empty({n_sup > 0 ? chunk : 0, V}, H.options());
+  // Half-precision grad_W partials are staged in vocabulary slices before the fp32 accumulation,
+  // so that no second V x d buffer is needed.
+  const int64_t vslice = half ? std::min<int64_t>(V, std::max<int64_t>(1024, (int64_t(16) << 20) / (2 * d))) : V;
+  at::Tensor stage = (half && need_grad_weight) ? at::empty({vslice, d}, H.options()) : at::Tensor();
+  std::vector<RowResult> results(n_sup);
+  std::vector<RowResult> chunk_results;
+  const at::Tensor Wt = W.t();
+  for (int64_t c0 = 0; c0 < n_sup; c0 += chunk) {
+    const int64_t cn = std::min(chunk, n_sup - c0);
+    at::Tensor Hc = H_sup.narrow(0, c0, cn);
+    at::Tensor buf = buffer.narrow(0, 0, cn);
+    if (bias.has_value()) {
+      at::addmm_out(buf, *bias, Hc, Wt);
+    } else {
+      at::mm_out(buf, Hc, Wt);
+    }
+    chunk_results.assign(cn, RowResult{});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "sparse_kd_epilogue", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      chunk_epilogue<scalar_t, acc_t>(o, tg, buf, rows.data() + c0, lab, chunk_results);
+    });
+    std::copy(chunk_results.begin(), chunk_results.end(), results.begin() + c0);
+    if (need_grad_input) {
+      at::Tensor gh = grad_h_sup.narrow(0, c0, cn);
+      at::mm_out(gh, buf, W);
+    }
+    if (need_grad_weight) {
+      if (!half) {
+        grad_w_acc.addmm_(buf.t(), Hc);
+      } else {
+        for (int64_t v0 = 0; v0 < V; v0 += vslice) {
+          const int64_t vn = std::min(vslice, V - v0);
+          at::Tensor st = stage.narrow(0, 0, vn);  // NOLINT: mm_out needs an lvalue
+          at::mm_out(st, buf.narrow(1, v0, vn).t(), Hc);
+          grad_w_acc.narrow(0, v0, vn).add_(st);
+        }
+      }
+      if (bias.has_value()) grad_b_acc.add_(buf.sum(0, false, acc_dtype));
+    }
+  }
+
+  // ---- reduction (sequential over rows: the same sum whatever the thread count)
+  double total = 0;
+  for (const auto& r : results) total += r.loss;
+  at::Tensor loss = at::scalar_tensor(total * o.scale, hidden.options().dtype(acc_dtype));
+  if (compute_stats) {
+    auto acc = stats.accessor<float, 2>();
+    for (int64_t i = 0; i < n_sup; ++i) {
+      const auto& r = results[i];
+      const double vals[6] = {r.divergence, r.ce, r.q_support, r.p_support, r.lse, r.correct};
+      for (int k = 0; k < 6; ++k) acc[rows[i]][k] = float(vals[k]);
+    }
+  }
+  at::Tensor grad_hidden = at::empty({0}, H.options());
+  if (need_grad_input) {
+    if (all_rows) {
+      grad_hidden = grad_h_sup;
+    } else {
+      grad_hidden = at::zeros({N, d}, H.options());
+      grad_hidden.index_copy_(0, row_index, grad_h_sup);
+    }
+  }
+  at::Tensor grad_weight = at::empty({0}, W.options());
+  at::Tensor grad_bias = at::empty({0}, W.options());
+  if (need_grad_weight) {
+    grad_weight = grad_w_acc.scalar_type() == dtype ? grad_w_acc : grad_w_acc.to(dtype);
+    if (bias.has_value()) grad_bias = grad_b_acc.to(dtype);
+  }
+  return {loss, grad_hidden, grad_weight, grad_bias, stats};
+}
+
+TORCH_LIBRARY_IMPL(pangu_fastkd, CPU, m) { m.impl("sparse_kd_fused", &sparse_kd_fused_cpu); }
+
+}  // namespace pangu_fastkd

@@ -1,0 +1,270 @@
+"""Fused linear sparse-KD / cross-entropy loss: the public API.
+
+``fused_linear_sparse_kd`` computes the student's loss straight from hidden states and the LM
+head against a sparse teacher target, without materialising the ``[N, V]`` logits on devices with
+a kernel (CPU now). What it computes is defined in ``docs/kd-losses.md``.
+
+Dispatch: CPU tensors go to the C++ kernel ``torch.ops.pangu_fastkd.sparse_kd_fused``, which
+returns the loss together with its gradients (autograd only scales them by grad_output);
+tensors on other devices, or a build without the extension, use the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._native import native_available
+from .sparse_kd_reference import sparse_kd_reference
+from .sparse_kd_targets import (
+    DIVERGENCES,
+    MISSING_MASS_MODES,
+    REDUCTIONS,
+    KDStats,
+    SampledTarget,
+    TopKTarget,
+)
+
+__all__ = ["fused_linear_cross_entropy", "fused_linear_sparse_kd"]
+
+_OP_NAME = "pangu_fastkd::sparse_kd_fused"
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> int:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return choices.index(value)
+
+
+def fused_linear_sparse_kd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target: TopKTarget | SampledTarget | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    kd_weight: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    missing_mass: str = "tail",
+    include_label: bool | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: float | int | torch.Tensor | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+    chunk_rows: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, KDStats]:
+    """Sparse knowledge-distillation loss of an LM head, fused with its matmul.
+
+    ``loss_i = kd_weight * T^2 * D_i + (1 - kd_weight) * CE_i + z_loss * lse_i^2`` over supervised
+    positions, reduced by ``reduction`` or divided by ``num_items``; see ``docs/kd-losses.md``.
+
+    Args:
+        hidden: ``[N, d]`` student hidden states (float32, bfloat16, float16 or float64).
+        weight: ``[V, d]`` LM-head weight, same dtype as ``hidden``.
+        labels: ``[N]`` int64/int32 label ids; ``ignore_index`` marks unsupervised positions.
+        target: ``TopKTarget`` (``ids``/``logits`` ``[N, K]``, ``lse``/``label_logit`` ``[N]``) or
+            ``SampledTarget`` (``ids``/``weights`` ``[N, K]``); may be None when ``kd_weight == 0``.
+        bias: optional ``[V]`` LM-head bias.
+        kd_weight: weight of the distillation term in [0, 1]; 0 is plain cross-entropy.
+        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (sampled targets: forward only).
+        beta: JSD mixture weight in [0, 1], TRL's convention ``m = beta p + (1 - beta) q``.
+        temperature: distillation temperature T (CE is always at temperature 1).
+        missing_mass: ``"tail"`` (needs T equal to the cache temperature) or ``"renorm"``.
+        include_label: add the label token to the top-K support when it is missing (default True
+            for top-K targets; must be False or None for sampled targets).
+        ignore_index: label value of unsupervised positions.
+        reduction: ``"mean"`` over supervised positions of this call, or ``"sum"``.
+        num_items: divide the summed loss by this global count of supervised tokens instead
+            (gradient accumulation and data parallelism give the gradient of one big batch).
+        softcap: optional logit soft-capping ``c * tanh(z / c)``.
+        z_loss: coefficient of the ``lse^2`` auxiliary loss.
+        return_stats: also return per-token ``KDStats`` (each ``[N]`` float32).
+        chunk_rows: rows per GEMM chunk; default from the memory budget
+            (``PANGU_FASTKD_CHUNK_MB``, 128 MiB of logits).
+
+    Returns:
+        The scalar loss (float32; float64 for float64 inputs), and ``KDStats`` when
+        ``return_stats``.
+    """
+    div_code = _choice("divergence", divergence, DIVERGENCES)
+    mass_code = _choice("missing_mass", missing_mass, MISSING_MASS_MODES)
+    red_code = _choice("reduction", reduction, REDUCTIONS)
+    if target is not None and not isinstance(target, TopKTarget | SampledTarget):
+        raise TypeError(
+            f"target must be a TopKTarget, a SampledTarget or None, got {type(target).__name__}"
+        )
+    if kd_weight > 0 and target is None:
+        raise ValueError(
+            "kd_weight > 0 needs a teacher target; use kd_weight=0 for plain cross-entropy"
+        )
+    sampled = isinstance(target, SampledTarget)
+    if include_label is None:
+        include_label = not sampled
+    if sampled and include_label:
+        raise ValueError(
+            "include_label applies to top-K targets only (sampled targets carry no label logit)"
+        )
+    if sampled and divergence != "forward_kl":
+        raise ValueError("sampled targets support only divergence='forward_kl'")
+    if isinstance(num_items, torch.Tensor):
+        num_items = float(num_items.item())
+    if num_items is not None and not num_items > 0:
+        raise ValueError(f"num_items must be > 0, got {num_items}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+    if not _use_kernel(hidden, weight, labels):
+        loss, stats = sparse_kd_reference(
+            hidden,
+            weight,
+            labels,
+            target if kd_weight > 0 else None,
+            bias=bias,
+            kd_weight=kd_weight,
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            missing_mass=missing_mass,
+            include_label=include_label,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items=num_items,
+            softcap=softcap,
+            z_loss=z_loss,
+        )
+        return (loss, KDStats.from_matrix(stats.detach())) if return_stats else loss
+
+    use_target = target if kd_weight > 0 else None
+    grad_on = torch.is_grad_enabled()
+    need_grad_input = grad_on and hidden.requires_grad
+    need_grad_weight = grad_on and (
+        weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    loss, _, _, _, stats = torch.ops.pangu_fastkd.sparse_kd_fused(
+        hidden,
+        weight,
+        bias,
+        labels,
+        use_target.ids if use_target is not None else None,
+        use_target.logits if isinstance(use_target, TopKTarget) else None,
+        use_target.lse if isinstance(use_target, TopKTarget) else None,
+        use_target.label_logit if isinstance(use_target, TopKTarget) else None,
+        use_target.weights if isinstance(use_target, SampledTarget) else None,
+        float(kd_weight),
+        div_code,
+        float(beta),
+        float(temperature),
+        float(use_target.temperature) if isinstance(use_target, TopKTarget) else float(temperature),
+        mass_code,
+        bool(include_label),
+        int(ignore_index),
+        float(softcap) if softcap is not None else 0.0,
+        float(z_loss),
+        red_code,
+        float(num_items) if num_items is not None else 0.0,
+        int(chunk_rows or 0),
+        need_grad_input,
+        need_grad_weight,
+        return_stats,
+    )
+    return (loss, KDStats.from_matrix(stats)) if return_stats else loss
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: float | int | torch.Tensor | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+    chunk_rows: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, KDStats]:
+    """Cross-entropy of an LM head fused with its matmul: the no-teacher case (SFT).
+
+    Args:
+        hidden: ``[N, d]`` hidden states; ``weight``: ``[V, d]``; ``labels``: ``[N]``.
+        Other arguments as in ``fused_linear_sparse_kd``.
+
+    Returns:
+        The scalar loss, and ``KDStats`` when ``return_stats``.
+    """
+    return fused_linear_sparse_kd(
+        hidden,
+        weight,
+        labels,
+        None,
+        bias=bias,
+        kd_weight=0.0,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items=num_items,
+        softcap=softcap,
+        z_loss=z_loss,
+        return_stats=return_stats,
+        chunk_rows=chunk_rows,
+    )
+
+
+def _use_kernel(*tensors: torch.Tensor) -> bool:
+    """The C++ kernel serves CPU tensors (and fake/meta tensors while tracing)."""
+    if not native_available():
+        return False
+    return all(t.device.type in ("cpu", "meta") for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) kernel and autograd of the C++ op, so that it traces under torch.compile and
+# passes torch.library.opcheck.
+
+
+def _register() -> None:
+    @torch.library.register_fake(_OP_NAME)
+    def _sparse_kd_fused_fake(
+        hidden, weight, bias, labels, ids, teacher_logits, teacher_lse, label_logit,
+        sample_weights, kd_weight, divergence, beta, temperature, cache_temperature,
+        missing_mass, include_label, ignore_index, softcap, z_loss, reduction, num_items,
+        chunk_rows, need_grad_input, need_grad_weight, compute_stats,
+    ):  # fmt: skip
+        torch._check(hidden.dim() == 2, lambda: f"hidden must be [N, d], got {tuple(hidden.shape)}")
+        torch._check(weight.dim() == 2, lambda: f"weight must be [V, d], got {tuple(weight.shape)}")
+        torch._check(weight.shape[1] == hidden.shape[1], lambda: "weight and hidden disagree on d")
+        torch._check(labels.shape == (hidden.shape[0],), lambda: "labels must be [N]")
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        loss = hidden.new_empty((), dtype=acc)
+        grad_hidden = hidden.new_empty(hidden.shape) if need_grad_input else hidden.new_empty(0)
+        grad_weight = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
+        has_bias_grad = need_grad_weight and bias is not None
+        grad_bias = weight.new_empty(bias.shape) if has_bias_grad else weight.new_empty(0)
+        rows = hidden.shape[0] if compute_stats else 0
+        stats = hidden.new_empty((rows, 6), dtype=torch.float32)
+        return loss, grad_hidden, grad_weight, grad_bias, stats
+
+    def setup_context(ctx, inputs, output):
+        _, grad_hidden, grad_weight, grad_bias, _ = output
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+
+    def backward(ctx, grad_loss, *_unused_output_grads):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss.to(grad_hidden.dtype)
+
+        def scaled(grad: torch.Tensor) -> torch.Tensor | None:
+            return grad * scale.to(grad.dtype) if grad.numel() > 0 else None
+
+        n_other = 22  # labels, the target tensors and the scalar options get no gradient
+        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), *([None] * n_other))
+
+    torch.library.register_autograd(_OP_NAME, backward, setup_context=setup_context)
+
+
+if native_available():
+    _register()
