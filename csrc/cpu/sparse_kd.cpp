@@ -35,6 +35,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -616,7 +618,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
   at::Tensor grad_h_sup, grad_w_acc, grad_b_acc;
   if (need_grad_input) grad_h_sup = at::empty({n_sup, d}, H.options());
   if (need_grad_weight) {
-    grad_w_acc = at::zeros({V, d}, W.options().dtype(acc_dtype));
+    // Written by the first chunk; zeros only when there is no supervised row at all.
+    grad_w_acc = n_sup > 0 ? at::empty({V, d}, W.options().dtype(acc_dtype))
+                           : at::zeros({V, d}, W.options().dtype(acc_dtype));
     if (bias.has_value()) grad_b_acc = at::zeros({V}, W.options().dtype(acc_dtype));
   }
   at::Tensor stats = compute_stats ? at::zeros({N, 6}, hidden.options().dtype(at::kFloat))
@@ -632,38 +636,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
   std::vector<RowResult> results(n_sup);
   std::vector<RowResult> chunk_results;
   const at::Tensor Wt = W.t();
+  // PANGU_FASTKD_PROFILE=1 prints where the time of each call goes (GEMMs vs epilogue).
+  static const bool profile = std::getenv("PANGU_FASTKD_PROFILE") != nullptr;
+  double t_logits = 0, t_epi = 0, t_gh = 0, t_gw = 0;
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
   for (int64_t c0 = 0; c0 < n_sup; c0 += chunk) {
     const int64_t cn = std::min(chunk, n_sup - c0);
     at::Tensor Hc = H_sup.narrow(0, c0, cn);
     at::Tensor buf = buffer.narrow(0, 0, cn);
+    auto t_start = now();
     if (bias.has_value()) {
       at::addmm_out(buf, *bias, Hc, Wt);
     } else {
       at::mm_out(buf, Hc, Wt);
     }
+    auto t0 = now();
     chunk_results.assign(cn, RowResult{});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "sparse_kd_epilogue", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       chunk_epilogue<scalar_t, acc_t>(o, tg, buf, rows.data() + c0, lab, chunk_results);
     });
+    auto t1 = now();
     std::copy(chunk_results.begin(), chunk_results.end(), results.begin() + c0);
     if (need_grad_input) {
       at::Tensor gh = grad_h_sup.narrow(0, c0, cn);
       at::mm_out(gh, buf, W);
     }
+    auto t2 = now();
     if (need_grad_weight) {
+      // The first chunk writes the accumulator, later ones add to it: no zero-fill pass.
+      const bool first = c0 == 0;
       if (!half) {
-        grad_w_acc.addmm_(buf.t(), Hc);
+        if (first) {
+          at::mm_out(grad_w_acc, buf.t(), Hc);
+        } else {
+          grad_w_acc.addmm_(buf.t(), Hc);
+        }
       } else {
         for (int64_t v0 = 0; v0 < V; v0 += vslice) {
           const int64_t vn = std::min(vslice, V - v0);
-          at::Tensor st = stage.narrow(0, 0, vn);  // NOLINT: mm_out needs an lvalue
+          at::Tensor st = stage.narrow(0, 0, vn);  // mm_out needs an lvalue
           at::mm_out(st, buf.narrow(1, v0, vn).t(), Hc);
-          grad_w_acc.narrow(0, v0, vn).add_(st);
+          at::Tensor acc_slice = grad_w_acc.narrow(0, v0, vn);
+          if (first) {
+            acc_slice.copy_(st);
+          } else {
+            acc_slice.add_(st);
+          }
         }
       }
       if (bias.has_value()) grad_b_acc.add_(buf.sum(0, false, acc_dtype));
     }
+    auto t3 = now();
+    t_logits += secs(t_start, t0);
+    t_epi += secs(t0, t1);
+    t_gh += secs(t1, t2);
+    t_gw += secs(t2, t3);
+  }
+  if (profile) {
+    std::fprintf(stderr, "sparse_kd: rows=%lld chunk=%lld logits=%.3fs epilogue=%.3fs grad_hidden=%.3fs grad_weight=%.3fs\n",
+                 (long long)n_sup, (long long)chunk, t_logits, t_epi, t_gh, t_gw);
   }
 
   // ---- reduction (sequential over rows: the same sum whatever the thread count)

@@ -252,13 +252,19 @@ def _register() -> None:
     def setup_context(ctx, inputs, output):
         _, grad_hidden, grad_weight, grad_bias, _ = output
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Only the loss is differentiated; without this, autograd would allocate and zero-fill
+        # gradients for the other outputs (one of them V x d) on every backward.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, *_unused_output_grads):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden.dtype)
+        # The common case, loss.backward() on the loss itself, needs no pass over V x d.
+        unit = not torch.compiler.is_compiling() and bool(grad_loss == 1)
 
         def scaled(grad: torch.Tensor) -> torch.Tensor | None:
-            return grad * scale.to(grad.dtype) if grad.numel() > 0 else None
+            if grad.numel() == 0:
+                return None
+            return grad if unit else grad * grad_loss.to(grad.dtype)
 
         n_other = 22  # labels, the target tensors and the scalar options get no gradient
         return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), *([None] * n_other))

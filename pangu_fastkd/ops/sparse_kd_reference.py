@@ -181,8 +181,10 @@ def sparse_kd_reference(
             P_S = p_s.sum(dim=1)
             p_rest = (1 - P_S).clamp(min=0)
             # q(rest) summed over the tokens outside the support: exact, no cancellation.
-            in_support = torch.zeros_like(logq_all, dtype=torch.bool)
-            in_support.scatter_(1, safe_ids, valid)
+            # scatter_add, not scatter_: an invalid slot may share its id with a valid one
+            # (the label column when the label is already in the top-K).
+            hits = torch.zeros_like(logq_all).scatter_add_(1, safe_ids, valid.to(acc))
+            in_support = hits > 0
             logq_rest = torch.logsumexp(logq_all.masked_fill(in_support, -math.inf), dim=1)
             p = torch.cat([p_s, p_rest[:, None]], dim=1)
             logp = torch.cat([logp_s, p_rest.log()[:, None]], dim=1)
