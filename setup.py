@@ -48,7 +48,7 @@ def extension() -> CppExtension:
 setup(
     name="pangu_fastkd",
     version="0.1.0",
-    description="Kernel-first toolkit for post-training small language models by knowledge distillation",
+    description="Kernel-first toolkit for knowledge-distillation post-training of small LMs",
     packages=find_packages(include=["pangu_fastkd", "pangu_fastkd.*"]),
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors"],
