@@ -17,18 +17,20 @@
 // Math of the epilogue (docs/kd-losses.md). Per row, with z the (soft-capped) logits, u = z / T,
 // q = softmax(u), pi = softmax(z), a support S of teacher ids and buckets S + {rest}:
 //   For a divergence D(p, q_buckets), dD/du_v = q_v (g_b(v) - gbar), g_b = dD/dq_b,
-//   gbar = sum_b q_b g_b. Every token outside S shares one coefficient, so the whole row's
-//   gradient is "kr * exp(u_v - m/T)" plus K fix-ups at the support ids:
-//   forward KL (tail):  dD/du_j = q_j P - p_j,   kr = P / sT - p_rest / rT   (P = P_S + p_rest)
+//   gbar = sum_b q_b g_b. Every token outside S shares one coefficient kr, so the whole row's
+//   gradient is "kr * exp((z_v - m_rest) / T)" plus K fix-ups at the support ids:
+//   forward KL (tail):  dD/du_j = q_j P - p_j,   dD/du_v = q_v P - p_rest q_v / q_rest (v outside S)
 //   reverse KL (tail):  dD/du_b = q_b (log q_b - log p_b - D)
 //   JSD (tail):         g_b = (1 - beta) log(q_b / m_b),   dD/du_b = q_b (g_b - gbar)
-//   renorm: forward KL  dD/du_j = q_j - p~_j, kr = 1 / sT; reverse KL / JSD over q~ = q / Q_S:
-//           dD/du_j = q~_j (g_j - gbar~), kr = 0
-//   sampled:            D = -sum w_j log q_j, dD/du_j = q_j W - w_j, kr = W / sT  (W = sum w)
+//   renorm: forward KL  dD/du_j = q_j - p~_j; reverse KL / JSD over q~ = q / Q_S:
+//           dD/du_j = q~_j (g_j - gbar~), and 0 outside S
+//   sampled:            D = -sum w_j log q_j, dD/du_j = q_j W - w_j  (W = sum w)
 //   d loss / d z_v = kd_weight T dD/du_v + ((1 - kd_weight) + 2 z_loss lse1) pi_v
 //                    - (1 - kd_weight) [v == y],   times (1 - (z_v / c)^2) under softcap c.
-// sT and rT are the sums of exp(u - m/T) over the whole row and over the tokens outside S; rT is
-// summed over the gaps between the sorted support ids, so q(rest) = rT / sT has no cancellation.
+// The tokens outside S ("rest") are summed over the gaps between the sorted support ids, relative
+// to their own maximum m_rest: q(rest) then has no cancellation and no underflow, even when the
+// support holds all but e^-100 of the student's mass. When S covers the whole vocabulary the rest
+// bucket is empty and p(rest) = 0 (docs/kd-losses.md, project notes).
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -152,9 +154,18 @@ void write_row_grad(acc_t* z, int64_t n, acc_t m, acc_t inv_t, bool same_t, acc_
 // ---------------------------------------------------------------------------------------------
 // Per-row loss and gradient.
 
+// Sums over the tokens outside the support, relative to their own maximum m_rest.
+struct RestSums {
+  bool empty = true;  // the support covers the whole vocabulary
+  double m_rest = kNegInf;
+  double r1 = 0;      // sum exp(z - m_rest)
+  double rT = 0;      // sum exp((z - m_rest) / T); >= 1 when not empty
+  double shift_t = 0; // exp((m_rest - m) / T): converts rT to the scale of sT
+};
+
 struct BucketTerms {
   double D = 0;
-  double kr = 0;               // coefficient of exp(u_v - m/T) for every token outside the support
+  double kr = 0;              // coefficient of exp((z_v - m_rest) / T) for tokens outside S
   std::vector<double> d_sup;  // dD/du at each support entry
   double p_support = 0;
 };
@@ -187,12 +198,14 @@ void reverse_or_jsd(const Options& o, const std::vector<double>& p, const std::v
   for (size_t b = 0; b < B; ++b) c[b] -= gbar;
 }
 
-// sT, rT: sums of exp(u - m/T) over the whole row and outside the support; log_sT = log(sT).
+// sT: sum of exp((z - m) / T) over the whole row; rest: the same outside the support.
 BucketTerms divergence_terms(const Options& o, const std::vector<SupportEntry>& sup, double m,
-                             double sT, double rT, double lam, int64_t row) {
+                             double sT, const RestSums& rest, double lam, int64_t row) {
   const double T = o.temperature;
   const size_t n = sup.size();
   const double log_sT = std::log(sT);
+  // q_v for a token outside S is exp((z_v - m_rest) / T) * rest_scale.
+  const double rest_scale = rest.shift_t / sT;
   BucketTerms out;
   out.d_sup.assign(n, 0.0);
   std::vector<double> logq(n), q(n);
@@ -209,7 +222,7 @@ BucketTerms divergence_terms(const Options& o, const std::vector<SupportEntry>& 
       out.d_sup[j] = q[j];  // times W below
     }
     for (size_t j = 0; j < n; ++j) out.d_sup[j] = q[j] * W - sup[j].teacher;
-    out.kr = W / sT;
+    out.kr = W * rest_scale;
     out.p_support = W;
     return out;
   }
@@ -222,8 +235,8 @@ BucketTerms divergence_terms(const Options& o, const std::vector<SupportEntry>& 
       p[j] = std::exp(logp[j]);
       P_S += p[j];
     }
-    const double p_rest = std::max(0.0, 1.0 - P_S);
-    const double log_q_rest = std::log(rT) - log_sT;
+    const double p_rest = rest.empty ? 0.0 : std::max(0.0, 1.0 - P_S);
+    const double log_q_rest = rest.empty ? kNegInf : std::log(rest.rT) + (rest.m_rest - m) / T - log_sT;
     out.p_support = P_S;
     if (o.divergence == kForwardKL) {
       const double P = P_S + p_rest;
@@ -231,22 +244,23 @@ BucketTerms divergence_terms(const Options& o, const std::vector<SupportEntry>& 
         if (p[j] > 0) out.D += p[j] * (logp[j] - logq[j]);
         out.d_sup[j] = q[j] * P - p[j];
       }
-      out.kr = P / sT;
+      // -p_rest q_v / q_rest = -p_rest exp((z_v - m_rest) / T) / rT: finite even when q_rest is tiny.
+      out.kr = P * rest_scale;
       if (p_rest > 0) {
         out.D += p_rest * (std::log(p_rest) - log_q_rest);
-        if (rT > 0) out.kr -= p_rest / rT;
+        out.kr -= p_rest / rest.rT;
       }
       return out;
     }
     // Reverse KL and JSD: buckets are the support plus "rest".
     p.push_back(p_rest);
     logp.push_back(p_rest > 0 ? std::log(p_rest) : kNegInf);
-    q.push_back(rT / sT);
+    q.push_back(std::exp(log_q_rest));
     logq.push_back(log_q_rest);
     std::vector<double> c;
     reverse_or_jsd(o, p, logp, q, logq, out.D, c);
     for (size_t j = 0; j < n; ++j) out.d_sup[j] = q[j] * c[j];
-    out.kr = c[n] / sT;
+    out.kr = c[n] * rest_scale;
     return out;
   }
 
@@ -268,7 +282,7 @@ BucketTerms divergence_terms(const Options& o, const std::vector<SupportEntry>& 
       if (p[j] > 0) out.D += p[j] * (logp[j] - logq[j]);
       out.d_sup[j] = q[j] - p[j];
     }
-    out.kr = 1.0 / sT;
+    out.kr = rest_scale;
     return out;
   }
   // q~ = q / Q_S, from the logits so that it stays exact when Q_S underflows.
@@ -316,20 +330,35 @@ RowResult process_row(const Options& o, const Target& tg, acc_t* z, int64_t row,
   const double T = o.temperature;
   const bool same_t = T == 1.0;
   if (o.softcap > 0) apply_softcap<acc_t>(z, V, acc_t(o.softcap));
-  const acc_t m = row_max<acc_t>(z, V);
   build_support(o, tg, row, y, sup);
   for (auto& e : sup) e.z = z[e.id];
   const double zy = z[y];
+  const acc_t inv_t = acc_t(1.0 / T);
 
-  // Sums over the gaps between support ids, then the support's own terms.
-  double r1 = 0, rT = 0;
-  int64_t prev = 0;
-  for (const auto& e : sup) {
-    sum_exp<acc_t>(z, prev, e.id, m, acc_t(1.0 / T), same_t, r1, rT);
-    prev = e.id + 1;
+  // The tokens outside the support form the gaps between the sorted support ids.
+  RestSums rest;
+  auto for_each_gap = [&](auto&& fn) {
+    int64_t prev = 0;
+    for (const auto& e : sup) {
+      if (e.id > prev) fn(prev, e.id);
+      prev = e.id + 1;
+    }
+    if (V > prev) fn(prev, V);
+  };
+  for_each_gap([&](int64_t b, int64_t e) {
+    rest.empty = false;
+    rest.m_rest = std::max<double>(rest.m_rest, row_max<acc_t>(z + b, e - b));
+  });
+  double m = rest.m_rest;
+  for (const auto& e : sup) m = std::max(m, e.z);
+  if (!rest.empty) {
+    for_each_gap([&](int64_t b, int64_t e) {
+      sum_exp<acc_t>(z, b, e, acc_t(rest.m_rest), inv_t, same_t, rest.r1, rest.rT);
+    });
+    rest.shift_t = std::exp((rest.m_rest - m) / T);
   }
-  sum_exp<acc_t>(z, prev, V, m, acc_t(1.0 / T), same_t, r1, rT);
-  double s1 = r1, sT = rT;
+  const double shift_1 = rest.empty ? 0.0 : std::exp(rest.m_rest - m);
+  double s1 = rest.r1 * shift_1, sT = rest.rT * rest.shift_t;
   for (const auto& e : sup) {
     s1 += std::exp(e.z - m);
     sT += std::exp((e.z - m) / T);
@@ -340,7 +369,7 @@ RowResult process_row(const Options& o, const Target& tg, acc_t* z, int64_t row,
   BucketTerms terms;
   if (!sup.empty()) {
     const double lam = tg.lse ? double(tg.lse[row]) : 0.0;
-    terms = divergence_terms(o, sup, m, sT, rT, lam, row);
+    terms = divergence_terms(o, sup, m, sT, rest, lam, row);
     for (const auto& e : sup) res.q_support += std::exp((e.z - m) / T) / sT;
   }
   res.divergence = terms.D;
@@ -348,18 +377,21 @@ RowResult process_row(const Options& o, const Target& tg, acc_t* z, int64_t row,
   res.loss = o.kd_weight * T * T * terms.D + (1 - o.kd_weight) * res.ce + o.z_loss * res.lse * res.lse;
   if (o.compute_stats) {
     int64_t arg = 0;
-    while (arg < V && z[arg] != m) ++arg;  // first maximum, like torch.argmax
+    while (arg < V && z[arg] != acc_t(m)) ++arg;  // first maximum, like torch.argmax
     res.correct = arg == y ? 1.0 : 0.0;
   }
   if (!o.write_grad) return res;
 
   // pi-coefficient: CE and z-loss both push softmax(z); the KD term pushes softmax(z / T).
+  // The row pass is based at m_rest (tokens outside S never overflow there); support entries,
+  // which it may get wrong, are all rewritten below.
   const double b1 = (1 - o.kd_weight) + 2 * o.z_loss * res.lse;
-  const double coef_1 = o.scale * b1 / s1;
+  const double base = rest.empty ? m : rest.m_rest;
+  const double coef_1 = o.scale * b1 * shift_1 / s1;
   const double coef_t = o.scale * o.kd_weight * T * terms.kr;
   const double cap = o.softcap;
   auto cap_grad = [cap](double zv) { return cap > 0 ? 1 - (zv / cap) * (zv / cap) : 1.0; };
-  write_row_grad<acc_t>(z, V, m, acc_t(1.0 / T), same_t, acc_t(coef_t), acc_t(coef_1), acc_t(cap));
+  write_row_grad<acc_t>(z, V, acc_t(base), inv_t, same_t, acc_t(coef_t), acc_t(coef_1), acc_t(cap));
   bool label_in_support = false;
   for (size_t j = 0; j < sup.size(); ++j) {
     const auto& e = sup[j];
@@ -371,8 +403,8 @@ RowResult process_row(const Options& o, const Target& tg, acc_t* z, int64_t row,
     z[e.id] = acc_t(o.scale * g * cap_grad(e.z));
   }
   if (!label_in_support) {
-    const double g = o.kd_weight * T * terms.kr * std::exp((zy - m) / T) + b1 * std::exp(zy - m) / s1 -
-                     (1 - o.kd_weight);
+    const double g = o.kd_weight * T * terms.kr * std::exp((zy - rest.m_rest) / T) +
+                     b1 * std::exp(zy - m) / s1 - (1 - o.kd_weight);
     z[y] = acc_t(o.scale * g * cap_grad(zy));
   }
   return res;

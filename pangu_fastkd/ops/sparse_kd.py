@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._native import native_available
-from .sparse_kd_reference import sparse_kd_reference
+from .sparse_kd_reference import check_options, sparse_kd_reference
 from .sparse_kd_targets import (
     DIVERGENCES,
     MISSING_MASS_MODES,
@@ -27,12 +27,6 @@ from .sparse_kd_targets import (
 __all__ = ["fused_linear_cross_entropy", "fused_linear_sparse_kd"]
 
 _OP_NAME = "pangu_fastkd::sparse_kd_fused"
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> int:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return choices.index(value)
 
 
 def fused_linear_sparse_kd(
@@ -89,32 +83,19 @@ def fused_linear_sparse_kd(
         The scalar loss (float32; float64 for float64 inputs), and ``KDStats`` when
         ``return_stats``.
     """
-    div_code = _choice("divergence", divergence, DIVERGENCES)
-    mass_code = _choice("missing_mass", missing_mass, MISSING_MASS_MODES)
-    red_code = _choice("reduction", reduction, REDUCTIONS)
-    if target is not None and not isinstance(target, TopKTarget | SampledTarget):
-        raise TypeError(
-            f"target must be a TopKTarget, a SampledTarget or None, got {type(target).__name__}"
-        )
-    if kd_weight > 0 and target is None:
-        raise ValueError(
-            "kd_weight > 0 needs a teacher target; use kd_weight=0 for plain cross-entropy"
-        )
-    sampled = isinstance(target, SampledTarget)
-    if include_label is None:
-        include_label = not sampled
-    if sampled and include_label:
-        raise ValueError(
-            "include_label applies to top-K targets only (sampled targets carry no label logit)"
-        )
-    if sampled and divergence != "forward_kl":
-        raise ValueError("sampled targets support only divergence='forward_kl'")
-    if isinstance(num_items, torch.Tensor):
-        num_items = float(num_items.item())
-    if num_items is not None and not num_items > 0:
-        raise ValueError(f"num_items must be > 0, got {num_items}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    include_label, num_items = check_options(
+        target,
+        kd_weight=kd_weight,
+        divergence=divergence,
+        missing_mass=missing_mass,
+        include_label=include_label,
+        reduction=reduction,
+        num_items=num_items,
+        softcap=softcap,
+    )
+    div_code = DIVERGENCES.index(divergence)
+    mass_code = MISSING_MASS_MODES.index(missing_mass)
+    red_code = REDUCTIONS.index(reduction)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
@@ -250,21 +231,28 @@ def _register() -> None:
         return loss, grad_hidden, grad_weight, grad_bias, stats
 
     def setup_context(ctx, inputs, output):
-        _, grad_hidden, grad_weight, grad_bias, _ = output
+        _, grad_hidden, grad_weight, grad_bias, stats = output
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, stats)
         # Only the loss is differentiated; without this, autograd would allocate and zero-fill
         # gradients for the other outputs (one of them V x d) on every backward.
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, *_unused_output_grads):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        # The common case, loss.backward() on the loss itself, needs no pass over V x d.
-        unit = not torch.compiler.is_compiling() and bool(grad_loss == 1)
+        if torch.is_grad_enabled():
+            # The stored gradients are constants: a second derivative through them would be
+            # silently zero, so refuse it.
+            raise RuntimeError(
+                "fused_linear_sparse_kd does not support double backward (create_graph=True)"
+            )
 
         def scaled(grad: torch.Tensor) -> torch.Tensor | None:
-            if grad.numel() == 0:
+            # A fresh tensor each time: handing out the saved one would let an in-place update
+            # of .grad change what a retained graph returns next time.
+            if grad_loss is None or grad.numel() == 0:
                 return None
-            return grad if unit else grad * grad_loss.to(grad.dtype)
+            return grad * grad_loss.to(grad.dtype)
 
         n_other = 22  # labels, the target tensors and the scalar options get no gradient
         return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), *([None] * n_other))

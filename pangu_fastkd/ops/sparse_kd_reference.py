@@ -14,45 +14,154 @@ import math
 
 import torch
 
-from .sparse_kd_targets import SampledTarget, TopKTarget
+from .sparse_kd_targets import (
+    DIVERGENCES,
+    MISSING_MASS_MODES,
+    REDUCTIONS,
+    SampledTarget,
+    TopKTarget,
+    choice_code,
+)
 
 EPS = 1e-12
 _LOG_EPS = math.log(EPS)
 
 
-def validate_target(
-    target: TopKTarget | SampledTarget,
+def check_options(
+    target: TopKTarget | SampledTarget | None,
+    *,
+    kd_weight: float,
+    divergence: str,
+    missing_mass: str,
+    include_label: bool | None,
+    reduction: str,
+    num_items: float | int | torch.Tensor | None,
+    softcap: float | None,
+) -> tuple[bool, float | None]:
+    """Checks the options that do not depend on tensor data, for the kernel and the reference.
+
+    Returns:
+        ``(include_label, num_items)`` resolved: the label default of the target kind, and
+        ``num_items`` as a float (a tensor count is read once).
+    """
+    choice_code("divergence", divergence, DIVERGENCES)
+    choice_code("missing_mass", missing_mass, MISSING_MASS_MODES)
+    choice_code("reduction", reduction, REDUCTIONS)
+    if target is not None and not isinstance(target, TopKTarget | SampledTarget):
+        kind = type(target).__name__
+        raise TypeError(f"target must be a TopKTarget, a SampledTarget or None, got {kind}")
+    if kd_weight > 0 and target is None:
+        raise ValueError(
+            "kd_weight > 0 needs a teacher target; use kd_weight=0 for plain cross-entropy"
+        )
+    sampled = isinstance(target, SampledTarget)
+    if include_label is None:
+        include_label = not sampled
+    if sampled and include_label:
+        raise ValueError(
+            "include_label applies to top-K targets only (sampled targets carry no label logit)"
+        )
+    if sampled and divergence != "forward_kl":
+        raise ValueError("sampled targets support only divergence='forward_kl'")
+    if isinstance(num_items, torch.Tensor):
+        num_items = float(num_items.item())
+    if num_items is not None and not num_items > 0:
+        raise ValueError(f"num_items must be > 0, got {num_items}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    return bool(include_label), num_items
+
+
+def validate_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
     labels: torch.Tensor,
-    vocab_size: int,
-    supervised: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: TopKTarget | SampledTarget | None,
+    options: dict[str, float],
 ) -> None:
-    """Raise ``ValueError`` naming the first bad row of a sparse target (data checks only)."""
+    """Shape, dtype and option checks; the C++ kernel makes the same ones in csrc."""
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating tensor, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, d], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, d], got shape {tuple(weight.shape)}")
+    N, V = hidden.shape[0], weight.shape[0]
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight is [V, d] with d = {weight.shape[1]} but hidden has d = {hidden.shape[1]}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.shape != (N,):
+        raise ValueError(f"labels must be [N] = [{N}], got shape {tuple(labels.shape)}")
+    if bias is not None:
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.shape != (V,):
+            raise ValueError(f"bias must be [V] = [{V}], got shape {tuple(bias.shape)}")
+    for name in ("kd_weight", "beta"):
+        if not 0 <= options[name] <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {options[name]}")
+    if not (options["temperature"] > 0 and math.isfinite(options["temperature"])):
+        raise ValueError(f"temperature must be > 0, got {options['temperature']}")
+    if options["z_loss"] < 0:
+        raise ValueError(f"z_loss must be >= 0, got {options['z_loss']}")
+    if target is None or options["kd_weight"] == 0:
+        return
+    ids = target.ids
+    if ids.dim() != 2 or ids.shape[0] != N:
+        raise ValueError(f"target ids must be [N, K] with N = {N}, got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("target ids must have K >= 1 columns, got K = 0")
+    if ids.is_floating_point():
+        raise TypeError(f"target ids must be an integer tensor, got {ids.dtype}")
+    if isinstance(target, TopKTarget):
+        values = {"teacher logits": target.logits}
+    else:
+        values = {"sample_weights": target.weights}
+    for name, t in values.items():
+        if t.shape != ids.shape:
+            raise ValueError(
+                f"{name} must match ids' shape {tuple(ids.shape)}, got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if isinstance(target, TopKTarget):
+        for name, t in (("teacher lse", target.lse), ("label_logit", target.label_logit)):
+            if t.shape != (N,):
+                raise ValueError(f"{name} must be [N] = [{N}], got shape {tuple(t.shape)}")
+
+
+def validate_target(
+    target: TopKTarget | SampledTarget, vocab_size: int, supervised: torch.Tensor
+) -> None:
+    """Raise ``ValueError`` naming the first bad supervised row of a sparse target."""
     ids = target.ids.long()
     valid = ids >= 0
-    bad = ((ids < -1) | (ids >= vocab_size)).any(dim=1)
-    _raise_first(bad, f"target ids must lie in [0, {vocab_size}) or be -1")
+    out_of_range = ((ids < -1) | (ids >= vocab_size)).any(dim=1)
+    _raise_first(out_of_range & supervised, f"target ids must lie in [0, {vocab_size}) or be -1")
     sorted_ids = ids.sort(dim=1).values
     dup = ((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)).any(dim=1)
-    _raise_first(dup, "target ids must be distinct within a row")
+    _raise_first(dup & supervised, "target ids must be distinct within a row")
     if isinstance(target, TopKTarget):
         t = target.logits.float()
-        _raise_first(
-            ((t.isnan() | (t == math.inf)) & valid).any(dim=1),
-            "teacher logits must be finite or -inf",
-        )
-        _raise_first(~target.lse.float().isfinite(), "teacher lse must be finite")
+        bad_logit = ((t.isnan() | (t == math.inf)) & valid).any(dim=1)
+        _raise_first(bad_logit & supervised, "teacher logits must be finite or -inf")
+        _raise_first(~target.lse.float().isfinite() & supervised, "teacher lse must be finite")
         lab = target.label_logit.float()
-        _raise_first(lab.isnan() | (lab == math.inf), "teacher label_logit must be finite or -inf")
+        bad_label = (lab.isnan() | (lab == math.inf)) & supervised
+        _raise_first(bad_label, "teacher label_logit must be finite or -inf")
     else:
         w = target.weights.float()
-        _raise_first(
-            ((w < 0) | ~w.isfinite()).any(dim=1) & supervised,
-            "sampled weights must be >= 0 and finite",
-        )
+        bad_w = (((w < 0) | ~w.isfinite()) & valid).any(dim=1)
+        _raise_first(bad_w & supervised, "sampled weights must be >= 0 and finite")
         total = torch.where(valid, w, torch.zeros_like(w)).sum(dim=1)
-        _raise_first(
-            ((total - 1).abs() > 1e-3) & supervised, "sampled weights must sum to 1 (within 1e-3)"
-        )
+        bad_sum = ((total - 1).abs() > 1e-3) & supervised
+        _raise_first(bad_sum, "sampled weights must sum to 1 (within 1e-3)")
 
 
 def _raise_first(bad_rows: torch.Tensor, message: str) -> None:
@@ -99,10 +208,10 @@ def sparse_kd_reference(
     beta: float = 0.5,
     temperature: float = 1.0,
     missing_mass: str = "tail",
-    include_label: bool = True,
+    include_label: bool | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    num_items: float | None = None,
+    num_items: float | int | torch.Tensor | None = None,
     softcap: float | None = None,
     z_loss: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +227,18 @@ def sparse_kd_reference(
         ``(loss, stats)``: the reduced scalar loss (float32, or float64 for float64 inputs) and
         a ``[N, 6]`` statistics matrix (see ``KDStats``), differentiable through autograd.
     """
+    include_label, num_items = check_options(
+        target,
+        kd_weight=kd_weight,
+        divergence=divergence,
+        missing_mass=missing_mass,
+        include_label=include_label,
+        reduction=reduction,
+        num_items=num_items,
+        softcap=softcap,
+    )
+    options = {"kd_weight": kd_weight, "beta": beta, "temperature": temperature, "z_loss": z_loss}
+    validate_inputs(hidden, weight, labels, bias, target, options)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     N, V = hidden.shape[0], weight.shape[0]
     labels = labels.long()
@@ -125,7 +246,7 @@ def sparse_kd_reference(
     if bool(((labels < 0) | (labels >= V))[supervised].any()):
         raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
     if target is not None and kd_weight > 0:
-        validate_target(target, labels, V, supervised)
+        validate_target(target, V, supervised)
 
     rows = supervised.nonzero().squeeze(1)
     y = labels[rows]
@@ -179,12 +300,14 @@ def sparse_kd_reference(
             logp_s = (t / T - lam[:, None]).masked_fill(~valid, -math.inf)
             p_s = logp_s.exp()
             P_S = p_s.sum(dim=1)
-            p_rest = (1 - P_S).clamp(min=0)
             # q(rest) summed over the tokens outside the support: exact, no cancellation.
             # scatter_add, not scatter_: an invalid slot may share its id with a valid one
             # (the label column when the label is already in the top-K).
             hits = torch.zeros_like(logq_all).scatter_add_(1, safe_ids, valid.to(acc))
             in_support = hits > 0
+            # An empty rest bucket (the support covers the vocabulary) holds no teacher mass.
+            rest_empty = in_support.all(dim=1)
+            p_rest = torch.where(rest_empty, torch.zeros_like(P_S), (1 - P_S).clamp(min=0))
             logq_rest = torch.logsumexp(logq_all.masked_fill(in_support, -math.inf), dim=1)
             p = torch.cat([p_s, p_rest[:, None]], dim=1)
             logp = torch.cat([logp_s, p_rest.log()[:, None]], dim=1)
@@ -192,7 +315,15 @@ def sparse_kd_reference(
             logq = torch.cat([logq_s, logq_rest[:, None]], dim=1)
             D = _divergence(divergence, beta, p, logp, q, logq)
         else:  # renorm: the teacher is renormalised over the support
-            logp = torch.log_softmax((t / T).masked_fill(~valid, -math.inf), dim=1)
+            scaled = (t / T).masked_fill(~valid, -math.inf)
+            no_finite = scaled.amax(dim=1) == -math.inf
+            if bool(no_finite.any()):
+                row = int(rows[no_finite.nonzero()[0, 0]])
+                raise ValueError(
+                    f"row {row} has no finite teacher logit on its support; "
+                    "missing_mass='renorm' needs one"
+                )
+            logp = torch.log_softmax(scaled, dim=1)
             P_S = torch.ones_like(Q_S)
             logq = logq_s
             if divergence != "forward_kl":

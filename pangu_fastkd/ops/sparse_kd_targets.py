@@ -18,12 +18,20 @@ __all__ = [
     "KDStats",
     "SampledTarget",
     "TopKTarget",
+    "choice_code",
 ]
 
 # The integer codes are part of the C++ op schema (csrc/ops.cpp); keep the order.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 MISSING_MASS_MODES = ("tail", "renorm")
 REDUCTIONS = ("sum", "mean")
+
+
+def choice_code(name: str, value: str, choices: tuple[str, ...]) -> int:
+    """The integer code of an option string, or a ValueError listing the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return choices.index(value)
 
 
 @dataclass(frozen=True)
