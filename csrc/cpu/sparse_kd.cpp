@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace pangu_fastkd {
@@ -413,7 +414,7 @@ RowResult process_row(const Options& o, const Target& tg, acc_t* z, int64_t row,
 // Runs the epilogue over the rows of one chunk; `buf` is [rows, V] in the GEMM dtype.
 template <typename buf_t, typename acc_t>
 void chunk_epilogue(const Options& o, const Target& tg, at::Tensor buf, const int64_t* src_rows,
-                    const int64_t* labels, std::vector<RowResult>& results) {
+                    const int64_t* labels, RowResult* results) {
   const int64_t rows = buf.size(0), V = o.V;
   buf_t* data = buf.data_ptr<buf_t>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -500,6 +501,89 @@ int64_t chunk_rows_for(int64_t V, int64_t elem_size, int64_t requested, int64_t 
   }
   return std::max<int64_t>(1, std::min(rows, std::max<int64_t>(1, n_rows)));
 }
+
+// grad_W = sum over chunks of dlogits[c]^T H[c] (and grad_b = column sums of dlogits), accumulated
+// in fp32 (fp64 for fp64 inputs) and returned in the weight's dtype.
+class GradWeightAccumulator {
+ public:
+  GradWeightAccumulator(const at::Tensor& W, bool with_bias, int64_t n_chunks)
+      : n_chunks_(n_chunks), V_(W.size(0)), d_(W.size(1)) {
+    const auto dtype = W.scalar_type();
+    half_ = dtype == at::kBFloat16 || dtype == at::kHalf;
+    acc_dtype_ = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    // Chunks write (first) or add to the result; only an empty batch needs zeros.
+    out_ = n_chunks > 0 ? at::empty({V_, d_}, W.options()) : at::zeros({V_, d_}, W.options());
+    if (half_ && n_chunks > 1) {
+      acc_ = at::empty({V_, d_}, W.options().dtype(acc_dtype_));
+      // Half-precision partials go through a small staging slice (16 MiB) into the fp32
+      // accumulator while the slice is hot in cache: no second V x d buffer.
+      slice_ = std::min<int64_t>(V_, std::max<int64_t>(1024, (int64_t(16) << 20) / (2 * d_)));
+      stage_ = at::empty({slice_, d_}, W.options());
+    }
+    if (with_bias) bias_acc_ = at::zeros({V_}, W.options().dtype(acc_dtype_));
+  }
+
+  void add_chunk(int64_t index, const at::Tensor& dlogits, const at::Tensor& Hc) {
+    const bool first = index == 0, last = index == n_chunks_ - 1;
+    if (bias_acc_.defined()) bias_acc_.add_(dlogits.sum(0, false, acc_dtype_));
+    if (!half_) {  // the output is the accumulator
+      if (first) {
+        at::mm_out(out_, dlogits.t(), Hc);
+      } else {
+        out_.addmm_(dlogits.t(), Hc);
+      }
+      return;
+    }
+    if (n_chunks_ == 1) {  // one GEMM (fp32 inside) is the whole sum
+      at::mm_out(out_, dlogits.t(), Hc);
+      return;
+    }
+    for (int64_t v0 = 0; v0 < V_; v0 += slice_) {
+      const int64_t vn = std::min(slice_, V_ - v0);
+      at::Tensor part = stage_.narrow(0, 0, vn);
+      at::mm_out(part, dlogits.narrow(1, v0, vn).t(), Hc);
+      at::Tensor acc = acc_.narrow(0, v0, vn);
+      if (first) {
+        acc.copy_(part);
+        continue;
+      }
+      acc.add_(part);
+      // The last chunk rounds each slice to the output while it is still in cache.
+      if (last) out_.narrow(0, v0, vn).copy_(acc);
+    }
+  }
+
+  at::Tensor grad_weight() const { return out_; }
+  at::Tensor grad_bias(at::ScalarType dtype) const { return bias_acc_.to(dtype); }
+
+ private:
+  int64_t n_chunks_, V_, d_;
+  int64_t slice_ = 0;
+  bool half_ = false;
+  at::ScalarType acc_dtype_;
+  at::Tensor out_, acc_, stage_, bias_acc_;
+};
+
+// PANGU_FASTKD_PROFILE=1 prints where the time of each call goes (GEMMs vs epilogue).
+struct PhaseTimer {
+  using clock = std::chrono::steady_clock;
+  bool enabled = std::getenv("PANGU_FASTKD_PROFILE") != nullptr;
+  clock::time_point last = clock::now();
+  double seconds[4] = {0, 0, 0, 0};  // logits GEMM, epilogue, grad_hidden GEMM, grad_weight GEMM
+
+  void lap(int phase) {
+    const auto now = clock::now();
+    seconds[phase] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
+  void report(int64_t rows, int64_t chunk) const {
+    if (!enabled) return;
+    std::fprintf(stderr,
+                 "sparse_kd: rows=%lld chunk=%lld logits=%.3fs epilogue=%.3fs grad_hidden=%.3fs "
+                 "grad_weight=%.3fs\n",
+                 (long long)rows, (long long)chunk, seconds[0], seconds[1], seconds[2], seconds[3]);
+  }
+};
 
 }  // namespace
 
@@ -641,95 +725,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
   o.write_grad = need_grad_input || need_grad_weight;
 
   // ---- outputs
-  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor H = hidden.contiguous(), W = weight.contiguous();
   const bool all_rows = n_sup == N;
   at::Tensor row_index = at::from_blob(rows.data(), {n_sup}, at::kLong);
   at::Tensor H_sup = all_rows ? H : H.index_select(0, row_index);
-  at::Tensor grad_h_sup, grad_w_acc, grad_b_acc;
+  at::Tensor grad_h_sup;
   if (need_grad_input) grad_h_sup = at::empty({n_sup, d}, H.options());
-  if (need_grad_weight) {
-    // Written by the first chunk; zeros only when there is no supervised row at all.
-    grad_w_acc = n_sup > 0 ? at::empty({V, d}, W.options().dtype(acc_dtype))
-                           : at::zeros({V, d}, W.options().dtype(acc_dtype));
-    if (bias.has_value()) grad_b_acc = at::zeros({V}, W.options().dtype(acc_dtype));
-  }
   at::Tensor stats = compute_stats ? at::zeros({N, 6}, hidden.options().dtype(at::kFloat))
                                    : at::empty({0, 6}, hidden.options().dtype(at::kFloat));
 
   // ---- chunks
   const int64_t chunk = chunk_rows_for(V, hidden.element_size(), chunk_rows, n_sup);
+  const int64_t n_chunks = (n_sup + chunk - 1) / chunk;
   at::Tensor buffer = at::empty({n_sup > 0 ? chunk : 0, V}, H.options());
-  // Half-precision grad_W partials are staged in vocabulary slices before the fp32 accumulation,
-  // so that no second V x d buffer is needed.
-  const int64_t vslice = half ? std::min<int64_t>(V, std::max<int64_t>(1024, (int64_t(16) << 20) / (2 * d))) : V;
-  at::Tensor stage = (half && need_grad_weight) ? at::empty({vslice, d}, H.options()) : at::Tensor();
+  std::optional<GradWeightAccumulator> grad_w;
+  if (need_grad_weight) grad_w.emplace(W, bias.has_value(), n_chunks);
   std::vector<RowResult> results(n_sup);
-  std::vector<RowResult> chunk_results;
   const at::Tensor Wt = W.t();
-  // PANGU_FASTKD_PROFILE=1 prints where the time of each call goes (GEMMs vs epilogue).
-  static const bool profile = std::getenv("PANGU_FASTKD_PROFILE") != nullptr;
-  double t_logits = 0, t_epi = 0, t_gh = 0, t_gw = 0;
-  auto now = [] { return std::chrono::steady_clock::now(); };
-  auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
-  for (int64_t c0 = 0; c0 < n_sup; c0 += chunk) {
-    const int64_t cn = std::min(chunk, n_sup - c0);
+  PhaseTimer timer;
+  for (int64_t ci = 0; ci < n_chunks; ++ci) {
+    const int64_t c0 = ci * chunk, cn = std::min(chunk, n_sup - c0);
     at::Tensor Hc = H_sup.narrow(0, c0, cn);
     at::Tensor buf = buffer.narrow(0, 0, cn);
-    auto t_start = now();
+    timer.lap(3);
     if (bias.has_value()) {
       at::addmm_out(buf, *bias, Hc, Wt);
     } else {
       at::mm_out(buf, Hc, Wt);
     }
-    auto t0 = now();
-    chunk_results.assign(cn, RowResult{});
+    timer.lap(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "sparse_kd_epilogue", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      chunk_epilogue<scalar_t, acc_t>(o, tg, buf, rows.data() + c0, lab, chunk_results);
+      chunk_epilogue<scalar_t, acc_t>(o, tg, buf, rows.data() + c0, lab, results.data() + c0);
     });
-    auto t1 = now();
-    std::copy(chunk_results.begin(), chunk_results.end(), results.begin() + c0);
+    timer.lap(1);
     if (need_grad_input) {
-      at::Tensor gh = grad_h_sup.narrow(0, c0, cn);
+      at::Tensor gh = grad_h_sup.narrow(0, c0, cn);  // mm_out needs an lvalue
       at::mm_out(gh, buf, W);
     }
-    auto t2 = now();
-    if (need_grad_weight) {
-      // The first chunk writes the accumulator, later ones add to it: no zero-fill pass.
-      const bool first = c0 == 0;
-      if (!half) {
-        if (first) {
-          at::mm_out(grad_w_acc, buf.t(), Hc);
-        } else {
-          grad_w_acc.addmm_(buf.t(), Hc);
-        }
-      } else {
-        for (int64_t v0 = 0; v0 < V; v0 += vslice) {
-          const int64_t vn = std::min(vslice, V - v0);
-          at::Tensor st = stage.narrow(0, 0, vn);  // mm_out needs an lvalue
-          at::mm_out(st, buf.narrow(1, v0, vn).t(), Hc);
-          at::Tensor acc_slice = grad_w_acc.narrow(0, v0, vn);
-          if (first) {
-            acc_slice.copy_(st);
-          } else {
-            acc_slice.add_(st);
-          }
-        }
-      }
-      if (bias.has_value()) grad_b_acc.add_(buf.sum(0, false, acc_dtype));
-    }
-    auto t3 = now();
-    t_logits += secs(t_start, t0);
-    t_epi += secs(t0, t1);
-    t_gh += secs(t1, t2);
-    t_gw += secs(t2, t3);
+    timer.lap(2);
+    if (grad_w) grad_w->add_chunk(ci, buf, Hc);
   }
-  if (profile) {
-    std::fprintf(stderr, "sparse_kd: rows=%lld chunk=%lld logits=%.3fs epilogue=%.3fs grad_hidden=%.3fs grad_weight=%.3fs\n",
-                 (long long)n_sup, (long long)chunk, t_logits, t_epi, t_gh, t_gw);
-  }
+  timer.lap(3);
+  timer.report(n_sup, chunk);
 
   // ---- reduction (sequential over rows: the same sum whatever the thread count)
   double total = 0;
@@ -754,9 +793,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
   }
   at::Tensor grad_weight = at::empty({0}, W.options());
   at::Tensor grad_bias = at::empty({0}, W.options());
-  if (need_grad_weight) {
-    grad_weight = grad_w_acc.scalar_type() == dtype ? grad_w_acc : grad_w_acc.to(dtype);
-    if (bias.has_value()) grad_bias = grad_b_acc.to(dtype);
+  if (grad_w) {
+    grad_weight = grad_w->grad_weight();
+    if (bias.has_value()) grad_bias = grad_w->grad_bias(dtype);
   }
   return {loss, grad_hidden, grad_weight, grad_bias, stats};
 }
