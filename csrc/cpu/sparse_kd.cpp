@@ -491,15 +491,20 @@ void check_target_rows(const Options& o, const Target& tg, const int64_t* labels
   });
 }
 
-// The logits buffer is the kernel's only large allocation; its rows come from this budget.
-int64_t chunk_rows_for(int64_t V, int64_t elem_size, int64_t requested, int64_t n_rows) {
-  int64_t rows = requested;
-  if (rows <= 0) {
-    rows = default_chunk_budget_bytes() / std::max<int64_t>(1, V * elem_size);
-    // Multiples of 16 keep the GEMM's row blocks full; fewer than 16 rows starve it.
-    rows = std::max<int64_t>(16, rows / 16 * 16);
-  }
-  return std::max<int64_t>(1, std::min(rows, std::max<int64_t>(1, n_rows)));
+// Rows per chunk. The logits buffer is the kernel's only large allocation besides, for bf16/fp16
+// weights split over several chunks, the fp32 grad_W accumulator (4 V d bytes). So the buffer gets
+// the memory budget, and a half-precision batch whose whole buffer costs no more than budget +
+// accumulator runs as one chunk: less memory and no accumulation passes.
+int64_t chunk_rows_for(int64_t V, int64_t d, int64_t elem_size, bool half_accumulator, int64_t requested,
+                       int64_t n_rows) {
+  const int64_t all_rows = std::max<int64_t>(1, n_rows);
+  if (requested > 0) return std::min(requested, all_rows);
+  const int64_t budget = default_chunk_budget_bytes();
+  if (half_accumulator && n_rows * V * elem_size <= budget + 4 * V * d) return all_rows;
+  int64_t rows = budget / std::max<int64_t>(1, V * elem_size);
+  // Multiples of 16 keep the GEMM's row blocks full; fewer than 16 rows starve it.
+  rows = std::max<int64_t>(16, rows / 16 * 16);
+  return std::min(rows, all_rows);
 }
 
 // grad_W = sum over chunks of dlogits[c]^T H[c] (and grad_b = column sums of dlogits), accumulated
@@ -736,7 +741,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
                                    : at::empty({0, 6}, hidden.options().dtype(at::kFloat));
 
   // ---- chunks
-  const int64_t chunk = chunk_rows_for(V, hidden.element_size(), chunk_rows, n_sup);
+  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const int64_t chunk = chunk_rows_for(V, d, hidden.element_size(), half && need_grad_weight, chunk_rows, n_sup);
   const int64_t n_chunks = (n_sup + chunk - 1) / chunk;
   at::Tensor buffer = at::empty({n_sup > 0 ? chunk : 0, V}, H.options());
   std::optional<GradWeightAccumulator> grad_w;
