@@ -51,9 +51,6 @@ int64_t default_chunk_budget_bytes();
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-using VecD = at::vec::Vectorized<double>;
-
 enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 enum MissingMass : int64_t { kTail = 0, kRenorm = 1 };
 enum TargetKind { kNoTeacher, kTopK, kSampled };
@@ -448,8 +445,7 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 std::string row_msg(int64_t row) { return " (row " + std::to_string(row) + ")"; }
 
-void check_target_rows(const Options& o, const Target& tg, const int64_t* labels,
-                       const std::vector<int64_t>& rows, double cache_temperature) {
+void check_target_rows(const Options& o, const Target& tg, const std::vector<int64_t>& rows) {
   // Parallel over rows; at::parallel_for rethrows the first error on the calling thread.
   at::parallel_for(0, int64_t(rows.size()), 256, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> sorted;
@@ -720,7 +716,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
     rows.push_back(i);
   }
   const int64_t n_sup = int64_t(rows.size());
-  if (o.kind != kNoTeacher) check_target_rows(o, tg, lab, rows, cache_temperature);
+  if (o.kind != kNoTeacher) check_target_rows(o, tg, rows);
 
   if (num_items > 0) {
     o.scale = 1.0 / num_items;
