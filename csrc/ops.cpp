@@ -19,6 +19,15 @@ TORCH_LIBRARY(pangu_fastkd, m) {
       "int reduction, float num_items, int chunk_rows, bool need_grad_input, bool need_grad_weight, "
       "bool compute_stats) -> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, "
       "Tensor grad_bias, Tensor stats)");
+  // Packed-sequence attention (flash-attn varlen layout): q [T, Hq, D], k/v [T, Hkv, D],
+  // cu_seqlens [B + 1] int32; window < 0 means no window. lse is [Hq, T].
+  m.def(
+      "packed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, bool causal, "
+      "int window) -> (Tensor out, Tensor lse)");
+  m.def(
+      "packed_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens, float scale, bool causal, int window) -> (Tensor grad_q, Tensor grad_k, "
+      "Tensor grad_v)");
 }
 
 namespace pangu_fastkd {

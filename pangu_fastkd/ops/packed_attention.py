@@ -4,14 +4,17 @@ Many documents of different lengths share one row of ``T`` tokens, delimited by 
 no query attends across a document boundary. Conventions are flash-attn's varlen ones (see
 ``packed_attention_reference``).
 
-Status: this build runs the PyTorch reference on every device (per-document math attention,
-autograd backward). The C++ CPU kernel of issue 3 will take CPU tensors behind the same API.
+Dispatch: CPU tensors go to the C++ kernel ``torch.ops.pangu_fastkd.packed_attention_fwd`` (and
+``_bwd`` for autograd); other devices, or a build without the extension, use the reference.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .._native import native_available
 from .packed_attention_reference import check_packed_inputs, packed_attention_reference
 
 __all__ = ["packed_attention"]
@@ -52,7 +55,54 @@ def packed_attention(
         raise ValueError(
             f"max_seqlen={max_seqlen} is shorter than the longest document ({longest})"
         )
-    out, lse = packed_attention_reference(
-        q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale, window=window
-    )
+    if native_available() and all(t.device.type in ("cpu", "meta") for t in (q, k, v)):
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+        window_code = -1 if window is None else int(window)
+        out, lse = torch.ops.pangu_fastkd.packed_attention_fwd(
+            q, k, v, cu_seqlens, float(scale), bool(causal), window_code
+        )
+    else:
+        out, lse = packed_attention_reference(
+            q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale, window=window
+        )
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels and autograd of the C++ ops.
+
+
+def _register() -> None:
+    @torch.library.register_fake("pangu_fastkd::packed_attention_fwd")
+    def _fwd_fake(q, k, v, cu_seqlens, scale, causal, window):
+        torch._check(q.dim() == 3 and k.dim() == 3, lambda: "q and k must be [T, H, D]")
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+    @torch.library.register_fake("pangu_fastkd::packed_attention_bwd")
+    def _bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, scale, causal, window):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens, scale, causal, window = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.options = (scale, causal, window)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None, None
+        dq, dk, dv = torch.ops.pangu_fastkd.packed_attention_bwd(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.options
+        )
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd(
+        "pangu_fastkd::packed_attention_fwd", backward, setup_context=setup_context
+    )
+
+
+if native_available():
+    _register()
