@@ -112,13 +112,25 @@ at::Tensor item_scores(const Geometry& g, const WorkItem& it, const at::Tensor& 
   const at::Tensor kb = k.select(1, it.head / g.group).narrow(0, it.k_begin, it.k_end - it.k_begin);
   at::Tensor s = at::mm(qb, kb.t()).to(acc).mul_(g.scale);
   if (!g.causal && g.window < 0) return s;
-  // Query i may see key j when j <= i (causal) and j >= i - window.
-  const at::Tensor i = at::arange(it.q_begin, it.q_end, q.options().dtype(at::kLong)).unsqueeze(1);
-  const at::Tensor j = at::arange(it.k_begin, it.k_end, q.options().dtype(at::kLong)).unsqueeze(0);
-  at::Tensor hidden = at::zeros({it.q_end - it.q_begin, it.k_end - it.k_begin}, q.options().dtype(at::kBool));
-  if (g.causal) hidden.logical_or_(j > i);
-  if (g.window >= 0) hidden.logical_or_(j < i - g.window);
-  return s.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
+  // Query i may see key j when j <= i (causal) and j >= i - window. Only the columns near the
+  // diagonal and, with a window, near the left edge can be hidden; the loop touches just those.
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "packed_attention_mask", [&] {
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    const int64_t rows = s.size(0), keys = s.size(1);
+    const scalar_t hidden = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = it.q_begin + r;
+      scalar_t* row = sp + r * keys;
+      if (g.causal) {
+        for (int64_t c = std::max<int64_t>(0, i + 1 - it.k_begin); c < keys; ++c) row[c] = hidden;
+      }
+      if (g.window >= 0) {
+        const int64_t first_visible = std::min<int64_t>(keys, std::max<int64_t>(0, i - g.window - it.k_begin));
+        for (int64_t c = 0; c < first_visible; ++c) row[c] = hidden;
+      }
+    }
+  });
+  return s;
 }
 
 }  // namespace
