@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,13 +26,13 @@ from typing import Any
 import torch
 from bench_sparse_kd import (
     MIB,
-    WORKER_ENV,
     PeakRSS,
     _fmt,
     _meminfo_kib,
     _percentiles,
     _ratio,
     machine_info,
+    run_in_subprocess,
 )
 from packed_attention_baselines import PROVIDERS, attention_flops, layout_lengths, make_inputs
 
@@ -137,25 +135,6 @@ def run_worker(config: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Driver
-
-
-def run_in_subprocess(config: Config, timeout_s: float) -> dict[str, Any]:
-    """Runs one configuration in a fresh interpreter; any crash becomes a failed result."""
-    env = {**os.environ, **WORKER_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(config))]
-    failed = {"config": asdict(config), "status": "failed"}
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {**failed, "error": f"timed out after {timeout_s:.0f} s"}
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no stderr"]
-        return {**failed, "error": f"worker exit code {proc.returncode}: {tail[0]}"}
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        return {**failed, "error": f"worker printed no JSON result: {proc.stdout[-200:]!r}"}
 
 
 def default_reps(t: int, reps: int | None) -> int:
@@ -381,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, config in enumerate(configs, 1):
         label = f"{config.provider} {config.dtype} {config.mode} T={config.t} {config.layout}"
         print(f"[{i}/{len(configs)}] {label} ...", file=sys.stderr, flush=True)
-        result = run_in_subprocess(config, args.timeout)
+        result = run_in_subprocess(config, args.timeout, Path(__file__).resolve())
         if result["status"] != "ok":
             print(f"    failed: {result['error']}", file=sys.stderr, flush=True)
         rows += to_rows(result, meta)

@@ -192,11 +192,15 @@ def run_worker(config: Config) -> dict[str, Any]:
 # Driver
 
 
-def run_in_subprocess(config: Config, timeout_s: float) -> dict[str, Any]:
-    """Runs one configuration in a fresh interpreter; any crash becomes a failed result."""
+def run_in_subprocess(config: Any, timeout_s: float, script: Path | None = None) -> dict[str, Any]:
+    """Runs one configuration (a dataclass) as ``script --worker`` in a fresh interpreter.
+
+    Any crash, signal or timeout of the worker becomes a failed result instead of an exception.
+    """
     env = {**os.environ, **WORKER_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(config))]
+    script = script or Path(__file__).resolve()
+    cmd = [sys.executable, str(script), "--worker", json.dumps(asdict(config))]
     failed = {"config": asdict(config), "status": "failed"}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
