@@ -13,26 +13,22 @@ process (this file with ``--worker``), as in bench_sparse_kd.py, whose measureme
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import shlex
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from bench_sparse_kd import (
-    MIB,
-    PeakRSS,
     _fmt,
     _meminfo_kib,
-    _percentiles,
     _ratio,
     machine_info,
     run_in_subprocess,
+    time_and_peak_memory,
 )
 from packed_attention_baselines import PROVIDERS, attention_flops, layout_lengths, make_inputs
 
@@ -109,27 +105,8 @@ def run_worker(config: Config) -> dict[str, Any]:
         "input_bytes": inputs.input_bytes(),
         "flops": config_flops(config),
     }
-    times_ms: list[float] = []
-    peaks: list[int] = []
-    try:
-        call()  # warmup
-        for _ in range(config.reps):
-            inputs.clear_grads()
-            gc.collect()
-            with PeakRSS() as peak:
-                start = time.perf_counter()
-                call()
-                times_ms.append((time.perf_counter() - start) * 1e3)
-            peaks.append(peak.peak_bytes)
-    except (MemoryError, RuntimeError) as exc:
-        result.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-        return result
-    result.update(
-        status="ok",
-        memory_method=peak.method,
-        time_ms=_percentiles(times_ms),
-        peak_extra_mib=_percentiles([p / MIB for p in peaks]),
-    )
+    result.update(time_and_peak_memory(call, inputs.clear_grads, config.reps))
+    result.pop("peak_bytes", None)
     return result
 
 

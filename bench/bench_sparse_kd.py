@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -163,29 +164,42 @@ def run_worker(config: Config) -> dict[str, Any]:
         "input_bytes": inputs.input_bytes(),
         "grad_bytes": inputs.grad_bytes(),
     }
+    result.update(time_and_peak_memory(forward_backward, inputs.clear_grads, config.reps))
+    if result["status"] == "ok":
+        peaks = result.pop("peak_bytes")
+        result["above_grads_mib"] = _percentiles([(p - inputs.grad_bytes()) / MIB for p in peaks])
+    return result
+
+
+def time_and_peak_memory(
+    call: Callable[[], None], clear_grads: Callable[[], None], reps: int
+) -> dict[str, Any]:
+    """One warmup call, then ``reps`` timed calls, each with its peak RSS growth.
+
+    Returns ``status``, and either ``error`` or ``time_ms``/``peak_extra_mib`` percentiles with the
+    raw ``peak_bytes`` of every repetition.
+    """
     times_ms: list[float] = []
     peaks: list[int] = []
     try:
-        forward_backward()  # warmup: first-call costs (oneDNN primitives, page faults of pools)
-        for _ in range(config.reps):
-            inputs.clear_grads()
+        call()  # warmup: first-call costs (oneDNN primitives, page faults of pools)
+        for _ in range(reps):
+            clear_grads()
             gc.collect()
             with PeakRSS() as peak:
                 start = time.perf_counter()
-                forward_backward()
+                call()
                 times_ms.append((time.perf_counter() - start) * 1e3)
             peaks.append(peak.peak_bytes)
     except (MemoryError, RuntimeError) as exc:
-        result.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-        return result
-    result.update(
-        status="ok",
-        memory_method=peak.method,
-        time_ms=_percentiles(times_ms),
-        peak_extra_mib=_percentiles([p / MIB for p in peaks]),
-        above_grads_mib=_percentiles([(p - inputs.grad_bytes()) / MIB for p in peaks]),
-    )
-    return result
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    return {
+        "status": "ok",
+        "memory_method": peak.method,
+        "time_ms": _percentiles(times_ms),
+        "peak_extra_mib": _percentiles([p / MIB for p in peaks]),
+        "peak_bytes": peaks,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
