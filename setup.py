@@ -52,7 +52,11 @@ setup(
     packages=find_packages(include=["pangu_fastkd", "pangu_fastkd.*"]),
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"]},
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "tokenizers"],
+        # Local Hugging Face tokenizer.json files (pangu_fastkd.data.HFTokenizer).
+        "tokenizers": ["tokenizers>=0.20"],
+    },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
