@@ -1,0 +1,311 @@
+"""Reading a teacher-logit cache: targets for the sparse-KD loss, aligned with packed batches.
+
+Shards are opened lazily and memory-mapped; the first time a shard is opened its size, its
+sha256 (unless disabled), its header and its sequence offsets are checked against the manifest,
+so a truncated, altered or misaligned shard is a CacheError naming it, never silent garbage.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..ops.sparse_kd_targets import SampledTarget, TopKTarget
+from .format import (
+    MANIFEST_NAME,
+    CacheError,
+    Manifest,
+    ShardFile,
+    decode_ids,
+    file_sha256,
+    open_shard,
+    read_manifest,
+)
+
+__all__ = ["CacheReader", "load_shard"]
+
+TARGET_KINDS = ("topk", "sampled")
+# Each memory map holds a file descriptor: a cache of thousands of shards read over an epoch
+# would run into the descriptor limit, so only the most recently used shards stay mapped.
+MAX_OPEN_SHARDS = 64
+
+
+def load_shard(
+    directory: str | os.PathLike, manifest: Manifest, index: int, *, verify_checksum: bool = True
+) -> ShardFile:
+    """Open shard ``index`` of ``manifest`` after checking it against the manifest.
+
+    Checks the file exists with the recorded byte size, its sha256 (when ``verify_checksum``),
+    its header (``open_shard``), that it describes the recorded sequence range and that its
+    ``seq_offsets`` give the manifest's per-sequence token counts.
+
+    Raises:
+        CacheError: naming the shard and what is wrong with it.
+    """
+    record = manifest.shards[index]
+    path = Path(directory) / record.name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CacheError(f"{record.name}: shard file is missing ({path})") from None
+    if size != record.num_bytes:
+        raise CacheError(
+            f"{record.name}: shard is {size} bytes, the manifest says {record.num_bytes}; "
+            "it is truncated or was altered"
+        )
+    if verify_checksum and file_sha256(path) != record.sha256:
+        raise CacheError(
+            f"{record.name}: sha256 does not match the manifest; the shard is corrupt or altered"
+        )
+    shard = open_shard(path, manifest.spec)
+    described = (shard.metadata.get("seq_start"), shard.metadata.get("seq_stop"))
+    if described != (record.seq_start, record.seq_stop):
+        raise CacheError(
+            f"{record.name}: holds sequences {described}, the manifest expects "
+            f"({record.seq_start}, {record.seq_stop})"
+        )
+    counts = np.diff(shard.seq_offsets)
+    expected = manifest.token_counts[record.seq_start : record.seq_stop]
+    if len(counts) != len(expected) or counts.tolist() != list(expected):
+        raise CacheError(
+            f"{record.name}: per-sequence token counts {counts.tolist()[:8]} do not match the "
+            f"manifest's {list(expected)[:8]}; the shard is misaligned"
+        )
+    return shard
+
+
+class CacheReader:
+    """Read access to a finalised cache.
+
+    Args:
+        directory: the cache directory.
+        verify_checksums: check each shard's sha256 the first time it is opened.
+
+    Raises:
+        CacheError: missing manifest (unfinished or unfinalised cache), unsupported format
+            version, edited or inconsistent manifest.
+
+    Attributes:
+        manifest: the cache's ``Manifest``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, verify_checksums: bool = True) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.verify_checksums = verify_checksums
+        self._index = {sid: i for i, sid in enumerate(self.manifest.sequence_ids)}
+        self._shard_starts = [shard.seq_start for shard in self.manifest.shards]
+        self._open: OrderedDict[int, ShardFile] = OrderedDict()
+        self._verified: set[int] = set()  # shards whose sha256 was checked (once is enough)
+
+    # -- compatibility and lookup --------------------------------------------------------------
+
+    def check_compatible(
+        self,
+        *,
+        tokenizer_fingerprint: str,
+        vocab_size: int,
+        temperature: float | None = None,
+        k: int | None = None,
+    ) -> None:
+        """Refuse a cache made for another tokenizer, vocabulary, temperature or K.
+
+        The trainer calls this before training starts.
+
+        Raises:
+            CacheError: naming every differing field with the cache's and the caller's value.
+        """
+        spec = self.manifest.spec
+        differ = []
+        if tokenizer_fingerprint != spec.tokenizer_fingerprint:
+            differ.append(
+                ("tokenizer_fingerprint", spec.tokenizer_fingerprint, tokenizer_fingerprint)
+            )
+        if vocab_size != spec.vocab_size:
+            differ.append(("vocab_size", spec.vocab_size, vocab_size))
+        if temperature is not None and not math.isclose(
+            temperature, spec.temperature, rel_tol=1e-6
+        ):
+            differ.append(("temperature", spec.temperature, temperature))
+        if k is not None and k != spec.k:
+            differ.append(("k", spec.k, k))
+        if differ:
+            details = "; ".join(
+                f"{name}: cache has {there!r}, trainer expects {here!r}"
+                for name, there, here in differ
+            )
+            raise CacheError(
+                f"{self.directory / MANIFEST_NAME}: cache is incompatible with this run: {details}"
+            )
+
+    def index_of(self, sequence_id: str) -> int:
+        """Position of a sequence id in the cache; CacheError if the cache lacks it."""
+        try:
+            return self._index[sequence_id]
+        except KeyError:
+            raise CacheError(
+                f"{self.directory / MANIFEST_NAME}: sequence {sequence_id!r} is not in the cache"
+            ) from None
+
+    def num_tokens(self, seq_index: int) -> int:
+        """Supervised tokens (cache rows) of sequence ``seq_index``."""
+        self._check_index(seq_index)
+        return self.manifest.token_counts[seq_index]
+
+    def bytes_per_token(self) -> float:
+        """Shard bytes on disk per supervised token."""
+        return self.manifest.bytes_per_token
+
+    # -- targets -------------------------------------------------------------------------------
+
+    def topk_target(self, seq_indices: Sequence[int]) -> TopKTarget:
+        """Top-K targets of the given sequences, their rows concatenated in the given order.
+
+        Returns:
+            ``TopKTarget`` with ``ids`` ``[N, K]`` int32 (-1 empty), ``logits`` ``[N, K]`` fp32
+            raw teacher logits ``T_c * (v + Lambda)`` (-inf for empty slots), ``lse`` ``[N]``
+            fp32, ``label_logit`` ``[N]`` fp32, ``temperature`` = T_c; N = the sequences'
+            supervised tokens.
+        """
+        spec = self.manifest.spec
+        parts = self._gather(seq_indices, ("ids", "values", "lse", "label_value"))
+        ids = decode_ids(parts["ids"], spec.id_encoding)
+        lse = parts["lse"]
+        logits = spec.temperature * (parts["values"].to(torch.float32) + lse[:, None])
+        label_logit = spec.temperature * (parts["label_value"].to(torch.float32) + lse)
+        return TopKTarget(
+            ids=ids, logits=logits, lse=lse, label_logit=label_logit, temperature=spec.temperature
+        )
+
+    def sampled_target(self, seq_indices: Sequence[int]) -> SampledTarget:
+        """Sampled targets of the given sequences, concatenated in the given order.
+
+        Returns:
+            ``SampledTarget`` with ``ids`` ``[N, Ks]`` int32 (-1 empty) and ``weights`` ``[N, Ks]``
+            fp32 = draws / ``sampled_draws`` (each row sums to 1).
+
+        Raises:
+            CacheError: the cache holds no sampled targets.
+        """
+        spec = self.manifest.spec
+        if spec.sampled_k == 0:
+            raise CacheError(
+                f"{self.directory / MANIFEST_NAME}: this cache holds no sampled targets "
+                "(sampled_k = 0)"
+            )
+        parts = self._gather(seq_indices, ("sampled_ids", "sampled_counts"))
+        ids = decode_ids(parts["sampled_ids"], spec.id_encoding)
+        weights = parts["sampled_counts"].to(torch.float32) / spec.sampled_draws
+        return SampledTarget(ids=ids, weights=weights)
+
+    def targets_for_batch(
+        self,
+        example_ids: Sequence[str],
+        supervised_counts: Sequence[int],
+        kind: str = "topk",
+    ) -> TopKTarget | SampledTarget:
+        """Targets aligned with a packed batch: each document's cache rows, in batch order.
+
+        Args:
+            example_ids: the batch's documents, in packing order.
+            supervised_counts: supervised tokens of each document in the batch.
+            kind: ``"topk"`` or ``"sampled"``.
+
+        Returns:
+            A target whose rows match the batch's supervised tokens in order.
+
+        Raises:
+            CacheError: a document is not in the cache, or its supervised-token count differs
+                from the cache's (the batch and the cache came from different data/templates).
+        """
+        if kind not in TARGET_KINDS:
+            raise ValueError(f"kind must be one of {TARGET_KINDS}, got {kind!r}")
+        example_ids = list(example_ids)
+        supervised_counts = list(supervised_counts)
+        if len(example_ids) != len(supervised_counts):
+            raise ValueError(
+                f"example_ids ({len(example_ids)}) and supervised_counts "
+                f"({len(supervised_counts)}) must have the same length"
+            )
+        indices = []
+        for example_id, count in zip(example_ids, supervised_counts, strict=True):
+            index = self.index_of(example_id)
+            cached = self.manifest.token_counts[index]
+            if int(count) != cached:
+                raise CacheError(
+                    f"{self.directory / MANIFEST_NAME}: document {example_id!r} has {int(count)} "
+                    f"supervised tokens in the batch but {cached} in the cache; the batch and the "
+                    "cache were built from different data, templates or truncation"
+                )
+            indices.append(index)
+        return self.topk_target(indices) if kind == "topk" else self.sampled_target(indices)
+
+    def close(self) -> None:
+        """Release the memory-mapped shards."""
+        for shard in self._open.values():
+            shard.close()
+        self._open.clear()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_index(self, seq_index: int) -> None:
+        count = len(self.manifest.sequence_ids)
+        if isinstance(seq_index, bool) or not isinstance(seq_index, int | np.integer):
+            raise TypeError(f"sequence index must be an int, got {type(seq_index).__name__}")
+        if not 0 <= seq_index < count:
+            raise IndexError(f"sequence index {seq_index} out of range [0, {count})")
+
+    def _shard(self, index: int) -> ShardFile:
+        shard = self._open.get(index)
+        if shard is not None:
+            self._open.move_to_end(index)
+            return shard
+        verify = self.verify_checksums and index not in self._verified
+        shard = load_shard(self.directory, self.manifest, index, verify_checksum=verify)
+        self._verified.add(index)
+        self._open[index] = shard
+        if len(self._open) > MAX_OPEN_SHARDS:
+            _, evicted = self._open.popitem(last=False)
+            evicted.close()
+        return shard
+
+    def _runs(self, seq_indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+        """``(shard index, first row, stop row)`` of each run of consecutive sequences that
+        live in one shard, in the order given."""
+        run: list[int] | None = None  # [shard, first row, stop row, last sequence]
+        for seq_index in seq_indices:
+            self._check_index(seq_index)
+            shard_index = bisect.bisect_right(self._shard_starts, seq_index) - 1
+            local = seq_index - self._shard_starts[shard_index]
+            offsets = self._shard(shard_index).seq_offsets
+            start, stop = int(offsets[local]), int(offsets[local + 1])
+            if run is not None and run[0] == shard_index and run[3] + 1 == seq_index:
+                run[2], run[3] = stop, seq_index
+                continue
+            if run is not None:
+                yield run[0], run[1], run[2]
+            run = [shard_index, start, stop, seq_index]
+        if run is not None:
+            yield run[0], run[1], run[2]
+
+    def _gather(self, seq_indices: Sequence[int], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        runs = list(self._runs(seq_indices))
+        if not runs:  # no sequences: zero rows, shaped and typed like shard 0's tensors
+            runs = [(0, 0, 0)]
+        return {
+            name: torch.cat([self._shard(s).rows(name, start, stop) for s, start, stop in runs])
+            for name in names
+        }
