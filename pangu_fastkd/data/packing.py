@@ -15,6 +15,7 @@ Two orders:
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import random
 from collections.abc import Sequence
@@ -85,6 +86,13 @@ class PackedBatch:
     def num_supervised(self) -> int:
         """Number of positions with a label (``labels != -100``)."""
         return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def supervised_counts(self) -> list[int]:
+        """Supervised positions of each document, in order (how a logit cache aligns rows)."""
+        supervised = (self.labels != IGNORE_INDEX).long()
+        bounds = self.cu_seqlens.tolist()
+        return [int(supervised[a:b].sum()) for a, b in itertools.pairwise(bounds)]
 
     @property
     def max_seqlen(self) -> int:
