@@ -95,6 +95,28 @@ def test_rows_to_targets_matches_definitions():
     assert out.sampled_ids is None and out.sampled_counts is None
 
 
+def test_rows_to_targets_lse_over_a_wide_logit_range_and_in_place():
+    """Logits spread over hundreds of nats (most exps below fp32's normal range) still give the
+    float64 logsumexp; ``overwrite`` changes nothing but the input."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 3000, generator=gen) * 60
+    labels = torch.randint(3000, (6,), generator=gen)
+    kept = rows_to_targets(logits, labels, k=3, temperature=0.7)
+    exact = torch.logsumexp(logits.double() / 0.7, dim=1).float()
+    torch.testing.assert_close(kept.lse, exact, rtol=1e-6, atol=1e-5)
+    scratch = logits.clone()
+    reused = rows_to_targets(scratch, labels, k=3, temperature=0.7, overwrite=True)
+    assert not torch.equal(scratch, logits)
+    for a, b in zip(vars(kept).values(), vars(reused).values(), strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    sampled = rows_to_targets(
+        logits, labels, k=3, temperature=0.7, draws=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(sampled.sampled_counts.sum(1), torch.full((6,), 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="generator"):
+        rows_to_targets(logits, labels, k=3, temperature=1.0, draws=2)
+
+
 @pytest.mark.parametrize(
     ("k", "labels", "message"),
     [
@@ -111,8 +133,8 @@ def test_rows_to_targets_rejects_bad_input(k, labels, message):
 
 def test_sample_counts_distinct_ids_counts_and_frequencies():
     probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0]])
-    logits = probs.log().repeat(2000, 1)  # 4000 rows, draws per row 8
-    ids, counts = sample_counts(logits, 1.0, 8, torch.Generator().manual_seed(3))
+    probs = probs.repeat(2000, 1)  # 4000 rows, draws per row 8
+    ids, counts = sample_counts(probs, 8, torch.Generator().manual_seed(3))
     assert ids.shape == counts.shape == (4000, 8)
     assert torch.equal(counts.sum(1), torch.full((4000,), 8, dtype=torch.int32))
     real = ids >= 0
@@ -124,7 +146,7 @@ def test_sample_counts_distinct_ids_counts_and_frequencies():
     frequency = torch.zeros(4)
     frequency.index_add_(0, ids[0::2][real[0::2]].long(), counts[0::2][real[0::2]].float())
     torch.testing.assert_close(frequency / frequency.sum(), probs[0], atol=0.01, rtol=0)
-    again = sample_counts(logits, 1.0, 8, torch.Generator().manual_seed(3))
+    again = sample_counts(probs, 8, torch.Generator().manual_seed(3))
     assert torch.equal(again[0], ids) and torch.equal(again[1], counts)
 
 

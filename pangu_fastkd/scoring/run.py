@@ -131,6 +131,7 @@ def _sequence_targets(
                 temperature=config.temperature,
                 draws=config.sampled_draws,
                 generator=generator,
+                overwrite=True,
             )
         )
     fields = {}
