@@ -51,7 +51,7 @@ setup(
     description="Kernel-first toolkit for knowledge-distillation post-training of small LMs",
     packages=find_packages(include=["pangu_fastkd", "pangu_fastkd.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "safetensors"],
+    install_requires=["numpy", "safetensors", "matplotlib"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "tokenizers"],
         # Local Hugging Face tokenizer.json files (pangu_fastkd.data.HFTokenizer).

@@ -17,6 +17,7 @@
 // fp32 (fp64 for fp64 inputs); bf16/fp16 products run through the half-precision GEMM.
 #include "vec.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -110,16 +111,24 @@ std::vector<WorkItem> plan_items(const Geometry& g, const at::Tensor& cu) {
   return items;
 }
 
-// Runs fn(item, thread_index) over all items, pulled dynamically by the available threads.
+// Runs fn(item, thread_index) over all items. Items are pulled dynamically by the available
+// threads, except under torch.use_deterministic_algorithms(True): then thread t takes items
+// t, t + n, t + 2n, ... so that each per-thread dK/dV buffer sums the same items in the same
+// order on every run (bitwise-reproducible training and resume, at some cost in balance).
 template <typename Fn>
 void for_each_item(const std::vector<WorkItem>& items, int64_t n_threads, Fn&& fn) {
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state: without this guard the ATen ops
     // below would record autograd history on inputs that require grad.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t i = next++; i < int64_t(items.size()); i = next++) fn(items[i], t);
+      if (deterministic) {
+        for (int64_t i = t; i < int64_t(items.size()); i += n_threads) fn(items[i], t);
+      } else {
+        for (int64_t i = next++; i < int64_t(items.size()); i = next++) fn(items[i], t);
+      }
     }
   });
 }

@@ -1,0 +1,76 @@
+"""Run a post-training pipeline.
+
+python -m pangu_fastkd.train                      # the embedded demo (configs/default.toml)
+python -m pangu_fastkd.train tiny                 # the 1-minute demo CI runs
+python -m pangu_fastkd.train ablation             # the paper's ablation rows in miniature
+python -m pangu_fastkd.train my.toml --set stages.0.train.steps=200
+python -m pangu_fastkd.train --resume runs/default        # continue a killed run
+torchrun --standalone --nproc_per_node 2 -m pangu_fastkd.train tiny   # data parallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..cache import CacheError
+from ..distributed import init_distributed
+from .config import ConfigError, config_from_dict, load_config
+from .pipeline import Pipeline, RunDirError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pangu_fastkd.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "config", nargs="?", help="a TOML file or a shipped config: default, tiny, ablation"
+    )
+    p.add_argument("--run-dir", help="where the run lives (overrides run_dir)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="discard a run already in run_dir")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. stages.0.train.steps=100 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.resume:
+            if args.config or args.overrides:
+                raise ConfigError("--resume takes the run's own config: give no config or --set")
+            saved = Path(args.resume) / "config.json"
+            if not saved.is_file():
+                raise RunDirError(f"--resume: {args.resume} holds no run (no config.json)")
+            raw = json.loads(saved.read_text())
+            raw["run_dir"] = args.resume
+            config = config_from_dict(raw, str(saved))
+        else:
+            overrides = list(args.overrides)
+            if args.run_dir:
+                overrides.append(f"run_dir={json.dumps(args.run_dir)}")
+            config = load_config(args.config, overrides)
+        if args.threads:
+            config.threads = args.threads
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        context = init_distributed("cpu")
+        Pipeline(config, context, resume=bool(args.resume), overwrite=args.overwrite).run()
+    except (ConfigError, RunDirError, CacheError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

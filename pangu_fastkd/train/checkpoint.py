@@ -1,0 +1,127 @@
+"""Stage checkpoints: the student as an HF-style directory plus optimizer and loop state.
+
+A checkpoint is a directory written in full under a temporary name and then renamed into place,
+so a kill at any moment leaves either the previous checkpoint or the new one, never a mix::
+
+    <stage dir>/checkpoint/model/          config.json + model.safetensors
+    <stage dir>/checkpoint/optimizer.pt    AdamW state
+    <stage dir>/checkpoint/state.json      next step, total steps, RNG state, sha256 of the files
+
+Replacing an existing checkpoint renames it to ``checkpoint.old`` first; a reader that finds
+only ``checkpoint.old`` (a kill between the two renames) uses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..model import DecoderLM, load_pretrained, save_pretrained
+
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a resumed stage needs."""
+
+    model_dir: Path
+    optimizer_state: dict
+    next_step: int
+    total_steps: int
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    stage_dir: Path,
+    model: DecoderLM,
+    optimizer: torch.optim.Optimizer,
+    *,
+    next_step: int,
+    total_steps: int,
+) -> Path:
+    """Writes a checkpoint of a stage atomically; returns its directory."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_pretrained(model, tmp / "model")
+    optimizer_path = tmp / "optimizer.pt"
+    with open(optimizer_path, "wb") as f:
+        torch.save(optimizer.state_dict(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    state = {
+        "next_step": next_step,
+        "total_steps": total_steps,
+        "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "files": files,
+    }
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    final, old = stage_dir / CHECKPOINT, stage_dir / f"{CHECKPOINT}.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(stage_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(stage_dir: Path) -> Checkpoint | None:
+    """The stage's latest complete checkpoint, verified against its checksums; None if there is
+    none. A checkpoint whose files do not match raises ValueError naming the file."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        directory = stage_dir / name
+        if (directory / "state.json").is_file():
+            break
+    else:
+        return None
+    state = json.loads((directory / "state.json").read_text())
+    for relative, digest in state["files"].items():
+        path = directory / relative
+        if not path.is_file() or _sha256(path) != digest:
+            raise ValueError(f"checkpoint file {path} is missing or damaged (sha256 mismatch)")
+    rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
+    torch.set_rng_state(rng.clone())
+    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=True)
+    return Checkpoint(
+        model_dir=directory / "model",
+        optimizer_state=optimizer_state,
+        next_step=int(state["next_step"]),
+        total_steps=int(state["total_steps"]),
+    )
+
+
+def load_model(model_dir: Path, dtype: torch.dtype) -> DecoderLM:
+    """A model directory written by a stage."""
+    return load_pretrained(model_dir, dtype=dtype)

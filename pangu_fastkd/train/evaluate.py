@@ -1,0 +1,103 @@
+"""End-of-stage evaluation: held-out loss and exact-match accuracy of greedy answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..data import ChatTemplate, Example, Tokenizer, pack_examples, tokenize_example
+from ..model import DecoderLM, GenerationConfig, generate
+from ..ops import fused_linear_cross_entropy
+from .config import EvalSpec
+
+__all__ = ["answer_matches", "eval_loss", "evaluate", "exact_match_accuracy"]
+
+
+def answer_matches(generated: str, answer: str) -> bool:
+    """Exact match of the final answer: the number after the last "Answer:" when the text has
+    one (the demo's format), else the whole stripped response."""
+    from .demo_data import extract_answer
+
+    found = extract_answer(generated)
+    if found is not None:
+        return found == answer.strip()
+    return generated.strip() == answer.strip()
+
+
+@torch.no_grad()
+def eval_loss(
+    model: DecoderLM,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    examples: Sequence[Example],
+    batch_tokens: int,
+) -> float:
+    """Mean cross-entropy per supervised token of ``examples`` (teacher-forced)."""
+    tokenized = [tokenize_example(ex, tokenizer, template) for ex in examples]
+    budget = max(batch_tokens, max(len(t.input_ids) for t in tokenized))
+    total, count = 0.0, 0
+    for batch in pack_examples(tokenized, budget):
+        hidden = model.hidden_states(batch.input_ids, batch.cu_seqlens)
+        rows = batch.labels != -100
+        weight = model.output_weight
+        loss = fused_linear_cross_entropy(
+            hidden[rows].to(weight.dtype), weight, batch.labels[rows], reduction="sum"
+        )
+        total += float(loss)
+        count += int(rows.sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def exact_match_accuracy(
+    model: DecoderLM,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    examples: Sequence[Example],
+    spec: EvalSpec,
+) -> float:
+    """Fraction of ``examples`` whose greedy response has the reference ``answer``."""
+    prompts = [
+        template.render(ex.prompt_messages, tokenizer, add_generation_prompt=True)[0]
+        for ex in examples
+    ]
+    config = GenerationConfig(
+        max_new_tokens=spec.max_new_tokens,
+        temperature=0.0,
+        stop_token_ids=tuple(template.stop_ids(tokenizer)),
+    )
+    outputs = generate(model, prompts, config, batch_size=spec.batch_size)
+    correct = 0
+    for ex, out in zip(examples, outputs, strict=True):
+        tokens = out.tokens[:-1] if out.stopped else out.tokens
+        correct += answer_matches(tokenizer.decode(tokens), ex.answer or "")
+    return correct / max(len(examples), 1)
+
+
+def evaluate(
+    model: DecoderLM,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    eval_sets: dict[str, Sequence[Example]],
+    spec: EvalSpec,
+) -> dict[str, float | None]:
+    """``loss_<mode>`` and ``acc_<mode>`` for each mode ("reasoning", "fast") with eval data."""
+    was_training = model.training
+    model.eval()
+    results: dict[str, float | None] = {}
+    try:
+        for mode in ("reasoning", "fast"):
+            examples = list(eval_sets.get(mode, ()))[: spec.max_examples]
+            if not examples:
+                results[f"loss_{mode}"] = results[f"acc_{mode}"] = None
+                continue
+            results[f"loss_{mode}"] = eval_loss(
+                model, tokenizer, template, examples, spec.batch_tokens
+            )
+            results[f"acc_{mode}"] = exact_match_accuracy(
+                model, tokenizer, template, examples, spec
+            )
+    finally:
+        model.train(was_training)
+    return results

@@ -1,0 +1,220 @@
+"""One training stage (SFT or offline KD) of a student on packed batches.
+
+Optimizer step ``s`` on rank ``r`` of ``W`` takes micro-batches ``(s * A + a) * W + r`` for
+``a < A`` (``A`` = grad_accum) from the stage's batch list, wrapping around for more epochs. Every
+rank can therefore count the supervised tokens of the whole step, and the loss of each
+micro-batch is its summed per-token loss divided by that global count: accumulation and data
+parallelism give the gradient of one big batch (the ``num_items`` rule of
+``docs/kd-losses.md``). DDP averages gradients over ranks, so each rank scales its loss by ``W``.
+
+The loop is deterministic on CPU (no dropout; the kernels' static work split under
+``torch.use_deterministic_algorithms``), so a run resumed from a checkpoint ends with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import CacheReader
+from ..data import PackedBatch
+from ..distributed import DistributedContext
+from ..model import DecoderLM
+from ..ops import fused_linear_cross_entropy, fused_linear_sparse_kd
+from .config import KDStage, OptimSpec, TrainSpec
+
+__all__ = ["LossModule", "StageRunner", "StepPlan", "lr_at", "make_optimizer"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which micro-batches each optimizer step uses."""
+
+    num_batches: int
+    world_size: int
+    grad_accum: int
+    total_steps: int
+
+    @classmethod
+    def build(cls, num_batches: int, train: TrainSpec, world_size: int) -> StepPlan:
+        per_step = world_size * train.grad_accum
+        if num_batches < world_size:
+            raise ValueError(
+                f"the stage has {num_batches} packed batches for {world_size} ranks: lower "
+                "batch_tokens or use fewer ranks"
+            )
+        steps = train.steps or max(1, math.ceil(train.epochs * num_batches / per_step))
+        return cls(num_batches, world_size, train.grad_accum, steps)
+
+    def micro_batches(self, step: int, rank: int) -> list[int]:
+        """Indices into the batch list for ``rank`` at optimizer step ``step``."""
+        base = step * self.grad_accum * self.world_size
+        return [
+            (base + a * self.world_size + rank) % self.num_batches for a in range(self.grad_accum)
+        ]
+
+    def all_micro_batches(self, step: int) -> list[int]:
+        """The step's micro-batches over every rank."""
+        return [i for r in range(self.world_size) for i in self.micro_batches(step, r)]
+
+
+def lr_at(step: int, total: int, optim: OptimSpec) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / (optim.warmup_steps + 1)
+    decay_steps = max(1, total - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    floor = optim.min_lr_ratio * optim.lr
+    return floor + (optim.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimSpec) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # foreach=False: the per-parameter loop gives the same bits whatever the parameter grouping.
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), foreach=False)
+
+
+class LossModule(torch.nn.Module):
+    """The student and its loss in one forward, so DDP / FSDP hooks see every parameter use.
+
+    ``forward(batch, target, num_items)`` returns the summed loss of the batch's supervised
+    rows divided by ``num_items``: cross-entropy without a target (SFT), the sparse-KD loss of
+    ``docs/kd-losses.md`` with one.
+    """
+
+    def __init__(self, model: DecoderLM, kd: KDStage | None = None, autocast_bf16: bool = False):
+        super().__init__()
+        self.model = model
+        self.kd = kd
+        self.autocast_bf16 = autocast_bf16
+
+    def forward(self, batch: PackedBatch, target, num_items: float) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            hidden = self.model.hidden_states(batch.input_ids, batch.cu_seqlens)  # [T, d]
+        rows = batch.labels != -100
+        hidden, labels = hidden[rows], batch.labels[rows]  # [N, d], [N]
+        weight = self.model.output_weight
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        if self.kd is None:
+            return fused_linear_cross_entropy(
+                hidden, weight, labels, reduction="sum", num_items=num_items
+            )
+        return fused_linear_sparse_kd(
+            hidden,
+            weight,
+            labels,
+            target,
+            kd_weight=self.kd.kd_weight,
+            divergence=self.kd.divergence,
+            temperature=self.kd.temperature,
+            missing_mass=self.kd.missing_mass,
+            reduction="sum",
+            num_items=num_items,
+        )
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float  # mean loss per supervised token over all ranks
+    tokens: int  # tokens processed by all ranks
+    supervised: int
+    lr: float
+    grad_norm: float
+    seconds: float
+
+
+class StageRunner:
+    """Runs the optimizer steps of one stage from ``start_step``.
+
+    Args:
+        module: the ``LossModule`` (possibly wrapped in DDP or sharded by FSDP2).
+        optimizer: its optimizer (state restored by the caller when resuming).
+        batches: the stage's packed batches, in curriculum order.
+        plan: which micro-batches each step uses.
+        train: the stage's training settings.
+        context: this process's rank.
+        cache: the logit cache of a KD stage (None for SFT).
+        kd_target: "topk" or "sampled".
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Sequence[PackedBatch],
+        plan: StepPlan,
+        train: TrainSpec,
+        context: DistributedContext,
+        cache: CacheReader | None = None,
+        kd_target: str = "topk",
+    ):
+        self.module, self.optimizer, self.batches = module, optimizer, batches
+        self.plan, self.train, self.context = plan, train, context
+        self.cache, self.kd_target = cache, kd_target
+
+    def _target(self, batch: PackedBatch):
+        if self.cache is None:
+            return None
+        return self.cache.targets_for_batch(
+            batch.example_ids, batch.supervised_counts, self.kd_target
+        )
+
+    def step(self, step: int) -> StepResult:
+        started = time.perf_counter()
+        plan, ctx = self.plan, self.context
+        everyone = [self.batches[i] for i in plan.all_micro_batches(step)]
+        global_supervised = sum(b.num_supervised for b in everyone)
+        global_tokens = sum(b.num_tokens for b in everyone)
+        lr = lr_at(step, plan.total_steps, self.train.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        local_loss = torch.zeros((), dtype=torch.float64)
+        mine = plan.micro_batches(step, ctx.rank)
+        for a, index in enumerate(mine):
+            batch = self.batches[index]
+            sync = a == len(mine) - 1  # DDP: all-reduce only after the last micro-batch
+            no_sync = getattr(self.module, "no_sync", None)
+            with no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext():
+                loss = self.module(batch, self._target(batch), max(global_supervised, 1))
+                (loss * ctx.world_size).backward()
+            local_loss += loss.detach().double()
+        grad_norm = 0.0
+        if self.train.optim.clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.train.optim.clip))
+        self.optimizer.step()
+        total_loss = float(ctx.all_reduce_sum(local_loss))
+        return StepResult(
+            step=step,
+            loss=total_loss,
+            tokens=global_tokens,
+            supervised=global_supervised,
+            lr=lr,
+            grad_norm=grad_norm,
+            seconds=time.perf_counter() - started,
+        )
+
+    def run(
+        self,
+        start_step: int,
+        on_step: Callable[[StepResult], None],
+    ) -> None:
+        """Steps ``start_step .. total_steps - 1``, calling ``on_step`` after each."""
+        self.module.train()
+        for step in range(start_step, self.plan.total_steps):
+            on_step(self.step(step))

@@ -1,0 +1,507 @@
+"""The post-training pipeline: stages in order, each resumable, in one run directory.
+
+Run directory::
+
+    config.json                 the resolved configuration (a resume must match it)
+    data/                       the generated curriculum (demo data)
+    teachers/<name>/            teachers trained here from a preset (kept by --overwrite)
+    stages/<i>-<name>/          per stage: checkpoint/, model/ (student after the stage),
+                                rollouts.jsonl or cache/, done.json (written last)
+    metrics.jsonl, eval.md, plot.png
+
+A stage with ``done.json`` is finished and skipped on resume; an unfinished training stage
+resumes from its last checkpoint. Rank 0 writes every shared file; other ranks train and score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..cache import CacheReader
+from ..data import (
+    Example,
+    default_template,
+    fingerprint_examples,
+    load_tokenizer,
+    order_by_difficulty,
+    pack_examples,
+    read_jsonl,
+    select_stage,
+    tokenize_example,
+)
+from ..distributed import DistributedContext
+from ..model import (
+    DecoderLM,
+    GenerationConfig,
+    ModelConfig,
+    init_weights,
+    load_pretrained,
+    save_pretrained,
+)
+from ..rollout import generate_rollouts, write_rollouts
+from ..scoring import ScoringConfig, score_to_cache
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import (
+    KDStage,
+    ModelSpec,
+    PipelineConfig,
+    RolloutStage,
+    ScoreStage,
+    SFTStage,
+    TrainSpec,
+)
+from .evaluate import evaluate
+from .loop import LossModule, StageRunner, StepPlan, make_optimizer
+from .report import MetricsLog, Progress, plot_run, write_eval_table
+
+__all__ = ["Pipeline", "RunDirError"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODE_LETTER = {"train_reasoning": "R", "train_fast": "F"}
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (it holds another run, or nothing to resume)."""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_model_dir(model: DecoderLM, directory: Path) -> None:
+    """An HF-style model directory, replaced atomically as a whole."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+class Pipeline:
+    """One run of a pipeline config.
+
+    Args:
+        config: the validated configuration.
+        context: this process's rank (torchrun) or the single process.
+        resume: continue the run already in ``config.run_dir``.
+        overwrite: discard the run in ``config.run_dir`` (trained teachers are kept).
+        log: where progress lines and tables go (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        context: DistributedContext,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        log=sys.stdout,
+    ):
+        self.config, self.context = config, context
+        self.run_dir = Path(config.run_dir)
+        self.resume, self.overwrite = resume, overwrite
+        self.out = log if context.is_main else open(os.devnull, "w")
+        self.eval_rows: list[dict] = []
+
+    # -----------------------------------------------------------------------------------------
+    # Set-up: run directory, data, tokenizer
+
+    def _prepare_run_dir(self) -> None:
+        resolved = dataclasses.asdict(self.config)
+        saved = self.run_dir / "config.json"
+        if self.context.is_main:
+            has_run = saved.exists() or (self.run_dir / "stages").exists()
+            if self.resume:
+                if not saved.exists():
+                    raise RunDirError(f"--resume: {self.run_dir} holds no run to resume")
+                if json.loads(saved.read_text()) != json.loads(json.dumps(resolved)):
+                    raise RunDirError(
+                        f"--resume: the configuration differs from the one {self.run_dir} was "
+                        "started with (config.json there); resume with the same config"
+                    )
+            elif has_run and not self.overwrite:
+                raise RunDirError(
+                    f"{self.run_dir} already holds a run: pass --resume to continue it, "
+                    "--overwrite to start over, or another --run-dir"
+                )
+            elif has_run:
+                for child in self.run_dir.iterdir():
+                    if child.name != "teachers":
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(saved, resolved)
+        self.context.barrier()
+
+    def _load_data(self) -> None:
+        spec = self.config.data
+        self.splits: dict[str, list[Example]] = {}
+        self.eval_sets: dict[str, list[Example]] = {}
+        if spec.source == "demo":
+            from .demo_data import make_curriculum, write_curriculum
+
+            curriculum = make_curriculum(
+                seed=spec.seed,
+                n_train=spec.train_problems,
+                n_eval=spec.eval_problems,
+                max_difficulty=spec.max_difficulty,
+            )
+            if self.context.is_main:
+                write_curriculum(self.run_dir / "data", curriculum)
+            self.splits = {
+                "train_reasoning": curriculum.train_reasoning,
+                "train_fast": curriculum.train_fast,
+            }
+            self.eval_sets = {m: curriculum.eval_examples(m) for m in ("reasoning", "fast")}
+        else:
+            for name in ("train_reasoning", "train_fast"):
+                path = getattr(spec, name)
+                self.splits[name] = read_jsonl(path) if path else []
+            for mode in ("reasoning", "fast"):
+                path = getattr(spec, f"eval_{mode}")
+                self.eval_sets[mode] = read_jsonl(path) if path else []
+        self.tokenizer = load_tokenizer(spec.tokenizer)
+        self.template = default_template(self.tokenizer)
+
+    # -----------------------------------------------------------------------------------------
+    # Models
+
+    def _initial_student(self) -> DecoderLM:
+        return self._build_model(self.config.student, "student")
+
+    def _build_model(self, spec: ModelSpec, name: str) -> DecoderLM:
+        dtype = DTYPES[spec.dtype]
+        if spec.path is not None:
+            model = load_pretrained(spec.path, dtype=dtype)
+        else:
+            model = DecoderLM(ModelConfig.preset(spec.preset, self.tokenizer.vocab_size))
+            init_weights(model, seed=spec.seed)
+            model = model.to(dtype)
+        if model.config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(
+                f"model {name!r} has a vocabulary of {model.config.vocab_size} but the "
+                f"tokenizer has {self.tokenizer.vocab_size} tokens"
+            )
+        return model
+
+    def _teacher(self, name: str) -> DecoderLM:
+        spec = self.config.teachers[name]
+        if not spec.train_on:
+            return self._build_model(spec, name)
+        # Trained here from scratch: cached under teachers/<name>, keyed by what defines it.
+        examples = [ex for split in spec.train_on for ex in self.splits[split]]
+        key = hashlib.sha256(
+            json.dumps(
+                {"spec": dataclasses.asdict(spec), "data": fingerprint_examples(examples)},
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        directory = self.run_dir / "teachers" / name
+        done = directory / "done.json"
+        if done.exists() and json.loads(done.read_text()).get("key") == key:
+            print(f"teacher {name!r}: reusing {directory / 'model'}", file=self.out)
+            self.eval_rows.append(json.loads(done.read_text())["eval"])
+            return load_pretrained(directory / "model", dtype=DTYPES[spec.dtype])
+        if self.context.is_main and directory.exists():
+            shutil.rmtree(directory)
+        self.context.barrier()
+        print(f"teacher {name!r}: training from scratch on {spec.train_on}", file=self.out)
+        model = self._build_model(spec, name)
+        label = f"teacher {name}"
+        model = self._train(model, examples, spec.train, directory / "work", label, None)
+        row = self._evaluate(model, label, f"teacher ({'+'.join(spec.train_on)})")
+        self.eval_rows.append(row)
+        if self.context.is_main:
+            _save_model_dir(model, directory / "model")
+            _write_json(done, {"key": key, "eval": row})
+        self.context.barrier()
+        return model
+
+    # -----------------------------------------------------------------------------------------
+    # Training
+
+    def _stage_examples(self, data: str, train: TrainSpec | None, mode: str | None) -> list:
+        if data in self.splits:
+            examples = self.splits[data]
+        else:  # a rollout stage's responses
+            examples = read_jsonl(self._stage_dir(self.config.stage(data)) / "rollouts.jsonl")
+        if mode is not None:
+            examples = select_stage(examples, mode=mode)
+        if train is not None:
+            examples = order_by_difficulty(
+                examples,
+                schedule=train.schedule,
+                difficulty=train.difficulty,
+                seed=self.config.seed,
+            )
+        if not examples:
+            raise ValueError(f"no examples for data {data!r} (mode {mode!r})")
+        return examples
+
+    def _train(
+        self,
+        model: DecoderLM,
+        examples: Sequence[Example],
+        train: TrainSpec,
+        stage_dir: Path,
+        stage_name: str,
+        kd: KDStage | None,
+        cache: CacheReader | None = None,
+    ) -> DecoderLM:
+        tokenized = [tokenize_example(ex, self.tokenizer, self.template) for ex in examples]
+        batches = pack_examples(tokenized, train.batch_tokens, order="keep")
+        plan = StepPlan.build(len(batches), train, self.context.world_size)
+        checkpoint = load_checkpoint(stage_dir)
+        start = 0
+        if checkpoint is not None:
+            model = load_pretrained(checkpoint.model_dir, dtype=next(model.parameters()).dtype)
+            start = checkpoint.next_step
+            if checkpoint.total_steps != plan.total_steps:
+                raise ValueError(f"{stage_dir}: checkpoint is from a different plan")
+            print(f"{stage_name}: resuming at step {start}/{plan.total_steps}", file=self.out)
+            self.metrics.truncate_after(stage_name, start)
+        module = LossModule(model, kd, autocast_bf16=self.config.autocast_bf16)
+        wrapped = self._wrap(module)
+        optimizer = make_optimizer(wrapped, train.optim)
+        if checkpoint is not None:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        runner = StageRunner(
+            wrapped,
+            optimizer,
+            batches,
+            plan,
+            train,
+            self.context,
+            cache=cache,
+            kd_target=kd.target if kd else "topk",
+        )
+        progress = Progress(
+            plan.total_steps, stage_name, enabled=self.context.is_main, initial_step=start
+        )
+        every = self.config.checkpoint_every
+
+        def on_step(result) -> None:
+            progress.update(result.step + 1, result.tokens, loss=result.loss)
+            self.metrics.log(
+                {
+                    "kind": "train",
+                    "stage": stage_name,
+                    "step": result.step + 1,
+                    "loss": result.loss,
+                    "lr": result.lr,
+                    "grad_norm": result.grad_norm,
+                    "tokens": result.tokens,
+                    "supervised": result.supervised,
+                    "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+                }
+            )
+            next_step = result.step + 1
+            if every and next_step % every == 0 and next_step < plan.total_steps:
+                self._checkpoint(stage_dir, model, optimizer, next_step, plan.total_steps)
+
+        runner.run(start, on_step)
+        progress.close()
+        self._checkpoint(stage_dir, model, optimizer, plan.total_steps, plan.total_steps)
+        return model
+
+    def _wrap(self, module: LossModule) -> torch.nn.Module:
+        if not self.context.enabled:
+            return module
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in module.model.layers:
+                fully_shard(layer)
+            return fully_shard(module)
+        return torch.nn.parallel.DistributedDataParallel(module)
+
+    def _checkpoint(self, stage_dir, model, optimizer, next_step: int, total: int) -> None:
+        if self.context.is_main:
+            save_checkpoint(stage_dir, model, optimizer, next_step=next_step, total_steps=total)
+        self.context.barrier()
+
+    # -----------------------------------------------------------------------------------------
+    # Stages
+
+    def _stage_dir(self, stage) -> Path:
+        return self.run_dir / "stages" / f"{self.config.stages.index(stage)}-{stage.name}"
+
+    def _schedule_label(self, stage) -> str:
+        if isinstance(stage, SFTStage):
+            source = stage.data
+        else:
+            score = self.config.stage(stage.cache)
+            source = score.data
+        while source not in MODE_LETTER:  # a rollout stage's data
+            source = self.config.stage(source).data
+        return f"{'SFT' if isinstance(stage, SFTStage) else 'KD'}({MODE_LETTER[source]})"
+
+    def _evaluate(self, model: DecoderLM, stage_name: str, schedule: str) -> dict:
+        row = {"stage": stage_name, "schedule": schedule}
+        if self.context.is_main:
+            row.update(
+                evaluate(model, self.tokenizer, self.template, self.eval_sets, self.config.eval)
+            )
+            self.metrics.log({"kind": "eval", "stage": stage_name, "step": 0, **row})
+        self.context.barrier()
+        return row
+
+    def _report(self) -> None:
+        if not self.context.is_main:
+            return
+        table = write_eval_table(self.run_dir / "eval.md", self.eval_rows)
+        print(table, file=self.out)
+        plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plot.png")
+
+    def run(self) -> list[dict]:
+        """Runs (or resumes) every stage; returns the eval rows."""
+        started = time.perf_counter()
+        self._prepare_run_dir()
+        self._load_data()
+        if self.config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.context.is_main)
+        # lineage: a trained student per training stage ("init" before any), with its schedule.
+        lineage: dict[str, tuple[DecoderLM, list[str]]] = {"init": (self._initial_student(), [])}
+        latest = "init"
+        init_done = self.run_dir / "stages" / "init.json"
+        if init_done.exists():
+            self.eval_rows.append(json.loads(init_done.read_text()))
+        else:
+            row = self._evaluate(lineage["init"][0], "init", "none")
+            self.eval_rows.append(row)
+            if self.context.is_main:
+                init_done.parent.mkdir(parents=True, exist_ok=True)
+                _write_json(init_done, row)
+        teachers: dict[str, DecoderLM] = {}
+        for stage in self.config.stages:
+            stage_dir = self._stage_dir(stage)
+            done = stage_dir / "done.json"
+            base = getattr(stage, "start_from", "") or latest
+            student, schedule = lineage[base]
+            if isinstance(stage, SFTStage | KDStage):
+                schedule = [*schedule, self._schedule_label(stage)]
+            if done.exists():
+                record = json.loads(done.read_text())
+                if "eval" in record:
+                    self.eval_rows.append(record["eval"])
+                if (stage_dir / "model").exists():
+                    trained = load_pretrained(stage_dir / "model", dtype=_dtype_of(student))
+                    lineage[stage.name] = (trained, schedule)
+                    latest = stage.name
+                print(f"{stage.name}: done (skipped)", file=self.out)
+                continue
+            print(f"== stage {stage.name} ({stage.kind}, from {base})", file=self.out)
+            record: dict = {}
+            if isinstance(stage, SFTStage | KDStage):
+                cache = None
+                if isinstance(stage, KDStage):
+                    cache = CacheReader(self._stage_dir(self.config.stage(stage.cache)) / "cache")
+                    cache.check_compatible(
+                        tokenizer_fingerprint=self.tokenizer.fingerprint(),
+                        vocab_size=student.config.vocab_size,
+                    )
+                    score = self.config.stage(stage.cache)
+                    examples = self._stage_examples(score.data, stage.train, stage.train.mode)
+                else:
+                    examples = self._stage_examples(stage.data, stage.train, stage.train.mode)
+                kd = stage if isinstance(stage, KDStage) else None
+                # Train a copy: the base model may be the start of another branch.
+                model = load_pretrained_copy(student)
+                model = self._train(model, examples, stage.train, stage_dir, stage.name, kd, cache)
+                record["eval"] = self._evaluate(model, stage.name, " + ".join(schedule))
+                self.eval_rows.append(record["eval"])
+                if self.context.is_main:
+                    _save_model_dir(model, stage_dir / "model")
+                lineage[stage.name] = (model, schedule)
+                latest = stage.name
+            elif isinstance(stage, RolloutStage):
+                self._rollout(stage, student, stage_dir)
+            elif isinstance(stage, ScoreStage):
+                if stage.teacher not in teachers:
+                    teachers[stage.teacher] = self._teacher(stage.teacher)
+                self._score(stage, teachers[stage.teacher], stage_dir)
+            if self.context.is_main:
+                _write_json(done, record)
+                if "eval" in record or isinstance(stage, ScoreStage):  # new rows to show
+                    self._report()
+            self.context.barrier()
+        self.metrics.close()
+        seconds = time.perf_counter() - started
+        print(f"run finished in {seconds:.0f} s: {self.run_dir}", file=self.out)
+        return self.eval_rows
+
+    def _rollout(self, stage: RolloutStage, student: DecoderLM, stage_dir: Path) -> None:
+        if self.context.is_main:
+            examples = self._stage_examples(stage.data, None, stage.mode)
+            config = GenerationConfig(
+                max_new_tokens=stage.max_new_tokens,
+                temperature=stage.temperature,
+                top_p=stage.top_p,
+                seed=stage.seed,
+            )
+            rollouts = generate_rollouts(
+                student,
+                self.tokenizer,
+                self.template,
+                examples,
+                config,
+                samples_per_prompt=stage.samples_per_prompt,
+                batch_size=self.config.eval.batch_size,
+            )
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_rollouts(stage_dir / "rollouts.jsonl", rollouts)
+            stopped = sum(r.stopped for r in rollouts) / len(rollouts)
+            print(f"{stage.name}: {len(rollouts)} responses, {stopped:.0%} ended", file=self.out)
+        self.context.barrier()
+
+    def _score(self, stage: ScoreStage, teacher: DecoderLM, stage_dir: Path) -> None:
+        examples = self._stage_examples(stage.data, None, stage.mode)
+        config = ScoringConfig(
+            k=stage.k,
+            temperature=stage.temperature,
+            value_dtype=stage.value_dtype,
+            label_conditioned=stage.label_conditioned,
+            sampled_draws=stage.sampled_draws,
+        )
+        report = score_to_cache(
+            teacher,
+            self.tokenizer,
+            self.template,
+            examples,
+            stage_dir / "cache",
+            config,
+            context=self.context,
+            provenance={"stage": stage.name, "teacher": stage.teacher},
+        )
+        if report.manifest is not None:
+            print(
+                f"{stage.name}: {report.manifest.total_tokens} supervised tokens, "
+                f"{report.manifest.bytes_per_token:.1f} bytes/token",
+                file=self.out,
+            )
+
+
+def _dtype_of(model: DecoderLM) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def load_pretrained_copy(model: DecoderLM) -> DecoderLM:
+    """An independent copy of a model (same config and weights)."""
+    copy = DecoderLM(model.config).to(_dtype_of(model))
+    copy.load_state_dict(model.state_dict())
+    return copy
