@@ -59,12 +59,15 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     stage_dir: Path,
     model: DecoderLM,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     *,
     next_step: int,
     total_steps: int,
 ) -> Path:
-    """Writes a checkpoint of a stage atomically; returns its directory."""
+    """Writes a checkpoint of a stage atomically; returns its directory.
+
+    ``model`` holds full (unsharded) weights; ``optimizer_state`` is the optimizer's state dict
+    (for FSDP2, the full state dict keyed by parameter name)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage_dir / f"{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -72,7 +75,7 @@ def save_checkpoint(
     save_pretrained(model, tmp / "model")
     optimizer_path = tmp / "optimizer.pt"
     with open(optimizer_path, "wb") as f:
-        torch.save(optimizer.state_dict(), f)
+        torch.save(optimizer_state, f)
         f.flush()
         os.fsync(f.fileno())
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

@@ -241,6 +241,8 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
         "EvalSpec": EvalSpec,
         "ModelSpec": ModelSpec,
     }
+    if value is None and annotation.endswith("| None"):
+        return None
     if annotation in nested:
         return _build(nested[annotation], value, where)
     if annotation == "dict[str, ModelSpec]":

@@ -110,12 +110,12 @@ class Pipeline:
         *,
         resume: bool = False,
         overwrite: bool = False,
-        log=sys.stdout,
+        log=None,
     ):
         self.config, self.context = config, context
         self.run_dir = Path(config.run_dir)
         self.resume, self.overwrite = resume, overwrite
-        self.out = log if context.is_main else open(os.devnull, "w")
+        self.out = (log or sys.stdout) if context.is_main else open(os.devnull, "w")
         self.eval_rows: list[dict] = []
 
     # -----------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class Pipeline:
         self.splits: dict[str, list[Example]] = {}
         self.eval_sets: dict[str, list[Example]] = {}
         if spec.source == "demo":
-            from .demo_data import make_curriculum, write_curriculum
+            from .demo_data import make_curriculum
 
             curriculum = make_curriculum(
                 seed=spec.seed,
@@ -160,8 +160,7 @@ class Pipeline:
                 n_eval=spec.eval_problems,
                 max_difficulty=spec.max_difficulty,
             )
-            if self.context.is_main:
-                write_curriculum(self.run_dir / "data", curriculum)
+            self._curriculum = curriculum
             self.splits = {
                 "train_reasoning": curriculum.train_reasoning,
                 "train_fast": curriculum.train_fast,
@@ -278,7 +277,18 @@ class Pipeline:
         wrapped = self._wrap(module)
         optimizer = make_optimizer(wrapped, train.optim)
         if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint.optimizer_state)
+            if self._sharded:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_optimizer_state_dict,
+                )
+
+                options = StateDictOptions(full_state_dict=True)
+                set_optimizer_state_dict(
+                    wrapped, optimizer, checkpoint.optimizer_state, options=options
+                )
+            else:
+                optimizer.load_state_dict(checkpoint.optimizer_state)
         runner = StageRunner(
             wrapped,
             optimizer,
@@ -311,12 +321,15 @@ class Pipeline:
             )
             next_step = result.step + 1
             if every and next_step % every == 0 and next_step < plan.total_steps:
-                self._checkpoint(stage_dir, model, optimizer, next_step, plan.total_steps)
+                self._checkpoint(stage_dir, wrapped, optimizer, next_step, plan.total_steps)
 
         runner.run(start, on_step)
         progress.close()
-        self._checkpoint(stage_dir, model, optimizer, plan.total_steps, plan.total_steps)
-        return model
+        return self._checkpoint(stage_dir, wrapped, optimizer, plan.total_steps, plan.total_steps)
+
+    @property
+    def _sharded(self) -> bool:
+        return self.config.fsdp and self.context.enabled
 
     def _wrap(self, module: LossModule) -> torch.nn.Module:
         if not self.context.enabled:
@@ -329,10 +342,29 @@ class Pipeline:
             return fully_shard(module)
         return torch.nn.parallel.DistributedDataParallel(module)
 
-    def _checkpoint(self, stage_dir, model, optimizer, next_step: int, total: int) -> None:
+    def _checkpoint(
+        self, stage_dir: Path, wrapped: torch.nn.Module, optimizer, next_step: int, total: int
+    ) -> DecoderLM:
+        """Saves a checkpoint (rank 0 writes) and returns the student with full weights."""
+        if self._sharded:
+            # Every rank takes part in gathering the shards; every rank gets the full weights
+            # (the next stages, eval and generation run on the plain model).
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+            model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=options)
+            inner = wrapped.model
+            model = DecoderLM(inner.config).to(_dtype_of_state(model_state))
+            model.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items()})
+        else:
+            module = wrapped.module if hasattr(wrapped, "module") else wrapped
+            model, optimizer_state = module.model, optimizer.state_dict()
         if self.context.is_main:
-            save_checkpoint(stage_dir, model, optimizer, next_step=next_step, total_steps=total)
+            save_checkpoint(
+                stage_dir, model, optimizer_state, next_step=next_step, total_steps=total
+            )
         self.context.barrier()
+        return model
 
     # -----------------------------------------------------------------------------------------
     # Stages
@@ -367,16 +399,56 @@ class Pipeline:
         print(table, file=self.out)
         plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plot.png")
 
+    def _preflight(self) -> None:
+        """Fails before any training on what can be checked up front: model files and
+        architectures, examples longer than a stage's batch, too few batches for the ranks."""
+        for name, spec in self.config.teachers.items():
+            if spec.path is not None:
+                self._build_model(spec, name)
+        checks = [
+            (stage.name, stage.data, stage.train)
+            for stage in self.config.stages
+            if isinstance(stage, SFTStage) and stage.data in self.splits
+        ]
+        for name, spec in self.config.teachers.items():
+            checks += [(f"teacher {name}", split, spec.train) for split in spec.train_on]
+        for where, split, train in checks:
+            examples = self.splits[split]
+            if train.mode is not None:
+                examples = select_stage(examples, mode=train.mode)
+            if not examples:
+                raise ValueError(f"{where}: no training examples in {split!r}")
+            lengths = [
+                len(tokenize_example(ex, self.tokenizer, self.template).input_ids)
+                for ex in examples
+            ]
+            if max(lengths) > train.batch_tokens:
+                raise ValueError(
+                    f"{where}: an example of {max(lengths)} tokens does not fit batch_tokens="
+                    f"{train.batch_tokens}"
+                )
+            if sum(lengths) < train.batch_tokens * (self.context.world_size - 1):
+                raise ValueError(
+                    f"{where}: {sum(lengths)} tokens cannot make a batch for each of "
+                    f"{self.context.world_size} ranks at batch_tokens={train.batch_tokens}"
+                )
+
     def run(self) -> list[dict]:
         """Runs (or resumes) every stage; returns the eval rows."""
         started = time.perf_counter()
+        self._load_data()  # bad data files fail before the run directory is touched
         self._prepare_run_dir()
-        self._load_data()
+        if self.config.data.source == "demo" and self.context.is_main:
+            from .demo_data import write_curriculum
+
+            write_curriculum(self.run_dir / "data", self._curriculum)
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.context.is_main)
+        initial_student = self._initial_student()
+        self._preflight()
         # lineage: a trained student per training stage ("init" before any), with its schedule.
-        lineage: dict[str, tuple[DecoderLM, list[str]]] = {"init": (self._initial_student(), [])}
+        lineage: dict[str, tuple[DecoderLM, list[str]]] = {"init": (initial_student, [])}
         latest = "init"
         init_done = self.run_dir / "stages" / "init.json"
         if init_done.exists():
@@ -498,6 +570,10 @@ class Pipeline:
 
 def _dtype_of(model: DecoderLM) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def _dtype_of_state(state: dict) -> torch.dtype:
+    return next(v.dtype for v in state.values() if v.is_floating_point())
 
 
 def load_pretrained_copy(model: DecoderLM) -> DecoderLM:
