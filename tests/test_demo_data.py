@@ -334,3 +334,20 @@ def test_loss_mask_covers_the_assistant_part_only(all_levels):
             assert all(tokenized.supervised[first:])
             prompt = TOKENIZER.decode(tokenized.input_ids[:first])
             assert prompt.endswith("<|assistant|>") and p.question in prompt
+
+
+def test_max_operand_bounds_every_number_and_level_1_capacity():
+    from pangu_fastkd.train.demo_data import make_curriculum, make_problems
+
+    problems = make_problems(120, seed=4, max_difficulty=4, max_operand=12)
+    for p in problems:
+        numbers = [int(n) for n in re.findall(r"[0-9]+", p.question)]
+        assert max(numbers) <= 12, p.question
+    with pytest.raises(ValueError, match="level 1 has only 222 distinct questions"):
+        make_problems(1000, seed=0, max_difficulty=1, max_operand=12)
+    with pytest.raises(ValueError, match="max_operand"):
+        make_problems(4, seed=0, max_operand=100)
+    curriculum = make_curriculum(seed=1, n_train=40, n_eval=8, max_operand=9)
+    assert all(
+        max(map(int, re.findall(r"[0-9]+", p.question))) <= 9 for p in curriculum.eval_problems
+    )

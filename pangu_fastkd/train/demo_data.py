@@ -74,9 +74,16 @@ FAST_MODE_MARKER = "/no_think"
 
 # Level -> (terms of the sum, how many of them are products). A product is two operands.
 _LEVEL_SHAPES: dict[int, tuple[int, int]] = {1: (2, 0), 2: (3, 0), 3: (2, 1), 4: (3, 1), 5: (3, 2)}
-_MAX_OPERAND = 99
+_MAX_OPERAND = 99  # the default largest operand; make_problems(max_operand=...) lowers it
 _MIN_FACTOR, _MAX_FACTOR = 2, 9
-_LEVEL_1_QUESTIONS = 99 * 99 + 99 * 100 // 2  # a+b for all pairs, a-b for b <= a
+
+
+def _level_1_questions(max_operand: int) -> int:
+    """Distinct level-1 questions: a+b for all pairs, a-b for b <= a."""
+    return max_operand * max_operand + max_operand * (max_operand + 1) // 2
+
+
+_LEVEL_1_QUESTIONS = _level_1_questions(_MAX_OPERAND)
 # A level whose fresh questions run out shows as a long run of duplicate draws; stop there
 # with an error instead of spinning.
 _MAX_CONSECUTIVE_REJECTS = 100_000
@@ -132,7 +139,12 @@ class Problem:
 
 
 def make_problems(
-    n: int, *, seed: int, max_difficulty: int = 4, exclude: Collection[str] = ()
+    n: int,
+    *,
+    seed: int,
+    max_difficulty: int = 4,
+    exclude: Collection[str] = (),
+    max_operand: int = _MAX_OPERAND,
 ) -> list[Problem]:
     """``n`` distinct problems of levels 1..``max_difficulty``, in a seeded random order.
 
@@ -142,6 +154,9 @@ def make_problems(
         seed: the same ``(n, seed, max_difficulty, exclude)`` give the same problems.
         max_difficulty: the hardest level, 1..``MAX_DIFFICULTY``.
         exclude: questions never to produce (e.g. the held-out eval questions).
+        max_operand: the largest number in a question (2..99; products' digit factor stays
+            2..9). Small operands make every step a fact a small model can learn, so the gap
+            between writing the steps and answering at once is what remains hard.
 
     Returns:
         The problems, levels interleaved (any prefix is roughly balanced too).
@@ -157,6 +172,9 @@ def make_problems(
             f"max_difficulty must be at most {MAX_DIFFICULTY} (the levels this curriculum "
             f"defines), got {max_difficulty}"
         )
+    _check_int("max_operand", max_operand, minimum=2)
+    if max_operand > _MAX_OPERAND:
+        raise ValueError(f"max_operand must be at most {_MAX_OPERAND}, got {max_operand}")
     if isinstance(exclude, str):
         raise TypeError("exclude must be a collection of question strings, not one str")
     excluded = frozenset(exclude)
@@ -166,14 +184,15 @@ def make_problems(
     problems: list[Problem] = []
     for level in range(1, max_difficulty + 1):
         quota = n // max_difficulty + (1 if level <= n % max_difficulty else 0)
-        if level == 1 and quota > _LEVEL_1_QUESTIONS:
+        capacity = _level_1_questions(max_operand)
+        if level == 1 and quota > capacity:
             raise ValueError(
-                f"level 1 has only {_LEVEL_1_QUESTIONS} distinct questions but n={n} asks for "
+                f"level 1 has only {capacity} distinct questions but n={n} asks for "
                 f"{quota}; ask for fewer problems or raise max_difficulty"
             )
         made = rejected = 0
         while made < quota:
-            question = _draw_question(rng, level)
+            question = _draw_question(rng, level, max_operand)
             if question in seen or question in excluded:
                 rejected += 1
                 if rejected > _MAX_CONSECUTIVE_REJECTS:
@@ -192,7 +211,7 @@ def make_problems(
     return problems
 
 
-def _draw_question(rng: random.Random, level: int) -> str:
+def _draw_question(rng: random.Random, level: int, max_operand: int = _MAX_OPERAND) -> str:
     """A random expression of ``level`` whose running value never goes below zero."""
     n_terms, n_products = _LEVEL_SHAPES[level]
     product_at = set(rng.sample(range(n_terms), n_products))
@@ -204,7 +223,11 @@ def _draw_question(rng: random.Random, level: int) -> str:
         if subtract and not _fits_under(running, is_product):
             subtract = False
         limit = running if subtract else None
-        term_text, value = _draw_product(rng, limit) if is_product else _draw_number(rng, limit)
+        term_text, value = (
+            _draw_product(rng, limit, max_operand)
+            if is_product
+            else _draw_number(rng, limit, max_operand)
+        )
         if i > 0:
             text += "-" if subtract else "+"
         text += term_text
@@ -217,20 +240,24 @@ def _fits_under(limit: int, is_product: bool) -> bool:
     return limit >= (_MIN_FACTOR * 2 if is_product else 1)
 
 
-def _draw_number(rng: random.Random, limit: int | None) -> tuple[str, int]:
-    value = rng.randint(1, _MAX_OPERAND if limit is None else min(_MAX_OPERAND, limit))
+def _draw_number(
+    rng: random.Random, limit: int | None, max_operand: int = _MAX_OPERAND
+) -> tuple[str, int]:
+    value = rng.randint(1, max_operand if limit is None else min(max_operand, limit))
     return str(value), value
 
 
-def _draw_product(rng: random.Random, limit: int | None) -> tuple[str, int]:
+def _draw_product(
+    rng: random.Random, limit: int | None, max_operand: int = _MAX_OPERAND
+) -> tuple[str, int]:
     """``"b*d"`` or ``"d*b"``: a digit factor d in 2..9 and b in 2..99, product <= limit."""
     if limit is None:
         digit = rng.randint(_MIN_FACTOR, _MAX_FACTOR)
-        other = rng.randint(2, _MAX_OPERAND)
+        other = rng.randint(2, max_operand)
     else:
         # The digit first, among those leaving room for b >= 2; then b under the limit.
         digit = rng.randint(_MIN_FACTOR, min(_MAX_FACTOR, limit // 2))
-        other = rng.randint(2, min(_MAX_OPERAND, limit // digit))
+        other = rng.randint(2, min(max_operand, limit // digit))
     left, right = (digit, other) if rng.random() < 0.5 else (other, digit)
     return f"{left}*{right}", left * right
 
@@ -367,7 +394,9 @@ class Curriculum:
         raise ValueError(f"mode must be 'reasoning' or 'fast', got {mode!r}")
 
 
-def make_curriculum(*, seed: int, n_train: int, n_eval: int, max_difficulty: int = 4) -> Curriculum:
+def make_curriculum(
+    *, seed: int, n_train: int, n_eval: int, max_difficulty: int = 4, max_operand: int = 99
+) -> Curriculum:
     """Training and held-out problems of levels 1..``max_difficulty``, balanced across levels.
 
     The eval problems come from seed ``2 * seed + 1`` and do not depend on ``n_train``; the
@@ -378,16 +407,20 @@ def make_curriculum(*, seed: int, n_train: int, n_eval: int, max_difficulty: int
         seed: any int; the same arguments give the same curriculum.
         n_train, n_eval: numbers of problems (>= 1 each).
         max_difficulty: the hardest level, 1..``MAX_DIFFICULTY``.
+        max_operand: the largest number in a question (see ``make_problems``).
     """
     _check_int("seed", seed)
     _check_int("n_train", n_train, minimum=1)
     _check_int("n_eval", n_eval, minimum=1)
-    eval_problems = make_problems(n_eval, seed=2 * seed + 1, max_difficulty=max_difficulty)
+    eval_problems = make_problems(
+        n_eval, seed=2 * seed + 1, max_difficulty=max_difficulty, max_operand=max_operand
+    )
     train_problems = make_problems(
         n_train,
         seed=2 * seed,
         max_difficulty=max_difficulty,
         exclude={p.question for p in eval_problems},
+        max_operand=max_operand,
     )
     return Curriculum(
         train_reasoning=[reasoning_example(p) for p in train_problems],

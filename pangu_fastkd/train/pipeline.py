@@ -159,6 +159,7 @@ class Pipeline:
                 n_train=spec.train_problems,
                 n_eval=spec.eval_problems,
                 max_difficulty=spec.max_difficulty,
+                max_operand=spec.max_operand,
             )
             self._curriculum = curriculum
             self.splits = {
