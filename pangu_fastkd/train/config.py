@@ -91,6 +91,10 @@ class ModelSpec:
     # (cached in the run directory's teachers/ folder, keyed by spec and data).
     train_on: list[str] = field(default_factory=list)
     train: TrainSpec | None = None
+    # Also train on copies whose prompt carries the reference answer (the label-conditioned
+    # scoring template), so that a teacher trained from scratch can read that hint the way a
+    # pretrained teacher LLM reads it.
+    train_with_answer_hints: bool = False
 
 
 @dataclass

@@ -49,7 +49,12 @@ from ..model import (
     save_pretrained,
 )
 from ..rollout import generate_rollouts, write_rollouts
-from ..scoring import ScoringConfig, score_to_cache
+from ..scoring import (
+    DEFAULT_CONDITION_TEMPLATE,
+    ScoringConfig,
+    condition_on_answer,
+    score_to_cache,
+)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import (
     KDStage,
@@ -204,6 +209,14 @@ class Pipeline:
             return self._build_model(spec, name)
         # Trained here from scratch: cached under teachers/<name>, keyed by what defines it.
         examples = [ex for split in spec.train_on for ex in self.splits[split]]
+        if spec.train_with_answer_hints:
+            examples += [
+                dataclasses.replace(
+                    condition_on_answer(ex, DEFAULT_CONDITION_TEMPLATE), id=f"{ex.id}+hint"
+                )
+                for ex in examples
+                if ex.answer is not None
+            ]
         key = hashlib.sha256(
             json.dumps(
                 {"spec": dataclasses.asdict(spec), "data": fingerprint_examples(examples)},
