@@ -3,6 +3,7 @@ safety, resume after SIGKILL, and torchrun data parallelism against one process.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -249,3 +250,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, fsdp):
             # Gradient all-reduce sums in another order; AdamW's first steps (update ~ lr *
             # sign(g) where |g| is tiny) can turn last-bit differences into ~1e-6 ones.
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    config = _config_file(tmp_path)
+    run = tmp_path / "bf16"
+    assert main([config, "--run-dir", str(run), "--set", "autocast_bf16=true"]) == 0
+    losses = [m["loss"] for m in read_metrics(run / "metrics.jsonl") if m["kind"] == "train"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    weights = _weights(run / "stages" / "1-sft_f" / "model")
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32
