@@ -4,16 +4,34 @@ Build against the torch that is already installed: ``pip install --no-build-isol
 (``scripts/setup.sh`` does this). Environment switches:
   PANGU_FASTKD_NATIVE=0      portable build without -march=native
   PANGU_FASTKD_DEBUG=1       -O0 -g, assertions on
-  PANGU_FASTKD_WITH_ASCEND=1 also build csrc/ascend (needs CANN; not part of this build yet)
+  PANGU_FASTKD_WITH_ASCEND   unset: also build the Ascend C kernels (pangu_fastkd._ascend, via
+                             CMake, cmake/ascend.cmake) when CANN and torch_npu are found;
+                             0: never; 1: always (missing CANN or torch_npu is an error)
+  ASCEND_HOME_PATH, ASCEND_CANN_PACKAGE_PATH, SOC_VERSION: see pangu_fastkd/_ascend_build.py
+                             and docs/ascend.md
 """
 
 import glob
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ascend_build_module():
+    # Loaded by path: the package itself is not importable before it is built.
+    path = os.path.join(ROOT, "pangu_fastkd", "_ascend_build.py")
+    spec = importlib.util.spec_from_file_location("_pangu_fastkd_ascend_build", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _flag(name: str, default: str) -> bool:
@@ -45,6 +63,44 @@ def extension() -> CppExtension:
     )
 
 
+class BuildWithAscend(BuildExtension):
+    """build_ext that also builds pangu_fastkd._ascend with CMake when the plan says so."""
+
+    def run(self) -> None:
+        # Decide first, so that PANGU_FASTKD_WITH_ASCEND=1 without CANN fails before compiling.
+        plan = _ascend_build_module().plan_ascend_build(
+            kernel_dir=os.path.join(ROOT, "csrc", "ascend")
+        )
+        super().run()
+        if not plan.enabled:
+            print(plan.skip_message(), flush=True)
+            return
+        self._build_ascend(plan)
+
+    def _build_ascend(self, plan) -> None:
+        import torch
+
+        build_dir = os.path.join(ROOT, "build", f"ascend-{plan.soc_version}")
+        configure = [
+            "cmake", "-S", ROOT, "-B", build_dir,
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            "-DPANGU_FASTKD_WITH_ASCEND=ON",
+            f"-DASCEND_CANN_PACKAGE_PATH={plan.cann_path}",
+            f"-DSOC_VERSION={plan.soc_version}",
+            f"-DPANGU_FASTKD_NATIVE={'ON' if _flag('PANGU_FASTKD_NATIVE', '1') else 'OFF'}",
+        ]  # fmt: skip
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", build_dir, "--target", "_ascend", "-j2"], check=True)
+        built = glob.glob(os.path.join(build_dir, "_ascend*.so"))
+        if len(built) != 1:
+            raise RuntimeError(f"expected one _ascend*.so in {build_dir}, found {built}")
+        target = self.get_ext_fullpath("pangu_fastkd._ascend")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(built[0], target)
+        print(f"pangu_fastkd: Ascend C kernels built for {plan.soc_version}", flush=True)
+
+
 setup(
     name="pangu_fastkd",
     version="0.1.0",
@@ -58,6 +114,6 @@ setup(
         "tokenizers": ["tokenizers>=0.20"],
     },
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithAscend.with_options(use_ninja=True)},
     zip_safe=False,
 )

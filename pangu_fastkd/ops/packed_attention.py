@@ -4,20 +4,36 @@ Many documents of different lengths share one row of ``T`` tokens, delimited by 
 no query attends across a document boundary. Conventions are flash-attn's varlen ones (see
 ``packed_attention_reference``).
 
-Dispatch: CPU tensors go to the C++ kernel ``torch.ops.pangu_fastkd.packed_attention_fwd`` (and
-``_bwd`` for autograd); other devices, or a build without the extension, use the reference.
+Dispatch (``attention_route``): CPU tensors go to the C++ kernel
+``torch.ops.pangu_fastkd.packed_attention_fwd`` (and ``_bwd`` for autograd). ``npu`` tensors go to
+the same op when the build has its Ascend C kernel, else to ``torch_npu.npu_fusion_attention`` in
+TND layout, else (a sliding window, which that fallback is not wired for) to the reference. Other
+devices, or a build without the extension, use the reference. Nothing on the NPU paths has been
+run on Ascend hardware yet (docs/ascend.md).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from typing import Literal
 
 import torch
 
-from .._native import native_available
+from .._native import native_available, npu_kernel_available
 from .packed_attention_reference import check_packed_inputs, packed_attention_reference
 
-__all__ = ["packed_attention"]
+__all__ = ["attention_route", "packed_attention"]
+
+AttentionRoute = Literal["cpu_kernel", "npu_kernel", "npu_fusion_attention", "reference"]
+# npu_fusion_attention's causal modes take a compressed 2048 x 2048 mask (True = masked), whatever
+# the sequence lengths (torch_npu docs, sparse_mode 2/3/4).
+_NPU_CAUSAL_MASK_SIZE = 2048
+
+
+def _device_type(t: torch.Tensor) -> str:
+    """The tensor's device type (one function, so tests can pretend tensors are on the NPU)."""
+    return t.device.type
 
 
 def packed_attention(
@@ -55,17 +71,80 @@ def packed_attention(
         raise ValueError(
             f"max_seqlen={max_seqlen} is shorter than the longest document ({longest})"
         )
-    if native_available() and all(t.device.type in ("cpu", "meta") for t in (q, k, v)):
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    route = attention_route(q, k, v, window=window)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    if route in ("cpu_kernel", "npu_kernel"):
+        # The dispatcher picks the CPU or the NPU (PrivateUse1) kernel of the op by device.
         window_code = -1 if window is None else int(window)
         out, lse = torch.ops.pangu_fastkd.packed_attention_fwd(
             q, k, v, cu_seqlens, float(scale), bool(causal), window_code
         )
+    elif route == "npu_fusion_attention":
+        out, lse = _npu_fusion_attention(q, k, v, cu_seqlens, float(scale), causal, return_lse)
     else:
         out, lse = packed_attention_reference(
             q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale, window=window
         )
     return (out, lse) if return_lse else out
+
+
+def attention_route(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None
+) -> AttentionRoute:
+    """Which implementation ``packed_attention`` runs for these tensors.
+
+    Args:
+        q, k, v: the attention inputs (only their devices matter).
+        window: the sliding window; the ``npu_fusion_attention`` fallback does not take one.
+
+    Returns:
+        ``"cpu_kernel"`` (C++), ``"npu_kernel"`` (Ascend C), ``"npu_fusion_attention"``
+        (torch_npu's fused op) or ``"reference"`` (plain PyTorch).
+    """
+    devices = {_device_type(t) for t in (q, k, v)}
+    if native_available() and devices <= {"cpu", "meta"}:
+        return "cpu_kernel"
+    if devices == {"npu"}:
+        if npu_kernel_available("packed_attention_fwd"):
+            return "npu_kernel"
+        torch_npu = sys.modules.get("torch_npu")  # imported by whoever made the npu tensors
+        if window is None and hasattr(torch_npu, "npu_fusion_attention"):
+            return "npu_fusion_attention"
+    return "reference"
+
+
+def _npu_fusion_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    causal: bool,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``torch_npu.npu_fusion_attention`` in TND layout: out ``[T, Hq, D]``, lse ``[Hq, T]``.
+
+    TND takes the packed ``[T, N, D]`` tensors as they are, with the documents given by their
+    cumulative ends (``cu_seqlens[1:]``, host ints); GQA is native (``head_num`` is the query
+    head count, k/v carry fewer heads). sparse_mode 3 is causal aligned to the bottom right, which
+    for square per-document blocks is plain causal. Autograd is torch_npu's.
+    """
+    torch_npu = sys.modules["torch_npu"]
+    ends = [int(e) for e in cu_seqlens[1:].tolist()]
+    options: dict = {"scale": scale, "actual_seq_qlen": ends, "actual_seq_kvlen": ends}
+    if causal:
+        mask = torch.ones(_NPU_CAUSAL_MASK_SIZE, _NPU_CAUSAL_MASK_SIZE, dtype=torch.bool)
+        options.update(sparse_mode=3, atten_mask=torch.triu(mask, diagonal=1).to(q.device))
+    else:
+        options.update(sparse_mode=0)
+    result = torch_npu.npu_fusion_attention(q, k, v, q.shape[1], "TND", **options)
+    out = result[0]
+    if not return_lse:
+        return out, None
+    # softmax_max and softmax_sum are [T, Hq, 8] (the value repeated 8 times); lse = max + log(sum).
+    softmax_max, softmax_sum = result[1], result[2]
+    lse = softmax_max[..., 0].float() + torch.log(softmax_sum[..., 0].float())
+    return out, lse.transpose(0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,16 +4,20 @@
 head against a sparse teacher target, without materialising the ``[N, V]`` logits on devices with
 a kernel (CPU now). What it computes is defined in ``docs/kd-losses.md``.
 
-Dispatch: CPU tensors go to the C++ kernel ``torch.ops.pangu_fastkd.sparse_kd_fused``, which
-returns the loss together with its gradients (autograd only scales them by grad_output);
-tensors on other devices, or a build without the extension, use the PyTorch reference.
+Dispatch (``sparse_kd_route``): CPU tensors go to the C++ kernel
+``torch.ops.pangu_fastkd.sparse_kd_fused``, which returns the loss together with its gradients
+(autograd only scales them by grad_output); ``npu`` tensors go to the same op when the build has
+its Ascend C kernel (never run on hardware yet, docs/ascend.md); tensors on other devices, or a
+build without the kernel for their device, use the PyTorch reference.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from .._native import native_available
+from .._native import native_available, npu_kernel_available
 from .sparse_kd_reference import check_options, sparse_kd_reference
 from .sparse_kd_targets import (
     DIVERGENCES,
@@ -24,7 +28,9 @@ from .sparse_kd_targets import (
     TopKTarget,
 )
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_sparse_kd"]
+__all__ = ["fused_linear_cross_entropy", "fused_linear_sparse_kd", "sparse_kd_route"]
+
+SparseKDRoute = Literal["cpu_kernel", "npu_kernel", "reference"]
 
 _OP_NAME = "pangu_fastkd::sparse_kd_fused"
 
@@ -99,7 +105,7 @@ def fused_linear_sparse_kd(
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
-    if not _use_kernel(hidden, weight, labels):
+    if sparse_kd_route(hidden, weight, labels) == "reference":
         loss, stats = sparse_kd_reference(
             hidden,
             weight,
@@ -196,11 +202,27 @@ def fused_linear_cross_entropy(
     )
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
-    """The C++ kernel serves CPU tensors (and fake/meta tensors while tracing)."""
-    if not native_available():
-        return False
-    return all(t.device.type in ("cpu", "meta") for t in tensors)
+def _device_type(t: torch.Tensor) -> str:
+    """The tensor's device type (one function, so tests can pretend tensors are on the NPU)."""
+    return t.device.type
+
+
+def sparse_kd_route(*tensors: torch.Tensor) -> SparseKDRoute:
+    """Which implementation ``fused_linear_sparse_kd`` runs for these tensors.
+
+    Args:
+        tensors: hidden, weight and labels (only their devices matter).
+
+    Returns:
+        ``"cpu_kernel"`` for CPU (and fake/meta tensors while tracing), ``"npu_kernel"`` for
+        ``npu`` tensors when the Ascend C kernel is built, else ``"reference"``.
+    """
+    devices = {_device_type(t) for t in tensors}
+    if native_available() and devices <= {"cpu", "meta"}:
+        return "cpu_kernel"
+    if devices == {"npu"} and npu_kernel_available("sparse_kd_fused"):
+        return "npu_kernel"
+    return "reference"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,30 @@
+// The Python module pangu_fastkd/_ascend. Loading it runs the TORCH_LIBRARY_IMPL(pangu_fastkd,
+// PrivateUse1, ...) blocks of the other files in this directory, which register the NPU kernels of
+// the ops that pangu_fastkd/_C declares (so _C must be loaded first; pangu_fastkd/_native.py does).
+#include <torch/extension.h>
+
+#include <sstream>
+#include <string>
+
+#ifndef PANGU_FASTKD_SOC_VERSION
+#error "PANGU_FASTKD_SOC_VERSION is set by cmake/ascend.cmake"
+#endif
+#ifndef PANGU_FASTKD_ASCEND_KERNELS
+#error "PANGU_FASTKD_ASCEND_KERNELS is set by cmake/ascend.cmake"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "pangu_fastkd Ascend C kernels (NPU implementations of torch.ops.pangu_fastkd)";
+  module.def("build_info", [] {
+    pybind11::dict info;
+    info["soc_version"] = std::string(PANGU_FASTKD_SOC_VERSION);
+    // Kernel source stems compiled into this build, comma separated by CMake.
+    pybind11::list kernels;
+    std::stringstream stems(PANGU_FASTKD_ASCEND_KERNELS);
+    for (std::string stem; std::getline(stems, stem, ',');) {
+      if (!stem.empty()) kernels.append(stem);
+    }
+    info["kernels"] = kernels;
+    return info;
+  });
+}
