@@ -1,0 +1,293 @@
+"""The Ascend C packed causal attention forward (csrc/ascend/packed_attention_fwd.h) on the twin.
+
+tests/ascend_twin/packed_attention_fwd.cpp is compiled with g++ against the CPU twin, fed q, k, v
+and cu_seqlens through files, and its out [T, Hq, D] and lse [Hq, T] are compared with
+``packed_attention_reference`` (the oracle) run in float64. fp32 inputs are held to a tight
+tolerance; for bf16 inputs the output (written in bf16) may be at most 2x as far from the oracle
+as plain PyTorch attention computed in bf16, and the lse (accumulated in fp32 from the exact bf16
+inputs) is held to the fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pangu_fastkd.ops.packed_attention_reference import (
+    cu_seqlens_from_lengths,
+    packed_attention_reference,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "tests" / "ascend_twin" / "packed_attention_fwd.cpp"
+INCLUDES = [REPO / "csrc" / "ascend" / "twin", REPO / "csrc" / "ascend"]
+TILING_ERROR_EXIT_CODE = 4
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="g++ is not installed: the Ascend C twin cannot be built"
+)
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ascend_packed_attention") / "packed_attention_fwd"
+    command = ["g++", "-std=c++17", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror"]
+    for include in INCLUDES:
+        command += ["-I", str(include)]
+    command += [str(SOURCE), "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"compiling {SOURCE.name} failed:\n{result.stderr}"
+    return out
+
+
+@dataclass
+class Case:
+    """q [T, Hq, D], k/v [T, Hkv, D] (fp32/bf16), cu_seqlens [B + 1] int32, softmax scale."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens: torch.Tensor
+    scale: float
+
+
+@dataclass
+class KernelRun:
+    """What the driver printed and wrote: tiling, out [T, Hq, D] and lse [Hq, T] f32."""
+
+    tile: int
+    block_dim: int
+    items: int
+    ub_bytes: int
+    budget: int
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def _make_case(
+    dtype: torch.dtype,
+    lengths: list[int],
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    scale: float | None = None,
+    seed: int = 0,
+) -> Case:
+    gen = torch.Generator().manual_seed(seed * 7919 + sum(lengths) * 131 + head_dim)
+    tokens = sum(lengths)
+    # Scores of a few units, so the softmax is neither uniform nor one-hot.
+    q = (torch.randn(tokens, q_heads, head_dim, generator=gen) * 1.5).to(dtype)
+    k = (torch.randn(tokens, kv_heads, head_dim, generator=gen) * 1.5).to(dtype)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype)
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    return Case(q, k, v, cu_seqlens_from_lengths(lengths), scale)
+
+
+def _raw(x: torch.Tensor) -> np.ndarray:
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).contiguous().numpy()
+
+
+def _run_kernel(
+    binary: Path, tmp_path: Path, case: Case, chip: str, max_blocks: int, max_tile: int
+) -> tuple[subprocess.CompletedProcess[str], KernelRun | None]:
+    tokens, q_heads, head_dim = case.q.shape
+    kv_heads = case.k.shape[1]
+    is_f32 = case.q.dtype == torch.float32
+    _raw(case.q).tofile(tmp_path / "q.bin")
+    _raw(case.k).tofile(tmp_path / "k.bin")
+    _raw(case.v).tofile(tmp_path / "v.bin")
+    case.cu_seqlens.int().numpy().tofile(tmp_path / "cu_seqlens.bin")
+    out_path = tmp_path / "out.bin"
+    docs = case.cu_seqlens.numel() - 1
+    args = ["f32" if is_f32 else "bf16", tokens, docs, q_heads, kv_heads, head_dim]
+    args += [repr(case.scale), chip, max_blocks, max_tile, tmp_path, out_path]
+    result = subprocess.run(
+        [str(binary), *map(str, args)], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0:
+        return result, None
+    tiling = re.search(
+        r"TILING tile=(\d+) blockDim=(\d+) items=(\d+) ubBytes=(\d+) budget=(\d+)", result.stdout
+    )
+    assert tiling is not None, result.stdout
+    raw_out = out_path.read_bytes()
+    out_bytes = case.q.numel() * case.q.element_size()
+    out_np = np.frombuffer(raw_out[:out_bytes], dtype=np.float32 if is_f32 else np.int16)
+    out = torch.from_numpy(out_np.copy())
+    out = (out if is_f32 else out.view(torch.bfloat16)).reshape(tokens, q_heads, head_dim)
+    lse = torch.from_numpy(np.frombuffer(raw_out[out_bytes:], dtype=np.float32).copy())
+    tile, block_dim, items, ub_bytes, budget = map(int, tiling.groups())
+    run = KernelRun(tile, block_dim, items, ub_bytes, budget, out, lse.reshape(q_heads, tokens))
+    return result, run
+
+
+def _torch_low_precision(case: Case) -> torch.Tensor:
+    """Plain PyTorch attention with every product and the softmax in the inputs' dtype."""
+    group = case.q.shape[1] // case.k.shape[1]
+    outs = []
+    bounds = case.cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        length = end - start
+        qd = case.q[start:end].transpose(0, 1)  # [Hq, L, D]
+        kd = case.k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        vd = case.v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (qd @ kd.transpose(1, 2)) * case.scale  # [Hq, L, L]
+        future = torch.ones(length, length, dtype=torch.bool).triu(1)
+        probs = torch.softmax(scores.masked_fill(future, -math.inf), dim=-1)
+        outs.append((probs @ vd).transpose(0, 1))  # [L, Hq, D]
+    return torch.cat(outs, dim=0)
+
+
+def _check_against_reference(case: Case, run: KernelRun) -> None:
+    oracle_out, oracle_lse = packed_attention_reference(
+        case.q.double(),
+        case.k.double(),
+        case.v.double(),
+        case.cu_seqlens,
+        softmax_scale=case.scale,
+    )
+    # The lse accumulates in fp32 from the exact input values, whatever the input dtype (the
+    # oracle's is computed in float64 and rounded once to float32).
+    torch.testing.assert_close(run.lse, oracle_lse, rtol=1e-5, atol=1e-5)
+    assert run.out.dtype == case.q.dtype
+    if case.q.dtype == torch.float32:
+        torch.testing.assert_close(run.out.double(), oracle_out, rtol=1e-5, atol=2e-6)
+        return
+    kernel_err = (run.out.double() - oracle_out).abs().max().item()
+    torch_err = (_torch_low_precision(case).double() - oracle_out).abs().max().item()
+    assert kernel_err <= 2 * torch_err, (kernel_err, torch_err)
+
+
+# (dtype, document lengths, Hq, Hkv, D, chip, max_blocks, max_tile)
+CASES = {
+    "f32-mixed-docs-gqa2": (torch.float32, [5, 1, 19, 3, 1, 11], 4, 2, 16, "910b", 5, 8),
+    "f32-single-doc-mqa": (torch.float32, [37], 4, 1, 32, "910b", 3, 16),
+    "f32-mha-310b": (torch.float32, [1, 23, 9], 2, 2, 64, "310b", 0, 8),
+    "f32-budget-tile": (torch.float32, [29, 2, 14], 4, 2, 32, "910b", 4, 0),
+    "bf16-mixed-docs-gqa2": (torch.bfloat16, [7, 1, 21, 4], 4, 2, 32, "910b", 6, 8),
+    "bf16-single-doc-mqa-310b": (torch.bfloat16, [30], 4, 1, 16, "310b", 0, 16),
+    "bf16-mha-d64": (torch.bfloat16, [1, 17, 1, 6], 2, 2, 64, "910b", 3, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_matches_reference(binary: Path, tmp_path: Path, name: str) -> None:
+    dtype, lengths, q_heads, kv_heads, head_dim, chip, max_blocks, max_tile = CASES[name]
+    case = _make_case(dtype, lengths, q_heads, kv_heads, head_dim)
+    result, run = _run_kernel(binary, tmp_path, case, chip, max_blocks, max_tile)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    tile = max_tile or -(-max(lengths) // 8) * 8  # no cap: the longest document fits one tile
+    assert run.tile == tile
+    items = q_heads * sum(-(-length // tile) for length in lengths)
+    assert run.items == items
+    expected_blocks = 1 if chip == "310b" else min(items, max_blocks or 48)
+    assert run.block_dim == expected_blocks
+    assert run.ub_bytes <= run.budget
+    _check_against_reference(case, run)
+
+
+@pytest.mark.parametrize(
+    ("seed", "dtype", "heads"),
+    [(0, torch.float32, (4, 2)), (1, torch.bfloat16, (4, 1)), (2, torch.float32, (2, 2))],
+)
+def test_random_document_lengths(
+    binary: Path, tmp_path: Path, seed: int, dtype: torch.dtype, heads: tuple[int, int]
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 20, (6,), generator=gen).tolist()
+    lengths[seed % 6] = 1  # a one-token document: its only key is itself
+    case = _make_case(dtype, lengths, *heads, 16, seed=seed)
+    result, run = _run_kernel(binary, tmp_path, case, "910b", 4, 8)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    _check_against_reference(case, run)
+
+
+def test_non_default_scale_and_empty_document(binary: Path, tmp_path: Path) -> None:
+    case = _make_case(torch.float32, [6, 0, 13], 4, 2, 16, scale=0.9, seed=2)
+    result, run = _run_kernel(binary, tmp_path, case, "910b", 0, 8)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    _check_against_reference(case, run)
+
+
+@pytest.mark.parametrize(("chip", "dtype"), [("910b", torch.float32), ("310b", torch.bfloat16)])
+def test_budget_sized_tile_fills_the_ub(
+    binary: Path, tmp_path: Path, chip: str, dtype: torch.dtype
+) -> None:
+    # One long document with D = 64: the UB budget, not the document, bounds the tile.
+    case = _make_case(dtype, [203], 2, 1, 64, seed=3)
+    result, run = _run_kernel(binary, tmp_path, case, chip, 0, 0)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    assert run.tile % 8 == 0 and run.tile < 203 and 203 % run.tile != 0
+    # The next tile (8 more rows) would overrun the budget.
+    assert run.ub_bytes <= run.budget < _ub_bytes(run.tile + 8, 64, case.q.element_size())
+    _check_against_reference(case, run)
+
+
+def _ub_bytes(tile: int, head_dim: int, elem_bytes: int) -> int:
+    """PackedAttentionUbBytes of packed_attention_tiling.h, restated to check the tile choice."""
+
+    def align32(n: int) -> int:
+        return -(-n // 32) * 32
+
+    tile_in = align32(tile * head_dim * elem_bytes)
+    tile_f32 = align32(tile * head_dim * 4)
+    total = 6 * tile_in + tile_f32
+    if elem_bytes != 4:
+        total += 3 * tile_f32
+    total += align32((tile * 9 + head_dim + max(head_dim, tile)) * 4)
+    total += align32((tile * 3 + 16) * 4)
+    return total
+
+
+def test_chip_budgets_agree_with_the_twin(binary: Path) -> None:
+    result = subprocess.run([str(binary), "budgets"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == "BUDGETS-AGREE", result.stdout
+
+
+@pytest.mark.parametrize(
+    ("lengths", "q_heads", "kv_heads", "head_dim", "cu_override", "message"),
+    [
+        ([4, 4], 4, 2, 24, None, "headDim must be a multiple of 16"),
+        ([4, 4], 3, 2, 16, None, "qHeads must be a positive multiple of kvHeads"),
+        ([4, 4], 4, 2, 16, [0, 5, 4], "cu_seqlens must be non-decreasing"),
+        ([4, 4], 4, 2, 16, [0, 4, 7], "cu_seqlens[-1] must equal tokens = 8"),
+        ([4, 4], 4, 2, 16, [1, 4, 8], "cu_seqlens[0] must be 0"),
+    ],
+)
+def test_bad_problem_is_a_tiling_error(
+    binary: Path,
+    tmp_path: Path,
+    lengths: list[int],
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    cu_override: list[int] | None,
+    message: str,
+) -> None:
+    case = _make_case(torch.float32, lengths, q_heads, kv_heads, head_dim)
+    if cu_override is not None:
+        case.cu_seqlens = torch.tensor(cu_override, dtype=torch.int32)
+    result, _ = _run_kernel(binary, tmp_path, case, "910b", 0, 0)
+    assert result.returncode == TILING_ERROR_EXIT_CODE, result.stdout + result.stderr
+    assert f"TILING-ERROR {message}" in result.stdout
+
+
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_empty_batch_launches_one_idle_block(
+    binary: Path, tmp_path: Path, lengths: list[int]
+) -> None:
+    case = _make_case(torch.float32, lengths, 4, 2, 16)
+    result, run = _run_kernel(binary, tmp_path, case, "910b", 0, 0)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    assert run.items == 0 and run.block_dim == 1
+    assert run.out.shape == (0, 4, 16) and run.lse.shape == (4, 0)
