@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,32 +20,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from twin_build import TILING_ERROR_EXIT_CODE, compile_program, needs_gxx
 
 from pangu_fastkd.ops.packed_attention_reference import (
     cu_seqlens_from_lengths,
     packed_attention_reference,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "tests" / "ascend_twin" / "packed_attention_fwd.cpp"
-INCLUDES = [REPO / "csrc" / "ascend" / "twin", REPO / "csrc" / "ascend"]
-TILING_ERROR_EXIT_CODE = 4
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None, reason="g++ is not installed: the Ascend C twin cannot be built"
-)
+pytestmark = needs_gxx
 
 
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ascend_packed_attention") / "packed_attention_fwd"
-    command = ["g++", "-std=c++17", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror"]
-    for include in INCLUDES:
-        command += ["-I", str(include)]
-    command += [str(SOURCE), "-o", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"compiling {SOURCE.name} failed:\n{result.stderr}"
-    return out
+    return compile_program(
+        "packed_attention_fwd", tmp_path_factory.mktemp("ascend_packed_attention")
+    )
 
 
 @dataclass

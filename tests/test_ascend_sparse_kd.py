@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,32 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from twin_build import TILING_ERROR_EXIT_CODE, compile_program, needs_gxx
 
 from pangu_fastkd.ops.sparse_kd_reference import sparse_kd_reference
 from pangu_fastkd.ops.sparse_kd_targets import TopKTarget
 
-REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "tests" / "ascend_twin" / "sparse_kd_epilogue.cpp"
-INCLUDES = [REPO / "csrc" / "ascend" / "twin", REPO / "csrc" / "ascend"]
 IGNORE = -100
-VIOLATION_EXIT_CODE = 3
-TILING_ERROR_EXIT_CODE = 4
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None, reason="g++ is not installed: the Ascend C twin cannot be built"
-)
+pytestmark = needs_gxx
 
 
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ascend_sparse_kd") / "sparse_kd_epilogue"
-    command = ["g++", "-std=c++17", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror"]
-    for include in INCLUDES:
-        command += ["-I", str(include)]
-    command += [str(SOURCE), "-o", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"compiling {SOURCE.name} failed:\n{result.stderr}"
-    return out
+    return compile_program("sparse_kd_epilogue", tmp_path_factory.mktemp("ascend_sparse_kd"))
 
 
 @dataclass

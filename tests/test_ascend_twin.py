@@ -11,40 +11,21 @@ Compiles the C++ programs in tests/ascend_twin/ with g++ and runs them:
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from twin_build import VIOLATION_EXIT_CODE, compile_program, needs_gxx
 
-REPO = Path(__file__).resolve().parents[1]
-TWIN_INCLUDE = REPO / "csrc" / "ascend" / "twin"
-SOURCES = REPO / "tests" / "ascend_twin"
-VIOLATION_EXIT_CODE = 3
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None, reason="g++ is not installed: the Ascend C twin cannot be built"
-)
-
-
-def _compile(source: Path, out_dir: Path) -> Path:
-    binary = out_dir / source.stem
-    command = ["g++", "-std=c++17", "-O1", "-pthread", "-Wall", "-Wextra", "-Werror"]
-    command += ["-I", str(TWIN_INCLUDE), str(source), "-o", str(binary)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"compiling {source.name} failed:\n{result.stderr}"
-    return binary
+pytestmark = needs_gxx
 
 
 @pytest.fixture(scope="module")
 def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out_dir = tmp_path_factory.mktemp("ascend_twin")
-    return {
-        name: _compile(SOURCES / f"{name}.cpp", out_dir)
-        for name in ("softmax_rows", "rule_violations")
-    }
+    return {name: compile_program(name, out_dir) for name in ("softmax_rows", "rule_violations")}
 
 
 def _run(binary: Path, *args: object) -> subprocess.CompletedProcess[str]:
