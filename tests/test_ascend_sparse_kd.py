@@ -1,7 +1,8 @@
 """The Ascend C sparse-KD / CE epilogue (csrc/ascend/sparse_kd_epilogue.h) on the CPU twin.
 
-tests/ascend_twin/sparse_kd_epilogue.cpp is compiled with g++ against the twin, fed logits,
-labels and a top-K teacher target through files, and its per-row loss, lse and in-place gradient
+tests/ascend_twin/sparse_kd_epilogue.cpp is compiled with g++ against the twin; every case below
+is written to its own directory (logits, labels, a top-K or sampled teacher target, the options)
+and the driver runs them all in one process. Its per-row loss, statistics and in-place gradient
 are compared with ``sparse_kd_reference`` (the oracle): with ``weight = I`` the reference's
 hidden states are the logits, so its gradient w.r.t. ``hidden`` is d(loss)/d(logits).
 fp32 logits are held to a tight tolerance against a float64 oracle; for bf16 logits the gradient
@@ -13,163 +14,256 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from twin_build import TILING_ERROR_EXIT_CODE, compile_program, needs_gxx
+from twin_build import compile_program, needs_gxx
 
 from pangu_fastkd.ops.sparse_kd_reference import sparse_kd_reference
-from pangu_fastkd.ops.sparse_kd_targets import TopKTarget
+from pangu_fastkd.ops.sparse_kd_targets import (
+    DIVERGENCES,
+    MISSING_MASS_MODES,
+    SampledTarget,
+    TopKTarget,
+)
 
 IGNORE = -100
+STAT_NAMES = ("divergence", "cross_entropy", "student_mass", "teacher_mass", "lse", "correct")
 
 pytestmark = needs_gxx
 
 
-@pytest.fixture(scope="module")
-def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_program("sparse_kd_epilogue", tmp_path_factory.mktemp("ascend_sparse_kd"))
+@dataclass(frozen=True)
+class Spec:
+    """One epilogue problem: shape, target kind, loss options and the tiling caps."""
+
+    dtype: torch.dtype = torch.float32
+    rows: int = 7
+    vocab: int = 333
+    k: int = 6
+    target: str = "topk"  # "topk" | "sampled" (ignored when kd_weight == 0)
+    kd_weight: float = 0.6
+    temperature: float = 1.3
+    cache_temperature: float | None = None  # None: the same as temperature
+    divergence: str = "forward_kl"
+    missing_mass: str = "tail"
+    include_label: bool = True
+    beta: float = 0.5
+    softcap: float | None = None
+    z_loss: float = 0.0
+    scale: float = 0.25
+    chip: str = "910b"
+    max_blocks: int = 3
+    max_chunk: int = 128
+    ignored: tuple[int, ...] = (4,)
+    seed: int = 0
+    ub_slack: int | None = None  # run with the UB budget set to the tiling's ubBytes + slack
+    ties: bool = False  # rows 0-3 get the label at the row maximum, some tied with another id
+    weight_sum: float = 1.0  # sampled weights' row sum (the reference accepts 1 +- 1e-3)
+    lse_shift: float = 0.0  # added to the cache's Lambda; < 0 makes P_S exceed 1 (p_rest = 0)
 
 
 @dataclass
 class Case:
-    """One epilogue problem: logits [N, V] (fp32/bf16), labels [N], optional top-K target."""
-
-    logits: torch.Tensor
-    labels: torch.Tensor
-    target: TopKTarget | None
-    kd_weight: float
-    temperature: float
-    scale: float
+    spec: Spec
+    logits: torch.Tensor  # [N, V] fp32 or bf16
+    labels: torch.Tensor  # [N]
+    target: TopKTarget | SampledTarget | None
+    directory: Path = field(default=Path())
 
 
 @dataclass
 class KernelRun:
-    """What the driver printed and wrote: tiling, per-row loss and lse [N] f32, gradient [N, V]."""
+    """What the driver reported and wrote: tiling, loss [N], stats [N, 6] f32, gradient [N, V]."""
 
     chunk: int
     block_dim: int
     ub_bytes: int
     budget: int
     loss: torch.Tensor
-    lse: torch.Tensor
+    stats: torch.Tensor
     grad: torch.Tensor
 
 
-def _make_case(
-    dtype: torch.dtype,
-    rows: int,
-    vocab: int,
-    k: int,
-    kd_weight: float,
-    temperature: float,
-    *,
-    ignored: tuple[int, ...] = (),
-    scale: float = 0.25,
-    seed: int = 0,
-) -> Case:
-    gen = torch.Generator().manual_seed(seed * 7919 + rows * 131 + vocab)
-    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+def _make_case(spec: Spec) -> Case:
+    rows, vocab, k = spec.rows, spec.vocab, spec.k
+    gen = torch.Generator().manual_seed(spec.seed * 7919 + rows * 131 + vocab)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(spec.dtype)
     labels = torch.randint(0, vocab, (rows,), generator=gen)
-    if kd_weight == 0:
-        labels[list(ignored)] = IGNORE
-        return Case(logits, labels, None, kd_weight, temperature, scale)
-    # A teacher correlated with the student, so the divergence is neither 0 nor huge.
-    teacher = logits.float() * 0.6 + torch.randn(rows, vocab, generator=gen) * 2
-    ids = teacher.topk(k, dim=1).indices
-    t = teacher.gather(1, ids)
-    labels[::2] = ids[::2, 0]  # label inside the top-K on even rows, usually outside on odd
-    if k > 2 and vocab > k:
-        ids[1::3, 1] = -1  # empty slots
-        t[0, 2] = -math.inf  # an impossible token the cache kept
-    label_logit = teacher.gather(1, labels[:, None]).squeeze(1)
-    lam = torch.logsumexp(teacher / temperature, dim=1)
-    labels[list(ignored)] = IGNORE
-    target = TopKTarget(ids.int(), t, lam, label_logit, temperature)
-    return Case(logits, labels, target, kd_weight, temperature, scale)
+    if spec.ties:
+        _place_ties(logits, labels)
+    target: TopKTarget | SampledTarget | None = None
+    if spec.kd_weight > 0:
+        # A teacher correlated with the student, so the divergence is neither 0 nor huge.
+        teacher = logits.float() * 0.6 + torch.randn(rows, vocab, generator=gen) * 2
+        if spec.target == "topk":
+            tc = spec.cache_temperature or spec.temperature
+            ids = teacher.topk(k, dim=1).indices
+            t = teacher.gather(1, ids)
+            if not spec.ties:  # label inside the top-K on even rows, usually outside on odd
+                labels[::2] = ids[::2, 0]
+            if k > 2 and vocab > k:
+                ids[1::3, 1] = -1  # empty slots
+                t[0, 2] = -math.inf  # an impossible token the cache kept
+            label_logit = teacher.gather(1, labels[:, None]).squeeze(1)
+            lam = torch.logsumexp(teacher / tc, dim=1) + spec.lse_shift
+            target = TopKTarget(ids.int(), t, lam, label_logit, tc)
+        else:
+            # Ids drawn from the teacher without replacement, weights positive and summing to 1.
+            ids = torch.multinomial(torch.softmax(teacher, dim=1), k, generator=gen)
+            weights = torch.rand(rows, k, generator=gen) + 0.1
+            if k > 2:
+                ids[1::3, 1] = -1
+                weights[1::3, 1] = 0.7  # an empty slot's weight is never read
+            valid = ids >= 0
+            row_sums = torch.where(valid, weights, 0).sum(dim=1, keepdim=True)
+            weights = weights / row_sums * spec.weight_sum
+            if not spec.ties:
+                labels[::2] = ids[::2, 0]
+            target = SampledTarget(ids.int(), weights)
+    labels[list(spec.ignored)] = IGNORE
+    return Case(spec, logits, labels, target)
 
 
-def _run_kernel(
-    binary: Path,
-    tmp_path: Path,
-    case: Case,
-    chip: str,
-    max_blocks: int,
-    max_chunk: int,
-) -> tuple[subprocess.CompletedProcess[str], KernelRun | None]:
+def _place_ties(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Rows 0-3: the label holds the row maximum; argmax == label only where no earlier id ties.
+
+    Row 0: unique maximum. Row 1: tied with an id in an earlier chunk (not argmax). Row 2: tied
+    with a later id (argmax). Row 3: tied with the element just before it in its chunk.
+    """
+    vocab = logits.shape[1]
+    plan = (
+        (0, vocab - 3, None),
+        (1, vocab - 2, 5),
+        (2, 1, vocab - 1),
+        (3, vocab // 2, vocab // 2 - 1),
+    )
+    for row, label, tie in plan:
+        top = (logits[row].float().max() + 1).to(logits.dtype)
+        logits[row, label] = top
+        if tie is not None:
+            logits[row, tie] = top
+        labels[row] = label
+
+
+def _write_case(case: Case, directory: Path) -> None:
+    spec = case.spec
+    directory.mkdir(parents=True)
+    case.directory = directory
+    raw = case.logits if spec.dtype == torch.float32 else case.logits.view(torch.int16)
+    raw.contiguous().numpy().tofile(directory / "logits.bin")
+    case.labels.int().numpy().tofile(directory / "labels.bin")
+    target = case.target
+    if isinstance(target, TopKTarget):
+        target.logits.float().numpy().tofile(directory / "teacher_values.bin")
+        target.lse.float().numpy().tofile(directory / "teacher_lse.bin")
+        target.label_logit.float().numpy().tofile(directory / "label_logit.bin")
+    elif isinstance(target, SampledTarget):
+        target.weights.float().numpy().tofile(directory / "teacher_values.bin")
+    if target is not None:
+        target.ids.int().numpy().tofile(directory / "ids.bin")
+    options = {
+        "dtype": "f32" if spec.dtype == torch.float32 else "bf16",
+        "rows": spec.rows,
+        "vocab": spec.vocab,
+        "k": spec.k if target is not None else 0,
+        "target": spec.target,
+        "kd_weight": spec.kd_weight,
+        "temperature": spec.temperature,
+        "cache_temperature": spec.cache_temperature or spec.temperature,
+        "divergence": DIVERGENCES.index(spec.divergence),
+        "missing_mass": MISSING_MASS_MODES.index(spec.missing_mass),
+        "include_label": int(spec.include_label),
+        "beta": spec.beta,
+        "use_softcap": int(spec.softcap is not None),
+        "softcap": spec.softcap or 0.0,
+        "z_loss": spec.z_loss,
+        "scale": spec.scale,
+        "chip": spec.chip,
+        "max_blocks": spec.max_blocks,
+        "max_chunk": spec.max_chunk,
+    }
+    if spec.ub_slack is not None:
+        options["ub_slack"] = spec.ub_slack
+    text = "".join(f"{key} {value}\n" for key, value in options.items())
+    (directory / "case.txt").write_text(text)
+
+
+def _read_run(case: Case) -> tuple[str, KernelRun | None]:
+    line = (case.directory / "result.txt").read_text().strip()
+    tiling = re.fullmatch(r"TILING chunk=(\d+) blockDim=(\d+) ubBytes=(\d+) budget=(\d+)", line)
+    if tiling is None:
+        return line, None
     rows, vocab = case.logits.shape
-    is_f32 = case.logits.dtype == torch.float32
-    raw = case.logits if is_f32 else case.logits.view(torch.int16)
-    raw.contiguous().numpy().tofile(tmp_path / "logits.bin")
-    case.labels.int().numpy().tofile(tmp_path / "labels.bin")
-    k = 0
-    if case.target is not None:
-        k = case.target.ids.shape[1]
-        case.target.ids.int().numpy().tofile(tmp_path / "ids.bin")
-        case.target.logits.float().numpy().tofile(tmp_path / "teacher_logits.bin")
-        case.target.lse.float().numpy().tofile(tmp_path / "teacher_lse.bin")
-        case.target.label_logit.float().numpy().tofile(tmp_path / "label_logit.bin")
-    out_path = tmp_path / "out.bin"
-    args = ["f32" if is_f32 else "bf16", rows, vocab, k, case.kd_weight, case.temperature]
-    args += [case.scale, chip, max_blocks, max_chunk, tmp_path, out_path]
-    result = subprocess.run(
-        [str(binary), *map(str, args)], capture_output=True, text=True, timeout=30
-    )
-    if result.returncode != 0:
-        return result, None
-    tiling = re.search(
-        r"TILING chunk=(\d+) blockDim=(\d+) ubBytes=(\d+) budget=(\d+)", result.stdout
-    )
-    assert tiling is not None, result.stdout
-    raw_out = out_path.read_bytes()
-    stats = torch.from_numpy(np.frombuffer(raw_out[: 8 * rows], dtype=np.float32).copy())
-    grad_bytes = np.frombuffer(raw_out[8 * rows :], dtype=np.float32 if is_f32 else np.int16)
-    grad = torch.from_numpy(grad_bytes.copy())
+    is_f32 = case.spec.dtype == torch.float32
+    raw = (case.directory / "out.bin").read_bytes()
+    floats = np.frombuffer(raw[: 28 * rows], dtype=np.float32).copy()
+    grad_raw = np.frombuffer(raw[28 * rows :], dtype=np.float32 if is_f32 else np.int16)
+    grad = torch.from_numpy(grad_raw.copy())
     grad = (grad if is_f32 else grad.view(torch.bfloat16)).reshape(rows, vocab)
+    loss = torch.from_numpy(floats[:rows])
+    stats = torch.from_numpy(floats[rows:]).reshape(rows, 6)
     chunk, block_dim, ub_bytes, budget = map(int, tiling.groups())
-    run = KernelRun(chunk, block_dim, ub_bytes, budget, stats[:rows], stats[rows:], grad)
-    return result, run
+    return line, KernelRun(chunk, block_dim, ub_bytes, budget, loss, stats, grad)
 
 
 def _reference(case: Case, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row loss [N], lse [N] and scaled gradient [N, V] of the reference at logits' dtype."""
+    """Per-row loss [N], stats [N, 6] and scaled gradient [N, V] of the reference."""
+    spec = case.spec
     vocab = logits.shape[1]
     hidden = logits.detach().clone().requires_grad_(True)
     eye = torch.eye(vocab, dtype=logits.dtype)
     target = case.target
-    if target is not None and logits.dtype == torch.float64:
-        target = TopKTarget(
-            target.ids,
-            target.logits.double(),
-            target.lse.double(),
-            target.label_logit.double(),
-            target.temperature,
+    if logits.dtype == torch.float64 and isinstance(target, TopKTarget):
+        target = replace(
+            target,
+            logits=target.logits.double(),
+            lse=target.lse.double(),
+            label_logit=target.label_logit.double(),
         )
+    elif logits.dtype == torch.float64 and isinstance(target, SampledTarget):
+        target = replace(target, weights=target.weights.double())
     total, stats = sparse_kd_reference(
         hidden,
         eye,
         case.labels,
-        target,
-        kd_weight=case.kd_weight,
-        temperature=case.temperature,
+        target if spec.kd_weight > 0 else None,
+        kd_weight=spec.kd_weight,
+        divergence=spec.divergence,
+        beta=spec.beta,
+        temperature=spec.temperature,
+        missing_mass=spec.missing_mass,
+        include_label=spec.include_label if spec.target == "topk" else False,
         reduction="sum",
-        num_items=1.0 / case.scale,
+        num_items=1.0 / spec.scale,
+        softcap=spec.softcap,
+        z_loss=spec.z_loss,
     )
     total.backward()
-    kd, T = case.kd_weight, case.temperature
-    loss = kd * T * T * stats[:, 0].double() + (1 - kd) * stats[:, 1].double()
-    return loss, stats[:, 4].double(), hidden.grad
+    kd, T = spec.kd_weight, spec.temperature
+    s = stats.double()
+    loss = kd * T * T * s[:, 0] + (1 - kd) * s[:, 1] + spec.z_loss * s[:, 4] ** 2
+    loss = torch.where(case.labels != IGNORE, loss, torch.zeros_like(loss))
+    return loss, stats, hidden.grad
 
 
 def _check_against_reference(case: Case, run: KernelRun) -> None:
-    oracle_loss, oracle_lse, oracle_grad = _reference(case, case.logits.double())
-    # Loss and lse accumulate in fp32 from the exact input values, whatever the input dtype.
+    oracle_loss, oracle_stats, oracle_grad = _reference(case, case.logits.double())
+    # Loss and statistics accumulate in fp32 from the exact input values, whatever the dtype.
     torch.testing.assert_close(run.loss.double(), oracle_loss, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(run.lse.double(), oracle_lse, rtol=2e-6, atol=2e-5)
-    if case.logits.dtype == torch.float32:
+    for col, name in enumerate(STAT_NAMES):
+        tol = 0.0 if name == "correct" else 2e-5
+        torch.testing.assert_close(
+            run.stats[:, col],
+            oracle_stats[:, col],
+            rtol=tol,
+            atol=tol,
+            msg=lambda m, name=name: f"stat {name}: {m}",
+        )
+    if case.spec.dtype == torch.float32:
         torch.testing.assert_close(run.grad.double(), oracle_grad, rtol=1e-4, atol=3e-7)
         return
     _, _, torch_grad = _reference(case, case.logits)
@@ -178,78 +272,279 @@ def _check_against_reference(case: Case, run: KernelRun) -> None:
     assert kernel_err <= 2 * torch_err, (kernel_err, torch_err)
 
 
-# (dtype, N, V, K, kd_weight, T, chip, max_blocks, max_chunk, ignored rows)
-CASES = {
-    "ce-f32-ragged-tail": (torch.float32, 5, 1000, 0, 0.0, 1.0, "910b", 3, 256, (3,)),
-    "ce-bf16-odd-tail": (torch.bfloat16, 4, 777, 0, 0.0, 1.0, "910b", 2, 192, ()),
-    "ce-f32-310b": (torch.float32, 3, 300, 0, 0.0, 1.0, "310b", 0, 64, (1,)),
-    "kd-f32-vocab-under-one-chunk": (torch.float32, 7, 37, 5, 0.7, 1.0, "910b", 3, 0, (4,)),
-    "kd-f32-temperature-2": (torch.float32, 5, 1000, 8, 0.5, 2.0, "910b", 4, 256, (2,)),
-    "kd-bf16-310b-pure-kd": (torch.bfloat16, 3, 300, 6, 1.0, 1.5, "310b", 0, 64, ()),
-    "kd-bf16-910b-blocks": (torch.bfloat16, 6, 500, 4, 0.4, 0.7, "910b", 4, 128, (0, 5)),
-    "kd-support-covers-vocab": (torch.float32, 3, 16, 16, 0.5, 1.0, "910b", 2, 0, ()),
-    "kd-all-rows-ignored": (torch.float32, 3, 100, 4, 0.5, 1.0, "910b", 2, 64, (0, 1, 2)),
-    "ce-bf16-all-rows-ignored": (torch.bfloat16, 2, 90, 0, 0.0, 1.0, "310b", 0, 64, (0, 1)),
+BF16 = torch.bfloat16
+
+# Every divergence x missing mass x label conditioning, fp32, 7 x 333 (ragged 128-element chunks,
+# 3 blocks). Tail needs T == T_c; renorm runs at T = 1.3 against a cache written at T_c = 1.
+MATRIX = {
+    f"{div}-{mm}-{'label' if label else 'nolabel'}": Spec(
+        divergence=div,
+        missing_mass=mm,
+        include_label=label,
+        beta=0.3 if div == "jsd" else 0.5,
+        cache_temperature=1.0 if mm == "renorm" else None,
+        seed=i,
+    )
+    for i, (div, mm, label) in enumerate(
+        (d, m, lab) for d in DIVERGENCES for m in MISSING_MASS_MODES for lab in (True, False)
+    )
 }
+
+CASES = {
+    **MATRIX,
+    # bf16 logits through each divergence, both chips.
+    "bf16-forward-renorm-nolabel-310b": Spec(
+        dtype=BF16, missing_mass="renorm", include_label=False, chip="310b", max_blocks=0
+    ),
+    "bf16-reverse-tail-910b": Spec(dtype=BF16, divergence="reverse_kl", rows=6, max_blocks=4),
+    "bf16-jsd-renorm-310b": Spec(
+        dtype=BF16, divergence="jsd", missing_mass="renorm", temperature=0.7, chip="310b"
+    ),
+    "bf16-jsd-tail-nolabel-910b": Spec(
+        dtype=BF16, divergence="jsd", beta=0.8, include_label=False, vocab=500, max_chunk=192
+    ),
+    # Sampled targets (forward KL only).
+    "sampled-f32-910b": Spec(
+        target="sampled", include_label=False, kd_weight=0.5, k=9, weight_sum=1.0008
+    ),
+    "sampled-f32-pure-kd-310b": Spec(
+        target="sampled", include_label=False, kd_weight=1.0, temperature=2.0, chip="310b"
+    ),
+    "sampled-bf16-910b": Spec(
+        dtype=BF16, target="sampled", include_label=False, kd_weight=0.3, temperature=0.8
+    ),
+    "sampled-softcap-zloss": Spec(
+        target="sampled", include_label=False, softcap=6.0, z_loss=1e-3, ignored=(0, 6)
+    ),
+    # The argmax statistic with tied maxima, and a cache whose Lambda gives P_S > 1.
+    "ties-ce-f32": Spec(kd_weight=0.0, ties=True),
+    "ties-forward-tail-bf16": Spec(dtype=BF16, ties=True, softcap=9.0, chip="310b"),
+    "ties-sampled-f32": Spec(target="sampled", include_label=False, ties=True),
+    "teacher-mass-over-one-forward": Spec(lse_shift=-1.5, temperature=1.0),
+    "teacher-mass-over-one-jsd": Spec(divergence="jsd", lse_shift=-1.5, ignored=()),
+    "teacher-mass-over-one-reverse-bf16": Spec(
+        dtype=BF16, divergence="reverse_kl", lse_shift=-1.5, max_blocks=2
+    ),
+    # Softcap and z-loss.
+    "softcap-forward-tail": Spec(softcap=5.0),
+    "softcap-jsd-renorm-zloss": Spec(
+        divergence="jsd", missing_mass="renorm", softcap=8.0, z_loss=1e-2, temperature=0.9
+    ),
+    "softcap-reverse-tail-bf16": Spec(dtype=BF16, divergence="reverse_kl", softcap=6.0),
+    "ce-softcap-zloss-f32": Spec(kd_weight=0.0, softcap=4.0, z_loss=2e-2, temperature=1.0),
+    "zloss-forward-tail-bf16-kd03": Spec(dtype=BF16, kd_weight=0.3, z_loss=1e-3, chip="310b"),
+    "zloss-reverse-renorm-kd1": Spec(
+        divergence="reverse_kl", missing_mass="renorm", kd_weight=1.0, z_loss=5e-3
+    ),
+    # Cross-entropy only, kd_weight = 0.
+    "ce-f32-ragged-tail": Spec(kd_weight=0.0, rows=5, vocab=1000, max_chunk=256, ignored=(3,)),
+    "ce-bf16-odd-tail": Spec(
+        dtype=BF16, kd_weight=0.0, rows=4, vocab=777, max_blocks=2, max_chunk=192, ignored=()
+    ),
+    "ce-f32-310b": Spec(kd_weight=0.0, rows=3, vocab=300, chip="310b", max_chunk=64, ignored=(1,)),
+    # Shapes and corner cases of the support.
+    "kd-f32-vocab-under-one-chunk": Spec(
+        vocab=37, k=5, kd_weight=0.7, temperature=1.0, max_chunk=0
+    ),
+    "kd-f32-temperature-2": Spec(rows=5, vocab=1000, k=8, kd_weight=0.5, temperature=2.0),
+    "kd-bf16-310b-pure-kd": Spec(
+        dtype=BF16, rows=3, vocab=300, kd_weight=1.0, chip="310b", ignored=()
+    ),
+    "kd-support-covers-vocab": Spec(
+        rows=3, vocab=16, k=16, temperature=1.0, max_chunk=0, ignored=(1,)
+    ),
+    "reverse-support-covers-vocab": Spec(
+        divergence="reverse_kl", rows=3, vocab=16, k=16, max_chunk=0, ignored=()
+    ),
+    "jsd-support-covers-vocab": Spec(
+        divergence="jsd", rows=3, vocab=16, k=16, max_chunk=0, ignored=()
+    ),
+    "kd-all-rows-ignored": Spec(rows=3, vocab=100, k=4, max_chunk=64, ignored=(0, 1, 2)),
+    "ce-bf16-all-rows-ignored": Spec(
+        dtype=BF16, kd_weight=0.0, rows=2, vocab=90, chip="310b", ignored=(0, 1)
+    ),
+}
+
+# Budget-sized chunks: no cap, so the chunk is the largest multiple of 64 that fits the UB.
+BUDGET_CASES = {
+    "budget-bf16-910b": Spec(
+        dtype=BF16,
+        rows=3,
+        vocab=8000,
+        k=4,
+        kd_weight=0.5,
+        temperature=1.0,
+        max_blocks=0,
+        max_chunk=0,
+        ignored=(1,),
+        seed=3,
+    ),
+    "budget-f32-310b-softcap-jsd": Spec(
+        rows=2,
+        vocab=9100,
+        k=6,
+        divergence="jsd",
+        softcap=7.0,
+        chip="310b",
+        max_blocks=0,
+        max_chunk=0,
+        ignored=(),
+        seed=3,
+    ),
+}
+
+# The tiling's UB bytes are the kernel's InitBuffer sum: the kernel runs with exactly that
+# budget and trips ub-budget with 32 bytes less (buffers are whole 32-byte blocks).
+UB_EXACT_SPECS = {
+    "kd-bf16": Spec(dtype=BF16, rows=2, vocab=200, ignored=()),
+    "sampled-softcap-f32": Spec(
+        target="sampled", include_label=False, softcap=3.0, rows=2, vocab=200, ignored=()
+    ),
+    "ce-f32": Spec(kd_weight=0.0, rows=2, vocab=200, ignored=()),
+}
+UB_CASES = {
+    f"ub-{name}-{'exact' if slack == 0 else 'short'}": replace(spec, ub_slack=slack)
+    for name, spec in UB_EXACT_SPECS.items()
+    for slack in (0, -32)
+}
+
+# Each validation of MakeSparseKdTiling, and the message that names the bad field.
+TILING_ERRORS = {
+    "tail-temperature-mismatch": (
+        Spec(temperature=1.3, cache_temperature=1.0),
+        "missingMass = tail needs temperature == cacheTemperature",
+    ),
+    "beta-above-one": (Spec(divergence="jsd", beta=1.5), "beta must be in [0, 1], got 1.5"),
+    "beta-negative": (Spec(divergence="jsd", beta=-0.1), "beta must be in [0, 1]"),
+    "sampled-reverse-kl": (
+        Spec(target="sampled", include_label=False, divergence="reverse_kl"),
+        "divergence must be 0 (forward_kl) for sampled targets, got 1",
+    ),
+    "sampled-with-label": (
+        Spec(target="sampled", include_label=True),
+        "includeLabel must be false for sampled targets",
+    ),
+    "softcap-zero": (Spec(softcap=0.0), "softcap must be finite and > 0"),
+    "softcap-negative": (Spec(softcap=-2.0), "softcap must be finite and > 0"),
+    "zloss-negative": (Spec(z_loss=-1e-3), "zLoss must be finite and >= 0"),
+    "kd-weight-above-one": (Spec(kd_weight=1.5), "kdWeight must be in [0, 1]"),
+    "temperature-zero": (
+        Spec(kd_weight=0.0, temperature=0.0),
+        "temperature must be finite and > 0",
+    ),
+    "max-chunk-too-small": (Spec(max_chunk=32), "maxChunk must be 0 (no cap) or >= 64"),
+    "support-too-large": (
+        Spec(k=8000, vocab=9000, rows=1, ignored=()),
+        "supportK = 8000 teacher ids leave no room",
+    ),
+}
+# The enum fields take codes the Python names cannot express: written into case.txt directly.
+ENUM_ERRORS = {
+    "divergence-code-3": ("divergence", 3, "divergence must be 0 (forward_kl), 1 (reverse_kl)"),
+    "missing-mass-code-2": ("missing_mass", 2, "missingMass must be 0 (tail) or 1 (renorm), got 2"),
+}
+
+ALL_RUN = {**CASES, **BUDGET_CASES, **UB_CASES}
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_program("sparse_kd_epilogue", tmp_path_factory.mktemp("ascend_sparse_kd"))
+
+
+@pytest.fixture(scope="module")
+def runs(binary: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Case]]:
+    """Writes every case, runs the driver once over all of them, returns (result line, case)."""
+    root = tmp_path_factory.mktemp("sparse_kd_cases")
+    cases: dict[str, Case] = {}
+    for name, spec in {**ALL_RUN, **{n: s for n, (s, _) in TILING_ERRORS.items()}}.items():
+        cases[name] = case = _make_case(spec)
+        _write_case(case, root / name)
+    for name, (key, code, _) in ENUM_ERRORS.items():
+        cases[name] = case = _make_case(Spec())
+        _write_case(case, root / name)
+        text = (root / name / "case.txt").read_text()
+        text = re.sub(rf"^{key} \d+$", f"{key} {code}", text, flags=re.M)
+        (root / name / "case.txt").write_text(text)
+    dirs = [str(case.directory) for case in cases.values()]
+    result = subprocess.run([str(binary), *dirs], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {
+        name: ((case.directory / "result.txt").read_text().strip(), case)
+        for name, case in cases.items()
+    }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_epilogue_matches_reference(binary: Path, tmp_path: Path, name: str) -> None:
-    dtype, rows, vocab, k, kd, T, chip, max_blocks, max_chunk, ignored = CASES[name]
-    case = _make_case(dtype, rows, vocab, k, kd, T, ignored=ignored)
-    result, run = _run_kernel(binary, tmp_path, case, chip, max_blocks, max_chunk)
-    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
-    expected_blocks = 1 if chip == "310b" else min(rows, max_blocks or 48)
+def test_epilogue_matches_reference(runs: dict[str, tuple[str, Case]], name: str) -> None:
+    _, case = runs[name]
+    line, run = _read_run(case)
+    assert run is not None, line
+    spec = case.spec
+    expected_blocks = 1 if spec.chip == "310b" else min(spec.rows, spec.max_blocks or 48)
     assert run.block_dim == expected_blocks
     assert run.ub_bytes <= run.budget
     _check_against_reference(case, run)
-    if ignored:
-        assert torch.all(run.grad[list(ignored)] == 0)
-        assert torch.all(run.loss[list(ignored)] == 0)
+    if spec.ignored:
+        assert torch.all(run.grad[list(spec.ignored)] == 0)
+        assert torch.all(run.loss[list(spec.ignored)] == 0)
+        assert torch.all(run.stats[list(spec.ignored)] == 0)
 
 
-@pytest.mark.parametrize(
-    ("dtype", "rows", "vocab", "k", "chip"),
-    [
-        (torch.bfloat16, 3, 8000, 4, "910b"),  # several blocks, budget-sized chunk, ragged tail
-        (torch.float32, 2, 9100, 6, "310b"),  # the larger 310B UB gives a larger chunk
-    ],
-)
-def test_budget_sized_chunks_fill_the_ub(
-    binary: Path, tmp_path: Path, dtype: torch.dtype, rows: int, vocab: int, k: int, chip: str
-) -> None:
-    case = _make_case(dtype, rows, vocab, k, 0.5, 1.0, ignored=(1,), seed=3)
-    result, run = _run_kernel(binary, tmp_path, case, chip, 0, 0)
-    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
-    # The chunk is the largest multiple of 64 that fits: one more repeat of 64 elements (at most
-    # 28 bytes each across the buffers) would overrun the budget.
-    assert run.chunk % 64 == 0 and run.ub_bytes <= run.budget < run.ub_bytes + 64 * 28
-    assert run.chunk < vocab and vocab % run.chunk != 0
+@pytest.mark.parametrize("name", sorted(BUDGET_CASES))
+def test_budget_sized_chunks_fill_the_ub(runs: dict[str, tuple[str, Case]], name: str) -> None:
+    _, case = runs[name]
+    line, run = _read_run(case)
+    assert run is not None, line
+    spec = case.spec
+    # Bytes per chunk element over all buffers: 4 queue buffers of the input dtype, 3 float rows
+    # (exp, expT, work), and a float row for bf16 or soft-capped logits. One more 64-element
+    # repeat would overrun the budget.
+    elem = 4 if spec.dtype == torch.float32 else 2
+    per_element = 4 * elem + 12 + (4 if elem == 2 or spec.softcap is not None else 0)
+    assert run.chunk % 64 == 0 and run.ub_bytes <= run.budget < run.ub_bytes + 64 * per_element
+    assert run.chunk < spec.vocab and spec.vocab % run.chunk != 0
     _check_against_reference(case, run)
+
+
+@pytest.mark.parametrize("name", sorted(UB_CASES))
+def test_ub_bytes_equal_the_init_buffer_sum(runs: dict[str, tuple[str, Case]], name: str) -> None:
+    line, case = runs[name]
+    if case.spec.ub_slack == 0:
+        _, run = _read_run(case)
+        assert run is not None, line
+        _check_against_reference(case, run)
+    else:
+        assert line.startswith("VIOLATION rule=ub-budget "), line
+
+
+@pytest.mark.parametrize("name", sorted(TILING_ERRORS))
+def test_tiling_rejects_bad_options(runs: dict[str, tuple[str, Case]], name: str) -> None:
+    line, _ = runs[name]
+    assert line.startswith("TILING-ERROR ") and TILING_ERRORS[name][1] in line, line
+
+
+@pytest.mark.parametrize("name", sorted(ENUM_ERRORS))
+def test_tiling_rejects_unknown_enum_codes(runs: dict[str, tuple[str, Case]], name: str) -> None:
+    line, _ = runs[name]
+    assert line.startswith("TILING-ERROR ") and ENUM_ERRORS[name][2] in line, line
+
+
+def test_legal_neighbours_of_the_rejected_options_run(runs: dict[str, tuple[str, Case]]) -> None:
+    # Beside each rejected option, the legal one ran: renorm at T != T_c, JSD at beta 0.3/0.8,
+    # sampled forward KL without the label, a positive softcap and z-loss.
+    for name in (
+        "forward_kl-renorm-label",
+        "jsd-tail-label",
+        "bf16-jsd-tail-nolabel-910b",
+        "sampled-f32-910b",
+        "softcap-forward-tail",
+        "zloss-reverse-renorm-kd1",
+    ):
+        line, _ = runs[name]
+        assert line.startswith("TILING chunk="), (name, line)
 
 
 def test_chip_budgets_agree_with_the_twin(binary: Path) -> None:
     result = subprocess.run([str(binary), "budgets"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == "BUDGETS-AGREE", result.stdout
-
-
-def test_support_too_large_for_the_ub_is_a_tiling_error(binary: Path, tmp_path: Path) -> None:
-    case = _make_case(torch.float32, 2, 64, 4, 0.5, 1.0)
-    case.target = TopKTarget(
-        torch.full((2, 8000), -1, dtype=torch.int32),
-        torch.zeros(2, 8000),
-        case.target.lse,
-        case.target.label_logit,
-        1.0,
-    )
-    result, _ = _run_kernel(binary, tmp_path, case, "910b", 0, 0)
-    assert result.returncode == TILING_ERROR_EXIT_CODE, result.stdout + result.stderr
-    assert "TILING-ERROR supportK = 8000 teacher ids leave no room" in result.stdout
-
-
-def test_bad_temperature_is_a_tiling_error(binary: Path, tmp_path: Path) -> None:
-    case = _make_case(torch.float32, 2, 64, 0, 0.0, 1.0)
-    case.temperature = 0.0
-    result, _ = _run_kernel(binary, tmp_path, case, "910b", 0, 0)
-    assert result.returncode == TILING_ERROR_EXIT_CODE, result.stdout + result.stderr
-    assert "temperature must be finite and > 0" in result.stdout

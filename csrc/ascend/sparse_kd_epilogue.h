@@ -1,34 +1,50 @@
 // Sparse-KD / cross-entropy epilogue as an Ascend C vector kernel (issue 6).
 //
 // The LM-head GEMM stays a torch_npu matmul over row chunks; this kernel takes its logits
-// z [N, V] (fp32 or bf16 in GM) and, per row, computes the loss of docs/kd-losses.md and writes
-// d(loss)/d(z) * scale over z in place (in z's dtype). Built against csrc/ascend/twin it runs on
-// CPU; it uses only the Ascend C API subset the twin emulates, so it is meant to compile unchanged
+// z [N, V] (fp32 or bf16 in GM) and, per row, computes the loss of docs/kd-losses.md with every
+// option of that page, writes d(loss)/d(z) * scale over z in place (in z's dtype), and writes the
+// per-row loss and the six statistics of KDStats. Built against csrc/ascend/twin it runs on CPU;
+// it uses only the Ascend C API subset the twin emulates, so it is meant to compile unchanged
 // with ascendc.
 //
-// Math (one row, label y, T == T_c, top-K target with missing_mass="tail" and the label included):
-//   s = softmax(z), lse = logsumexp(z), CE = lse - z_y                       (temperature 1)
-//   q = softmax(z / T), L_T = logsumexp(z / T)
-//   support S = valid stored ids, plus y with its stored teacher logit when y is not among them
-//   p_j = exp(t_j / T - Lambda) on S, P_S = sum p_j, p_rest = max(0, 1 - P_S) (0 if S covers V),
-//   q_rest = sum_{v not in S} q_v  (summed directly over the rest: no 1 - Q_S cancellation)
-//   D = sum_S p_j (log p_j - log q_j) + p_rest (log p_rest - log q_rest)     (p = 0 terms are 0)
-//   loss = kd T^2 D + (1 - kd) CE
-// Gradient: d log q_j / dz_v = (delta_{v s_j} - q_v) / T and d log q_rest / dz_v =
-// (1[v not in S] q_v / q_rest - q_v) / T, so with P = P_S + p_rest and r = p_rest / q_rest:
-//   v in S:      g_v = (1 - kd)(s_v - delta_vy) + kd T (P q_v - p_v)
-//   v not in S:  g_v = (1 - kd) s_v + kd T (P - r) q_v
-// The kernel writes the second formula for every element with vector ops, then overwrites the
-// support elements (at most K + 1 per row) with the first, computed as a K-vector beforehand.
-// With kd == 0 there is no support: only the label element gets its -1.
+// Math (one supervised row, label y). Softcap first: z <- c tanh(z / c), built from Exp as
+// tanh(x) = (e - 1) / (e + 1), e = exp(2x), with x clamped to [-20, 20] (tanh(20) rounds to 1 in
+// fp32, and e stays finite). Then
+//   s = softmax(z), lse = logsumexp(z), CE = lse - z_y                        (temperature 1)
+//   q = softmax(z / T), L_T = logsumexp(z / T), u = z / T
+//   loss = kd T^2 D + (1 - kd) CE + zl lse^2
+// Support S: the valid stored ids (-1 = empty slot), plus, for top-K targets with the label
+// included, y with its stored teacher logit when y is not among them. A divergence D over
+// buckets b with student masses q_b (sums of q_v) has dD/du_v = q_v (g_b(v) - gbar), g_b = dD/dq_b
+// and gbar = sum_b q_b g_b, so every token outside S shares one coefficient of q_v:
+//   top-K, tail (T == T_c): p_j = exp(t_j / T - Lambda), P_S = sum_S p, buckets S + {rest} with
+//     p_rest = max(0, 1 - P_S) (0 when S covers V), q_rest = sum_{v not in S} q_v summed directly
+//     (no 1 - Q_S cancellation);
+//     forward KL   D = sum p (log p - log q)          dD/du_j = P q_j - p_j, rest: (P - p_r/q_r) q_v
+//     reverse KL   D = sum q (log q - log p)          g_b - gbar = log q_b - log p_b - D
+//     JSD(beta)    m = beta p + (1 - beta) q          g_b = (1 - beta)(log q_b - log m_b)
+//   top-K, renorm (any T): p~ = softmax_S(t / T);
+//     forward KL against the full-vocabulary q:      dD/du_j = q_j - p~_j, rest: q_v
+//     reverse KL / JSD against q~ = softmax_S(u):    dD/du_j = q~_j (g_j - gbar~), rest: 0
+//   sampled (forward KL only): D = -sum_S w_j log q_j, W = sum w: dD/du_j = W q_j - w_j, rest: W q_v
+// (log p and log q floored at log 1e-12 inside reverse KL and JSD; log m at 1e-12; p = 0 terms
+// of forward KL are 0.) The gradient with respect to the capped logits is
+//   g_v = kd T dD/du_v + ((1 - kd) + 2 zl lse) s_v - (1 - kd) [v == y]
+// and with respect to the raw logits g_v (1 - (z_v / c)^2), z_v the capped value.
+// The kernel writes "coefS s_v + coefQ q_v" for every element with vector ops, then overwrites
+// the support elements (at most K + 1 per row) with their values computed as a vector beforehand,
+// subtracts (1 - kd) at the label, and applies the softcap factor. kd == 0 has no support.
 //
 // Passes per row, each streaming the row through the UB in `chunk`-element pieces (ragged tail by
 // DataCopyPad, 2-deep TQue so chunk c+1 is copied while chunk c is computed):
-//   1. max of z, and gather of z at the support ids and at the label (scalar reads of the chunk);
-//   2. sum of exp(z - max), and for kd > 0 sum of exp((z - max) / T) over all and over the rest;
+//   1. max of z, gather of z at the support ids and the label, and the max before the label
+//      (argmax == label without relying on the tie order of ReduceMax's index);
+//   2. sum of exp(z - max), and for kd > 0 sum of exp((z - max) / T) over all and (tail) over
+//      the rest;
 //   3. the gradient, scaled and cast to the input dtype, copied over z.
 // Inputs are validated by the host (labels in [0, V) or ignoreIndex, ids in [-1, V) and distinct,
-// teacher logits finite or -inf, Lambda finite), as the PyTorch path does before its kernel.
+// teacher logits finite or -inf, Lambda finite, weights >= 0 summing to 1, a non-empty support,
+// renorm: a finite teacher logit on the support), as the PyTorch path does before its kernel.
 #pragma once
 
 #include "kernel_operator.h"
@@ -38,42 +54,65 @@ namespace pangu_fastkd_ascend {
 
 using namespace AscendC;
 
+// Columns of the per-row statistics output, in the order of KDStats (sparse_kd_targets.py).
+enum SparseKdStat : uint32_t {
+  kStatDivergence = 0,
+  kStatCrossEntropy,
+  kStatStudentMass,
+  kStatTeacherMass,
+  kStatLse,
+  kStatCorrect,
+  kStatCount
+};
+
 template <class TIn>
 class SparseKdEpilogue {
  public:
   // logits [N, V] TIn (read, then overwritten by the gradient); labels [N] int32;
-  // ids [N, K] int32 (-1 = empty), teacherLogits [N, K] f32, teacherLse [N] f32,
-  // labelLogit [N] f32 (the teacher pointers are unused when kdWeight == 0);
-  // loss [N] f32 (unscaled per-row loss, 0 for ignored rows), lse [N] f32 (logsumexp of z).
-  __aicore__ inline void Init(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids, GM_ADDR teacherLogits,
-                              GM_ADDR teacherLse, GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR lse,
+  // ids [N, K] int32 (-1 = empty); teacherValues [N, K] f32: teacher logits (top-K) or sample
+  // weights (sampled); teacherLse [N] f32 (Lambda, top-K tail only); labelLogit [N] f32 (top-K
+  // with includeLabel only); the teacher pointers are unused when kdWeight == 0.
+  // loss [N] f32: unscaled per-row loss, 0 for ignored rows;
+  // stats [N, 6] f32: D, CE, Q_S, P_S, lse, argmax == label (all 0 for ignored rows).
+  __aicore__ inline void Init(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids, GM_ADDR teacherValues,
+                              GM_ADDR teacherLse, GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
                               const SparseKdTiling& tiling) {
     tiling_ = tiling;
     kd_ = tiling.kdWeight > 0.0f;
+    sampled_ = kd_ && tiling.targetKind == kSparseKdSampled;
+    tail_ = kd_ && !sampled_ && tiling.missingMass == kSparseKdTail;
+    softcap_ = tiling.softcap > 0.0f;
     unitTemperature_ = tiling.temperature == 1.0f;
     invT_ = 1.0f / tiling.temperature;
     const uint64_t rows = tiling.rows;
     logitsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(logits), rows * tiling.vocab);
     labelsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(labels), rows);
     lossGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(loss), rows);
-    lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(lse), rows);
+    statsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(stats), rows * kStatCount);
     if (kd_) {
       idsGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(ids), rows * tiling.supportK);
-      teacherGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(teacherLogits),
+      teacherGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(teacherValues),
                                  rows * tiling.supportK);
-      teacherLseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(teacherLse), rows);
-      labelLogitGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(labelLogit), rows);
+      if (tail_) teacherLseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(teacherLse), rows);
+      if (tiling.includeLabel != 0u) {
+        labelLogitGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(labelLogit), rows);
+      }
     }
     // Exactly the buffers SparseKdUbBytes counts, so the host tiling bounds the UB use.
     const uint32_t chunk = tiling.chunk;
     pipe_.InitBuffer(inQueue_, kBufferNum, chunk * sizeof(TIn));
     pipe_.InitBuffer(outQueue_, kBufferNum, chunk * sizeof(TIn));
-    if constexpr (!std::is_same_v<TIn, float>) pipe_.InitBuffer(floatBuf_, chunk * sizeof(float));
+    if (!std::is_same_v<TIn, float> || softcap_) {
+      pipe_.InitBuffer(floatBuf_, chunk * sizeof(float));
+    }
     pipe_.InitBuffer(expBuf_, chunk * sizeof(float));
     pipe_.InitBuffer(expTBuf_, chunk * sizeof(float));
     pipe_.InitBuffer(workBuf_, chunk * sizeof(float));
     pipe_.InitBuffer(scalarBuf_, kScalars * sizeof(float));
-    pipe_.InitBuffer(supportBuf_, kSupportVectors * tiling.supportSlots * sizeof(float));
+    if (tiling.supportSlots > 0u) {
+      pipe_.InitBuffer(supportBuf_,
+                       kSparseKdSupportVectors * tiling.supportSlots * sizeof(float));
+    }
   }
 
   __aicore__ inline void Process() {
@@ -87,13 +126,24 @@ class SparseKdEpilogue {
  private:
   static constexpr int32_t kBufferNum = 2;
   static constexpr uint32_t kScalars = 16;
-  // Support vectors, each `supportSlots` floats: ids (int32), student logit, teacher log-prob,
-  // student log-prob at T, q, p, scratch, the fixed gradient of the support element.
-  static constexpr uint32_t kSupportVectors = 8;
-  enum Support : uint32_t { kIds = 0, kZ, kLogP, kLogQ, kQ, kP, kTmp, kFix };
+  // Support vectors, each `supportSlots` floats (kSparseKdSupportVectors of them): ids (int32),
+  // student logit, teacher log-prob (or scaled logit), student log-prob at T, q, p (or weight),
+  // two scratch vectors, a product scratch, the fixed gradient of the support element.
+  enum Support : uint32_t { kIds = 0, kZ, kLogP, kLogQ, kQ, kP, kA, kB, kTmp, kFix };
+  static_assert(kFix + 1 == kSparseKdSupportVectors, "SparseKdUbBytes counts these vectors");
   // Stands in for -inf where a finite value keeps 0 * x at 0 (empty slots, p = 0 terms).
   static constexpr float kNegBig = -1.0e30f;
+  static constexpr float kEps = 1.0e-12f;         // floor of probabilities inside logarithms
+  static constexpr float kLogEps = -27.6310211f;  // log(1e-12)
+  static constexpr float kTanhClamp = 20.0f;      // |z / c| beyond this: tanh is +-1 in fp32
   enum class Pass { MaxGather, Sums, Gradient };
+
+  // What a divergence leaves for the gradient: D, and the coefficient of q_v for tokens outside
+  // the support (before kd T); dD/du at the support slots is left in the kA vector.
+  struct DivergenceTerms {
+    float value;
+    float restCoef;
+  };
 
   __aicore__ inline uint32_t ChunkLen(uint32_t c) const {
     const uint32_t start = c * tiling_.chunk;
@@ -122,6 +172,17 @@ class SparseKdEpilogue {
     VectorToScalar();
     return t.GetValue(0);
   }
+  __aicore__ inline float SumSupport(const LocalTensor<float>& v) {
+    ReduceSum(scalarBuf_.Get<float>(), v, workBuf_.Get<float>(),
+              static_cast<int32_t>(tiling_.supportSlots));
+    return ReadScalar(scalarBuf_.Get<float>());
+  }
+  __aicore__ inline float MaxSupport(const LocalTensor<float>& v) {
+    ReduceMax(scalarBuf_.Get<float>(), v, workBuf_.Get<float>(),
+              static_cast<int32_t>(tiling_.supportSlots));
+    return ReadScalar(scalarBuf_.Get<float>());
+  }
+  __aicore__ inline float FloorLog(float logx) const { return logx > kLogEps ? logx : kLogEps; }
 
   __aicore__ inline void ProcessRow(uint32_t row) {
     const uint32_t chunks = (tiling_.vocab + tiling_.chunk - 1) / tiling_.chunk;
@@ -130,6 +191,7 @@ class SparseKdEpilogue {
     if (!ignored_) {
       if (kd_) LoadSupport(row);
       rowMax_ = -3.4e38f;
+      maxBeforeLabel_ = -3.4e38f;
       sum1_ = 0.0f;
       sumT_ = 0.0f;
       sumRestT_ = 0.0f;
@@ -146,38 +208,47 @@ class SparseKdEpilogue {
       }
     }
     lossGm_.SetValue(row, ignored_ ? 0.0f : rowLoss_);
-    lseGm_.SetValue(row, ignored_ ? 0.0f : lse1_);
+    const uint64_t base = uint64_t(row) * kStatCount;
+    for (uint32_t i = 0; i < kStatCount; ++i) {
+      statsGm_.SetValue(base + i, ignored_ ? 0.0f : stats_[i]);
+    }
   }
 
-  // Scalar reads of the row's target into the support vectors. Slot K is the label when it is
-  // not among the stored ids (label conditioning); unused slots keep p = 0 and never match.
+  // Scalar reads of the row's target into the support vectors. Top-K: kLogP gets t / T (minus
+  // Lambda under tail), slot K the label when it is not among the stored ids and the label is
+  // included. Sampled: kP gets the weights. Unused slots keep p = 0 and never match an id.
   __aicore__ inline void LoadSupport(uint32_t row) {
     VectorToScalar();  // the previous row's vector ops on these vectors are done
     LocalTensor<int32_t> ids = SupportIds();
     LocalTensor<float> z = SupportVec(kZ);
     LocalTensor<float> logp = SupportVec(kLogP);
-    const float lambda = teacherLseGm_.GetValue(row);
-    const float T = tiling_.temperature;
+    LocalTensor<float> p = SupportVec(kP);
+    const float shift = tail_ ? teacherLseGm_.GetValue(row) : 0.0f;
     const uint32_t K = tiling_.supportK;
     for (uint32_t j = 0; j < tiling_.supportSlots; ++j) {
       ids.SetValue(j, -1);
       z.SetValue(j, kNegBig);
       logp.SetValue(j, kNegBig);
+      p.SetValue(j, 0.0f);
     }
     uint32_t count = 0;
-    labelSlot_ = -1;
+    bool labelSeen = false;
     for (uint32_t j = 0; j < K; ++j) {
       const int32_t id = idsGm_.GetValue(uint64_t(row) * K + j);
       if (id < 0) continue;
       ids.SetValue(j, id);
-      logp.SetValue(j, teacherGm_.GetValue(uint64_t(row) * K + j) / T - lambda);
+      const float value = teacherGm_.GetValue(uint64_t(row) * K + j);
+      if (sampled_) {
+        p.SetValue(j, value);
+      } else {
+        logp.SetValue(j, value * invT_ - shift);
+      }
       ++count;
-      if (id == label_) labelSlot_ = static_cast<int32_t>(j);
+      labelSeen = labelSeen || id == label_;
     }
-    if (labelSlot_ < 0) {
-      labelSlot_ = static_cast<int32_t>(K);
+    if (tiling_.includeLabel != 0u && !labelSeen) {
       ids.SetValue(K, label_);
-      logp.SetValue(K, labelLogitGm_.GetValue(row) / T - lambda);
+      logp.SetValue(K, labelLogitGm_.GetValue(row) * invT_ - shift);
       ++count;
     }
     restEmpty_ = count >= tiling_.vocab;
@@ -192,15 +263,40 @@ class SparseKdEpilogue {
     inQueue_.EnQue(xLocal);
   }
 
-  // Chunk as float in the UB: bf16 is cast first (Exp/Ln take only half and float).
+  // The chunk as (soft-capped) float logits in the UB: bf16 is cast first (Exp/Ln take only half
+  // and float); the softcap goes to floatBuf_ so the input buffer stays as the GM copy left it.
   __aicore__ inline LocalTensor<float> AsFloat(LocalTensor<TIn>& xLocal, uint32_t len) {
+    LocalTensor<float> xf;
     if constexpr (std::is_same_v<TIn, float>) {
-      return xLocal;
+      if (!softcap_) return xLocal;
+      xf = floatBuf_.template Get<float>();
+      SoftCap(xf, xLocal, len);
     } else {
-      LocalTensor<float> xf = floatBuf_.template Get<float>();
+      xf = floatBuf_.template Get<float>();
       Cast(xf, xLocal, RoundMode::CAST_NONE, len);
-      return xf;
+      if (softcap_) SoftCap(xf, xf, len);
     }
+    return xf;
+  }
+
+  // dst = c tanh(src / c) with tanh(x) = (e - 1) / (e + 1), e = exp(2x), x clamped to +-20: no
+  // overflow, no inf / inf, and exact +-1 where fp32 tanh saturates. dst may alias src. The two
+  // exp scratch rows are free here: every pass computes the capped chunk before using them.
+  __aicore__ inline void SoftCap(const LocalTensor<float>& dst, const LocalTensor<float>& src,
+                                 uint32_t len) {
+    const int32_t n = static_cast<int32_t>(len);
+    const float c = tiling_.softcap;
+    LocalTensor<float> num = expBuf_.Get<float>();
+    LocalTensor<float> den = expTBuf_.Get<float>();
+    Muls(num, src, 1.0f / c, n);
+    Mins(num, num, kTanhClamp, n);
+    Maxs(num, num, -kTanhClamp, n);
+    Muls(num, num, 2.0f, n);
+    Exp(num, num, n);
+    Adds(den, num, 1.0f, n);
+    Adds(num, num, -1.0f, n);
+    Div(dst, num, den, n);
+    Muls(dst, dst, c, n);
   }
 
   __aicore__ inline bool InChunk(int32_t id, uint32_t start, uint32_t len) const {
@@ -212,15 +308,31 @@ class SparseKdEpilogue {
     const int32_t n = static_cast<int32_t>(len);
     const uint32_t start = c * tiling_.chunk;
     LocalTensor<TIn> xLocal = inQueue_.template DeQue<TIn>();
+    LocalTensor<float> g = expBuf_.Get<float>();
+    if (ignored_) {  // only the gradient pass runs: zeros, nothing to read
+      Duplicate(g, 0.0f, n);
+      EmitGradient(row, c, g, len);
+      inQueue_.FreeTensor(xLocal);
+      return;
+    }
     LocalTensor<float> xf = AsFloat(xLocal, len);
     LocalTensor<float> work = workBuf_.Get<float>();
     LocalTensor<float> scalar = scalarBuf_.Get<float>();
-    LocalTensor<float> g = expBuf_.Get<float>();
     if (pass == Pass::MaxGather) {
       ReduceMax(scalar, xf, work, n);
-      const float chunkMax = ReadScalar(scalar);  // also orders the gather after the Cast
+      const float chunkMax = ReadScalar(scalar);  // also orders the gathers after the vector ops
       rowMax_ = chunkMax > rowMax_ ? chunkMax : rowMax_;
-      if (InChunk(label_, start, len)) zLabel_ = xf.GetValue(label_ - start);
+      if (static_cast<uint32_t>(label_) >= start + len) {
+        maxBeforeLabel_ = chunkMax > maxBeforeLabel_ ? chunkMax : maxBeforeLabel_;
+      } else if (InChunk(label_, start, len)) {
+        zLabel_ = xf.GetValue(label_ - start);
+        const int32_t before = label_ - static_cast<int32_t>(start);
+        if (before > 0) {  // the elements of this chunk before the label
+          ReduceMax(scalar, xf, work, before);
+          const float m = ReadScalar(scalar);
+          maxBeforeLabel_ = m > maxBeforeLabel_ ? m : maxBeforeLabel_;
+        }
+      }
       if (kd_) {
         LocalTensor<int32_t> ids = SupportIds();
         LocalTensor<float> z = SupportVec(kZ);
@@ -236,18 +348,14 @@ class SparseKdEpilogue {
       sum1_ += ReadScalar(scalar);
       if (kd_) SumsAtTemperature(xf, g, start, len);
     } else {
-      if (ignored_) {
-        Duplicate(g, 0.0f, n);
-      } else {
-        GradientChunk(xf, g, start, len);
-      }
+      GradientChunk(xf, g, start, len);
       EmitGradient(row, c, g, len);
     }
     inQueue_.FreeTensor(xLocal);
   }
 
-  // sum exp((z - max) / T) over the chunk, and over the chunk minus the support elements (set
-  // to 0 by the scalar unit between the two sums).
+  // sum exp((z - max) / T) over the chunk, and (tail) over the chunk minus the support elements
+  // (set to 0 by the scalar unit between the two sums).
   __aicore__ inline void SumsAtTemperature(LocalTensor<float>& xf, LocalTensor<float>& e1,
                                            uint32_t start, uint32_t len) {
     const int32_t n = static_cast<int32_t>(len);
@@ -263,6 +371,7 @@ class SparseKdEpilogue {
     ReduceSum(scalar, e, work, n);
     const float chunkSum = ReadScalar(scalar);
     sumT_ += chunkSum;
+    if (!tail_) return;  // only the tail bucket needs the mass outside the support
     LocalTensor<int32_t> ids = SupportIds();
     bool touched = false;
     for (uint32_t j = 0; j < tiling_.supportSlots; ++j) {
@@ -292,78 +401,226 @@ class SparseKdEpilogue {
     for (uint32_t i = 0; i < count; ++i) values[i] = scalar.GetValue(i);
   }
 
-  // After pass 2: lse, loss, and the coefficients and support gradient pass 3 needs.
-  __aicore__ inline void FinishStatistics() {
-    float logs[3] = {sum1_, sumT_, sumRestT_ > 0.0f ? sumRestT_ : 1.0f};
-    LnScalars(logs, 3);
-    lse1_ = rowMax_ + logs[0];
-    const float ce = lse1_ - zLabel_;
-    coefS_ = 1.0f - tiling_.kdWeight;
-    coefQ_ = 0.0f;
-    if (!kd_) {
-      rowLoss_ = ce;
-      return;
-    }
-    const float kd = tiling_.kdWeight;
-    const float T = tiling_.temperature;
-    lseT_ = rowMax_ * invT_ + logs[1];
-    const float logQRest = sumRestT_ > 0.0f ? logs[2] - logs[1] : kNegBig;
-    const float qRest = sumRestT_ / sumT_;
+  // out = log_softmax of `logits` over the support slots (invalid slots hold kNegBig and come
+  // out at about kNegBig); `exps` is scratch. Used for p~ (renorm) and q~ (renorm, reverse/JSD).
+  __aicore__ inline void LogSoftmaxSupport(const LocalTensor<float>& out,
+                                           const LocalTensor<float>& logits,
+                                           const LocalTensor<float>& exps) {
     const int32_t k = static_cast<int32_t>(tiling_.supportSlots);
-    LocalTensor<float> z = SupportVec(kZ);
+    const float mx = MaxSupport(logits);
+    Adds(out, logits, -mx, k);
+    Exp(exps, out, k);
+    float lnSum[1] = {SumSupport(exps)};
+    LnScalars(lnSum, 1);
+    Adds(out, out, -lnSum[0], k);
+  }
+
+  // Forward KL sum_S p (log p - log q) over the support slots (p = 0 slots give 0 * finite).
+  __aicore__ inline float ForwardKlSupport() {
+    const int32_t k = static_cast<int32_t>(tiling_.supportSlots);
+    LocalTensor<float> tmp = SupportVec(kTmp);
+    Sub(tmp, SupportVec(kLogP), SupportVec(kLogQ), k);
+    Mul(tmp, SupportVec(kP), tmp, k);
+    return SumSupport(tmp);
+  }
+
+  // Reverse KL or JSD over the support buckets (kLogP, kP, kLogQ, kQ) plus, when `rest`, one
+  // more bucket (pR, logpR, qR, logqR). Leaves dD/du = q_j (g_j - gbar) in kA.
+  __aicore__ inline DivergenceTerms ReverseOrJsd(bool rest, float pR, float logpR, float qR,
+                                                 float logqR) {
+    const int32_t k = static_cast<int32_t>(tiling_.supportSlots);
     LocalTensor<float> logp = SupportVec(kLogP);
     LocalTensor<float> logq = SupportVec(kLogQ);
-    LocalTensor<float> q = SupportVec(kQ);
     LocalTensor<float> p = SupportVec(kP);
+    LocalTensor<float> q = SupportVec(kQ);
+    LocalTensor<float> a = SupportVec(kA);
+    LocalTensor<float> b = SupportVec(kB);
+    LocalTensor<float> tmp = SupportVec(kTmp);
+    DivergenceTerms out{0.0f, 0.0f};
+    if (tiling_.divergence == kSparseKdReverseKl) {
+      // a = floor(log q) - floor(log p); D = sum q a; g - gbar = a - D.
+      Maxs(a, logq, kLogEps, k);
+      Maxs(b, logp, kLogEps, k);
+      Sub(a, a, b, k);
+      Mul(tmp, q, a, k);
+      float d = SumSupport(tmp);
+      const float aR = FloorLog(logqR) - FloorLog(logpR);
+      if (rest) d += qR * aR;
+      Adds(a, a, -d, k);
+      Mul(a, q, a, k);
+      out.value = d;
+      out.restCoef = rest ? aR - d : 0.0f;
+      return out;
+    }
+    // JSD: a = log max(m, eps); b = floor(log x) - a for x = p, then q.
+    const float beta = tiling_.beta;
+    Muls(tmp, q, 1.0f - beta, k);
+    Muls(a, p, beta, k);
+    Add(a, a, tmp, k);
+    Maxs(a, a, kEps, k);
+    Ln(a, a, k);
+    Maxs(b, logp, kLogEps, k);
+    Sub(b, b, a, k);
+    Mul(tmp, p, b, k);
+    float dp = SumSupport(tmp);  // sum p (log p - log m)
+    Maxs(b, logq, kLogEps, k);
+    Sub(b, b, a, k);
+    Mul(tmp, q, b, k);
+    float dq = SumSupport(tmp);  // sum q (log q - log m)
+    float bR = 0.0f;
+    if (rest) {
+      const float mR = beta * pR + (1.0f - beta) * qR;
+      float logmR[1] = {mR > kEps ? mR : kEps};
+      LnScalars(logmR, 1);
+      if (pR > 0.0f) dp += pR * (FloorLog(logpR) - logmR[0]);
+      bR = FloorLog(logqR) - logmR[0];
+      dq += qR * bR;
+    }
+    // g_b = (1 - beta) b_b and gbar = sum_b q_b g_b = (1 - beta) dq.
+    const float gbar = (1.0f - beta) * dq;
+    Muls(a, b, 1.0f - beta, k);
+    Adds(a, a, -gbar, k);
+    Mul(a, q, a, k);
+    out.value = beta * dp + (1.0f - beta) * dq;
+    out.restCoef = rest ? (1.0f - beta) * bR - gbar : 0.0f;
+    return out;
+  }
+
+  // Top-K, missing_mass = tail: buckets S + {rest}.
+  __aicore__ inline DivergenceTerms TailDivergence(float logQRest, float qRest) {
+    const int32_t k = static_cast<int32_t>(tiling_.supportSlots);
+    LocalTensor<float> logp = SupportVec(kLogP);
+    LocalTensor<float> p = SupportVec(kP);
+    LocalTensor<float> q = SupportVec(kQ);
+    LocalTensor<float> a = SupportVec(kA);
+    Maxs(logp, logp, kNegBig, k);  // a -inf teacher logit: p = 0, and 0 * log-ratio stays 0
+    Exp(p, logp, k);
+    const float pS = SumSupport(p);
+    stats_[kStatTeacherMass] = pS;
+    const float pRest = restEmpty_ || pS >= 1.0f ? 0.0f : 1.0f - pS;
+    float logPRest[1] = {pRest > 0.0f ? pRest : 1.0f};
+    LnScalars(logPRest, 1);
+    if (pRest <= 0.0f) logPRest[0] = kNegBig;
+    if (tiling_.divergence != kSparseKdForwardKl) {
+      return ReverseOrJsd(!restEmpty_, pRest, logPRest[0], qRest, logQRest);
+    }
+    DivergenceTerms out{ForwardKlSupport(), 0.0f};
+    // dD/du_j = P q_j - p_j; a token outside S: (P - p_rest / q_rest) q_v.
+    const float pTotal = pS + pRest;
+    Muls(a, q, pTotal, k);
+    Sub(a, a, p, k);
+    out.restCoef = pTotal;
+    if (pRest > 0.0f) {
+      out.value += pRest * (logPRest[0] - logQRest);
+      out.restCoef -= pRest / qRest;
+    }
+    return out;
+  }
+
+  // Top-K, missing_mass = renorm: the teacher renormalised over S, p~ = softmax_S(t / T).
+  __aicore__ inline DivergenceTerms RenormDivergence() {
+    const int32_t k = static_cast<int32_t>(tiling_.supportSlots);
+    LocalTensor<float> logp = SupportVec(kLogP);
+    LocalTensor<float> logq = SupportVec(kLogQ);
+    LocalTensor<float> p = SupportVec(kP);
+    LocalTensor<float> q = SupportVec(kQ);
+    LocalTensor<float> a = SupportVec(kA);
+    Maxs(logp, logp, kNegBig, k);
+    LogSoftmaxSupport(logp, logp, p);
+    Exp(p, logp, k);
+    stats_[kStatTeacherMass] = 1.0f;
+    if (tiling_.divergence == kSparseKdForwardKl) {
+      // Against the full-vocabulary q: dD/du_j = q_j - p~_j, and q_v outside S.
+      DivergenceTerms out{ForwardKlSupport(), 1.0f};
+      Sub(a, q, p, k);
+      return out;
+    }
+    // The student renormalised over S as well: q~ = softmax_S(z / T), from the logits so that it
+    // stays exact when Q_S is tiny. No rest bucket, so tokens outside S get no KD gradient.
+    Muls(logq, SupportVec(kZ), invT_, k);
+    LogSoftmaxSupport(logq, logq, q);
+    Exp(q, logq, k);
+    return ReverseOrJsd(false, 0.0f, 0.0f, 0.0f, 0.0f);
+  }
+
+  // Sampled target: D = -sum w_j log q_j, dD/du_j = W q_j - w_j, W q_v outside S.
+  __aicore__ inline DivergenceTerms SampledDivergence() {
+    const int32_t k = static_cast<int32_t>(tiling_.supportSlots);
+    LocalTensor<float> w = SupportVec(kP);
+    LocalTensor<float> a = SupportVec(kA);
+    LocalTensor<float> tmp = SupportVec(kTmp);
+    Mul(tmp, w, SupportVec(kLogQ), k);
+    const float d = -SumSupport(tmp);
+    const float weightSum = SumSupport(w);
+    stats_[kStatTeacherMass] = weightSum;
+    Muls(a, SupportVec(kQ), weightSum, k);
+    Sub(a, a, w, k);
+    return DivergenceTerms{d, weightSum};
+  }
+
+  // After pass 2: lse, loss, statistics, and the coefficients and support gradient pass 3 needs.
+  __aicore__ inline void FinishStatistics() {
+    float logs[3] = {sum1_, sumT_, sumRestT_ > 0.0f ? sumRestT_ : 1.0f};
+    LnScalars(logs, kd_ ? 3u : 1u);
+    lse1_ = rowMax_ + logs[0];
+    const float kd = tiling_.kdWeight;
+    const float T = tiling_.temperature;
+    const float ce = lse1_ - zLabel_;
+    labelCoef_ = 1.0f - kd;
+    coefS_ = labelCoef_ + 2.0f * tiling_.zLoss * lse1_;  // CE and z-loss both push softmax(z)
+    coefQ_ = 0.0f;
+    for (uint32_t i = 0; i < kStatCount; ++i) stats_[i] = 0.0f;
+    stats_[kStatCrossEntropy] = ce;
+    stats_[kStatLse] = lse1_;
+    // argmax z == y (first maximum, like torch.argmax): z_y is the maximum, none before it.
+    stats_[kStatCorrect] = zLabel_ >= rowMax_ && maxBeforeLabel_ < rowMax_ ? 1.0f : 0.0f;
+    rowLoss_ = labelCoef_ * ce + tiling_.zLoss * lse1_ * lse1_;
+    if (!kd_) return;
+    lseT_ = rowMax_ * invT_ + logs[1];
+    const int32_t k = static_cast<int32_t>(tiling_.supportSlots);
+    LocalTensor<float> z = SupportVec(kZ);
+    LocalTensor<float> logq = SupportVec(kLogQ);
+    LocalTensor<float> q = SupportVec(kQ);
+    LocalTensor<float> a = SupportVec(kA);
     LocalTensor<float> tmp = SupportVec(kTmp);
     LocalTensor<float> fix = SupportVec(kFix);
-    LocalTensor<float> work = workBuf_.Get<float>();
-    LocalTensor<float> scalar = scalarBuf_.Get<float>();
-    ScalarToVector();  // the gathered z values
+    ScalarToVector();  // the gathered z values and the loaded target
     Muls(logq, z, invT_, k);
     Adds(logq, logq, -lseT_, k);
     Exp(q, logq, k);
-    Maxs(logp, logp, kNegBig, k);  // a -inf teacher logit: p = 0, and 0 * log-ratio stays 0
-    Exp(p, logp, k);
-    Sub(tmp, logp, logq, k);
-    Mul(tmp, p, tmp, k);
-    ReduceSum(scalar, tmp, work, k);
-    float divergence = ReadScalar(scalar);
-    ReduceSum(scalar, p, work, k);
-    const float pS = ReadScalar(scalar);
-    float pRest = restEmpty_ || pS >= 1.0f ? 0.0f : 1.0f - pS;
-    float ratio = 0.0f;  // r = p_rest / q_rest
-    if (pRest > 0.0f) {
-      float lnPRest[1] = {pRest};
-      LnScalars(lnPRest, 1);
-      divergence += pRest * (lnPRest[0] - logQRest);
-      ratio = pRest / qRest;
+    stats_[kStatStudentMass] = SumSupport(q);
+    DivergenceTerms terms{0.0f, 0.0f};
+    if (sampled_) {
+      terms = SampledDivergence();
+    } else if (tail_) {
+      const float logQRest = sumRestT_ > 0.0f ? logs[2] - logs[1] : kNegBig;
+      terms = TailDivergence(logQRest, sumRestT_ / sumT_);
+    } else {
+      terms = RenormDivergence();
     }
-    const float pTotal = pS + pRest;
-    // Support gradient: (1 - kd) s + kd T (P q - p), s = exp(z - lse); the label's -1 below.
-    Muls(fix, q, pTotal, k);
-    Sub(fix, fix, p, k);
-    Muls(fix, fix, kd * T, k);
+    stats_[kStatDivergence] = terms.value;
+    // Support gradient: kd T dD/du + coefS s, s = exp(z - lse); the label's -(1 - kd) comes in
+    // the gradient pass, whether or not the label is in the support.
+    Muls(fix, a, kd * T, k);
     Adds(tmp, z, -lse1_, k);
     Exp(tmp, tmp, k);
     Muls(tmp, tmp, coefS_, k);
     Add(fix, fix, tmp, k);
-    VectorToScalar();
-    fix.SetValue(labelSlot_, fix.GetValue(labelSlot_) - coefS_);
-    coefQ_ = kd * T * (pTotal - ratio);
-    rowLoss_ = kd * T * T * divergence + coefS_ * ce;
+    coefQ_ = restEmpty_ && tail_ ? 0.0f : kd * T * terms.restCoef;
+    rowLoss_ += kd * T * T * terms.value;
   }
 
-  // g = (1 - kd) exp(z - lse) + kd T (P - r) exp(z / T - L_T), then the support overwrite.
+  // g = coefS exp(z - lse) + coefQ exp(z / T - L_T), the support overwrite, the label's
+  // -(1 - kd), and the softcap's chain-rule factor 1 - (z / c)^2.
   __aicore__ inline void GradientChunk(LocalTensor<float>& xf, LocalTensor<float>& g,
                                        uint32_t start, uint32_t len) {
     const int32_t n = static_cast<int32_t>(len);
+    LocalTensor<float> e = expTBuf_.Get<float>();
     Adds(g, xf, -lse1_, n);
     Exp(g, g, n);
-    if (!kd_ || unitTemperature_) {
+    if (coefQ_ == 0.0f || unitTemperature_) {
       Muls(g, g, coefS_ + coefQ_, n);  // at T = 1, q = s
     } else {
-      LocalTensor<float> e = expTBuf_.Get<float>();
       Muls(g, g, coefS_, n);
       Muls(e, xf, invT_, n);
       Adds(e, e, -lseT_, n);
@@ -379,10 +636,19 @@ class SparseKdEpilogue {
         const int32_t id = ids.GetValue(j);
         if (InChunk(id, start, len)) g.SetValue(id - start, fix.GetValue(j));
       }
-    } else if (InChunk(label_, start, len)) {
-      g.SetValue(label_ - start, g.GetValue(label_ - start) - 1.0f);
+    }
+    if (InChunk(label_, start, len)) {
+      g.SetValue(label_ - start, g.GetValue(label_ - start) - labelCoef_);
     }
     ScalarToVector();
+    if (softcap_) {
+      const float invC = 1.0f / tiling_.softcap;
+      Muls(e, xf, invC, n);
+      Mul(e, e, e, n);
+      Muls(e, e, -1.0f, n);
+      Adds(e, e, 1.0f, n);
+      Mul(g, g, e, n);
+    }
   }
 
   // Scale, cast to the input dtype and copy over the chunk of z in GM.
@@ -420,34 +686,39 @@ class SparseKdEpilogue {
   GlobalTensor<float> teacherLseGm_;
   GlobalTensor<float> labelLogitGm_;
   GlobalTensor<float> lossGm_;
-  GlobalTensor<float> lseGm_;
+  GlobalTensor<float> statsGm_;
   SparseKdTiling tiling_{};
   bool kd_ = false;
+  bool sampled_ = false;
+  bool tail_ = false;
+  bool softcap_ = false;
   bool unitTemperature_ = true;
   bool ignored_ = false;
   bool restEmpty_ = false;
   float invT_ = 1.0f;
   int32_t label_ = 0;
-  int32_t labelSlot_ = -1;
   float rowMax_ = 0.0f;
+  float maxBeforeLabel_ = 0.0f;
   float sum1_ = 0.0f;
   float sumT_ = 0.0f;
   float sumRestT_ = 0.0f;
   float zLabel_ = 0.0f;
   float lse1_ = 0.0f;
   float lseT_ = 0.0f;
+  float labelCoef_ = 0.0f;
   float coefS_ = 0.0f;
   float coefQ_ = 0.0f;
   float rowLoss_ = 0.0f;
+  float stats_[kStatCount] = {};
 };
 
 template <class TIn>
 __global__ __aicore__ void sparse_kd_epilogue(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids,
-                                              GM_ADDR teacherLogits, GM_ADDR teacherLse,
-                                              GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR lse,
+                                              GM_ADDR teacherValues, GM_ADDR teacherLse,
+                                              GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
                                               SparseKdTiling tiling) {
   SparseKdEpilogue<TIn> op;
-  op.Init(logits, labels, ids, teacherLogits, teacherLse, labelLogit, loss, lse, tiling);
+  op.Init(logits, labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
   op.Process();
 }
 

@@ -1,41 +1,73 @@
 // Host-side tiling of the sparse-KD / cross-entropy epilogue (csrc/ascend/sparse_kd_epilogue.h).
 //
 // The host picks how many vocabulary elements one UB chunk holds and how many blocks share the
-// rows, from the chip's UB budget, and passes the result to the kernel by value (the usual Ascend
-// C tiling-data pattern). `SparseKdUbBytes` is the exact sum of the kernel's InitBuffer calls, so
-// a tiling this file accepts never trips the UB budget on the device (the CPU twin asserts it).
+// rows, from the chip's UB budget, and passes the result, with the loss options of
+// /work/shared/kd-losses.md (docs/kd-losses.md), to the kernel by value (the usual Ascend C
+// tiling-data pattern). `SparseKdUbBytes` is the exact sum of the kernel's InitBuffer calls, so a
+// tiling this file accepts never trips the UB budget on the device (the CPU twin asserts it).
 #pragma once
 
 #include <cstdint>
 
+// Option codes. They equal the indices of DIVERGENCES and MISSING_MASS_MODES in
+// pangu_fastkd/ops/sparse_kd_targets.py (the C++ op schema uses the same), so the host launcher
+// passes the Python codes through unchanged.
+enum SparseKdDivergence : uint32_t {
+  kSparseKdForwardKl = 0,
+  kSparseKdReverseKl = 1,
+  kSparseKdJsd = 2,
+};
+enum SparseKdMissingMass : uint32_t {
+  kSparseKdTail = 0,
+  kSparseKdRenorm = 1,
+};
+enum SparseKdTargetKind : uint32_t {
+  kSparseKdTopK = 0,     // ids, teacher logits, teacher lse (Lambda), label logit
+  kSparseKdSampled = 1,  // ids and importance weights (random-sampling KD)
+};
+
 // The struct is all the kernel sees: plain 32-bit fields, no pointers, trivially copyable.
+// Enumerations are stored as uint32_t so the layout does not depend on the compiler's enum size.
 struct SparseKdTiling {
   uint32_t rows;          // N: rows of the logits matrix
   uint32_t vocab;         // V: elements per row
   uint32_t chunk;         // elements per UB chunk: a multiple of 64 (one 256-byte fp32 repeat)
   uint32_t supportK;      // K: stored teacher ids per row (0 when kdWeight == 0)
-  uint32_t supportSlots;  // K + 1 (the label slot) rounded up to 8 floats (32 bytes)
+  uint32_t supportSlots;  // K (+ 1 label slot for top-K with includeLabel) rounded up to 8
   uint32_t blockDim;      // blocks to launch; rows are dealt round-robin to them
   int32_t ignoreIndex;    // label value of unsupervised rows (-100)
-  float kdWeight;         // weight of the divergence; 0 = plain cross-entropy
-  float temperature;      // T == T_c of the top-K cache (missing_mass="tail" needs it)
+  uint32_t targetKind;    // SparseKdTargetKind (meaningful only when kdWeight > 0)
+  uint32_t divergence;    // SparseKdDivergence
+  uint32_t missingMass;   // SparseKdMissingMass (top-K targets only)
+  uint32_t includeLabel;  // 1: top-K support gets the label with its stored teacher logit
+  float kdWeight;         // weight of the divergence; 0 = plain cross-entropy (+ z-loss)
+  float temperature;      // T (== T_c of the top-K cache under missing_mass = tail)
+  float beta;             // JSD mixing weight in [0, 1] (TRL convention)
+  float softcap;          // c of z <- c tanh(z / c); 0 = no softcap
+  float zLoss;            // coefficient of lse^2 (lse of the capped logits at T = 1)
   float scale;            // gradient multiplier (1 / num_items times the upstream gradient)
   uint32_t ubBytes;       // UB bytes the kernel's InitBuffer calls take with this tiling
 };
 
+// Support vectors of `supportSlots` floats the kernel keeps per row (ids, gathered student
+// logits, teacher log-probs or weights, student log-probs and probabilities, teacher
+// probabilities, two scratch vectors, a product scratch, the fixed gradient of the support).
+inline constexpr uint32_t kSparseKdSupportVectors = 10;
+
 // The kernel's UB footprint for a chunk of `chunk` elements of `elemBytes`-byte logits: two
-// input and two output queue buffers (double buffering), a float copy of the chunk for bf16, two
-// float scratch rows (exp at T = 1 and at T), the reduction work row, 16 scalars, and 8 support
-// vectors of `supportSlots` floats (ids, student and teacher log-probs, probabilities, the fixed
-// gradient of the support). Each buffer is rounded up to 32 bytes as InitBuffer does.
-inline uint64_t SparseKdUbBytes(uint32_t chunk, uint32_t elemBytes, uint32_t supportSlots) {
+// input and two output queue buffers (double buffering), a float row for the chunk when the
+// logits are bf16 or soft-capped (the capped values need a home of their own), two float scratch
+// rows (exp at T = 1 and at T; also the tanh temporaries of the softcap), the reduction work row,
+// 16 scalars, and the support vectors. Each buffer is rounded up to 32 bytes as InitBuffer does.
+inline uint64_t SparseKdUbBytes(uint32_t chunk, uint32_t elemBytes, uint32_t supportSlots,
+                                bool softcap) {
   auto align32 = [](uint64_t bytes) { return (bytes + 31u) / 32u * 32u; };
   const uint64_t in = align32(uint64_t(chunk) * elemBytes);
   const uint64_t row = align32(uint64_t(chunk) * 4u);
-  uint64_t total = 4u * in + 3u * row;  // in/out queues x2, exp, expT, work
-  if (elemBytes != 4u) total += row;    // float copy of a bf16 chunk
-  total += 64u;                         // scalars
-  total += align32(uint64_t(supportSlots) * 8u * 4u);
+  uint64_t total = 4u * in + 3u * row;           // in/out queues x2, exp, expT, work
+  if (elemBytes != 4u || softcap) total += row;  // float (capped) copy of the chunk
+  total += 64u;                                  // scalars
+  total += align32(uint64_t(supportSlots) * kSparseKdSupportVectors * 4u);
   return total;
 }
 
@@ -54,16 +86,26 @@ struct SparseKdChipBudget {
 inline constexpr SparseKdChipBudget kSparseKdAscend910B{184u * 1024u, 48u};  // of 192 KB UB
 inline constexpr SparseKdChipBudget kSparseKdAscend310B{248u * 1024u, 1u};   // one AI core
 
-// What the epilogue is asked to do; the scalar options of kd-losses.md.
+// What the epilogue is asked to do: the shape and the options of kd-losses.md. Defaults are the
+// reference's (forward KL, tail, label included, beta 0.5, no softcap, no z-loss).
 struct SparseKdProblem {
-  uint32_t rows;
-  uint32_t vocab;
-  uint32_t supportK;   // 0 allowed only when kdWeight == 0
-  uint32_t elemBytes;  // 4 (fp32 logits) or 2 (bf16 logits)
-  float kdWeight;
-  float temperature;
-  float scale;
-  int32_t ignoreIndex;
+  uint32_t rows = 0;
+  uint32_t vocab = 0;
+  uint32_t supportK = 0;   // 0 allowed only when kdWeight == 0
+  uint32_t elemBytes = 4;  // 4 (fp32 logits) or 2 (bf16 logits)
+  float kdWeight = 1.0f;
+  float temperature = 1.0f;
+  float scale = 1.0f;
+  int32_t ignoreIndex = -100;
+  uint32_t targetKind = kSparseKdTopK;
+  float cacheTemperature = 1.0f;  // T_c of a top-K cache; tail needs T == T_c
+  uint32_t divergence = kSparseKdForwardKl;
+  uint32_t missingMass = kSparseKdTail;
+  bool includeLabel = true;  // top-K only; must be false for sampled targets
+  float beta = 0.5f;
+  bool useSoftcap = false;
+  float softcap = 0.0f;  // must be finite and > 0 when useSoftcap
+  float zLoss = 0.0f;
 };
 
 // Chooses the largest chunk (a multiple of 64 elements, at most the vocabulary rounded up to 64
@@ -72,38 +114,75 @@ struct SparseKdProblem {
 inline SparseKdTiling MakeSparseKdTiling(const SparseKdProblem& p, SparseKdChipBudget budget,
                                          uint32_t maxChunk = 0, uint32_t maxBlocks = 0) {
   constexpr uint32_t kRepeat = 64;  // floats per 256-byte vector repeat
+  auto bad = [](const std::string& message) { throw std::invalid_argument(message); };
   if (p.elemBytes != 2u && p.elemBytes != 4u) {
-    throw std::invalid_argument("elemBytes must be 2 (bf16) or 4 (fp32), got " +
-                                std::to_string(p.elemBytes));
+    bad("elemBytes must be 2 (bf16) or 4 (fp32), got " + std::to_string(p.elemBytes));
   }
-  if (p.vocab == 0) throw std::invalid_argument("vocab must be >= 1, got 0");
+  if (p.vocab == 0) bad("vocab must be >= 1, got 0");
   if (!(p.kdWeight >= 0.0f && p.kdWeight <= 1.0f)) {
-    throw std::invalid_argument("kdWeight must be in [0, 1], got " + std::to_string(p.kdWeight));
+    bad("kdWeight must be in [0, 1], got " + std::to_string(p.kdWeight));
   }
   if (!(p.temperature > 0.0f) || !std::isfinite(p.temperature)) {
-    throw std::invalid_argument("temperature must be finite and > 0, got " +
-                                std::to_string(p.temperature));
+    bad("temperature must be finite and > 0, got " + std::to_string(p.temperature));
   }
-  if (!std::isfinite(p.scale)) throw std::invalid_argument("scale must be finite");
-  if (p.kdWeight > 0.0f && p.supportK == 0) {
-    throw std::invalid_argument("kdWeight > 0 needs supportK >= 1 teacher ids per row, got 0");
+  if (!std::isfinite(p.scale)) bad("scale must be finite");
+  if (p.targetKind != kSparseKdTopK && p.targetKind != kSparseKdSampled) {
+    bad("targetKind must be 0 (top-K) or 1 (sampled), got " + std::to_string(p.targetKind));
+  }
+  if (p.divergence > kSparseKdJsd) {
+    bad("divergence must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got " +
+        std::to_string(p.divergence));
+  }
+  if (p.missingMass > kSparseKdRenorm) {
+    bad("missingMass must be 0 (tail) or 1 (renorm), got " + std::to_string(p.missingMass));
+  }
+  if (!(p.beta >= 0.0f && p.beta <= 1.0f)) {
+    bad("beta must be in [0, 1], got " + std::to_string(p.beta));
+  }
+  if (p.useSoftcap && !(p.softcap > 0.0f && std::isfinite(p.softcap))) {
+    bad("softcap must be finite and > 0 when useSoftcap is set, got " +
+        std::to_string(p.softcap));
+  }
+  if (!(p.zLoss >= 0.0f) || !std::isfinite(p.zLoss)) {
+    bad("zLoss must be finite and >= 0, got " + std::to_string(p.zLoss));
+  }
+  const bool sampled = p.targetKind == kSparseKdSampled;
+  // The same option checks as the reference's check_options, whatever kdWeight is.
+  if (sampled && p.divergence != kSparseKdForwardKl) {
+    bad("divergence must be 0 (forward_kl) for sampled targets, got " +
+        std::to_string(p.divergence));
+  }
+  if (sampled && p.includeLabel) {
+    bad("includeLabel must be false for sampled targets (they carry no label logit)");
+  }
+  const bool kd = p.kdWeight > 0.0f;
+  if (kd && p.supportK == 0) bad("kdWeight > 0 needs supportK >= 1 teacher ids per row, got 0");
+  // p_j = exp(t_j / T - Lambda) is a probability only at the cache temperature.
+  if (kd && !sampled && p.missingMass == kSparseKdTail &&
+      !(std::fabs(p.temperature - p.cacheTemperature) <= 1e-6f)) {
+    bad("missingMass = tail needs temperature == cacheTemperature, got " +
+        std::to_string(p.temperature) + " != " + std::to_string(p.cacheTemperature) +
+        "; use renorm");
   }
   if (maxChunk != 0 && maxChunk < kRepeat) {
-    throw std::invalid_argument("maxChunk must be 0 (no cap) or >= 64, got " +
-                                std::to_string(maxChunk));
+    bad("maxChunk must be 0 (no cap) or >= 64, got " + std::to_string(maxChunk));
   }
-  const uint32_t supportK = p.kdWeight > 0.0f ? p.supportK : 0u;
-  const uint32_t supportSlots = (supportK + 1u + 7u) / 8u * 8u;
+  const uint32_t supportK = kd ? p.supportK : 0u;
+  const bool labelSlot = kd && !sampled && p.includeLabel;
+  const uint64_t slots = (uint64_t(supportK) + (labelSlot ? 1u : 0u) + 7u) / 8u * 8u;
   uint64_t cap = (uint64_t(p.vocab) + kRepeat - 1) / kRepeat * kRepeat;
   if (maxChunk != 0 && maxChunk < cap) cap = maxChunk / kRepeat * kRepeat;
-  if (SparseKdUbBytes(kRepeat, p.elemBytes, supportSlots) > budget.ubBytes) {
-    throw std::invalid_argument("supportK = " + std::to_string(supportK) +
-                                " teacher ids leave no room for a 64-element chunk in the " +
-                                std::to_string(budget.ubBytes) + "-byte UB budget");
+  if (slots > 0xffffffu ||
+      SparseKdUbBytes(kRepeat, p.elemBytes, uint32_t(slots), p.useSoftcap) > budget.ubBytes) {
+    bad("supportK = " + std::to_string(supportK) +
+        " teacher ids leave no room for a 64-element chunk in the " +
+        std::to_string(budget.ubBytes) + "-byte UB budget");
   }
+  const uint32_t supportSlots = uint32_t(slots);
   // The footprint is linear in the chunk: step down from the cap until it fits.
   uint64_t chunk = cap;
-  while (SparseKdUbBytes(uint32_t(chunk), p.elemBytes, supportSlots) > budget.ubBytes) {
+  while (SparseKdUbBytes(uint32_t(chunk), p.elemBytes, supportSlots, p.useSoftcap) >
+         budget.ubBytes) {
     chunk -= kRepeat;
   }
   uint32_t blocks = budget.coreNum;
@@ -118,10 +197,17 @@ inline SparseKdTiling MakeSparseKdTiling(const SparseKdProblem& p, SparseKdChipB
   t.supportSlots = supportSlots;
   t.blockDim = blocks;
   t.ignoreIndex = p.ignoreIndex;
+  t.targetKind = p.targetKind;
+  t.divergence = p.divergence;
+  t.missingMass = p.missingMass;
+  t.includeLabel = labelSlot ? 1u : 0u;
   t.kdWeight = p.kdWeight;
   t.temperature = p.temperature;
+  t.beta = p.beta;
+  t.softcap = p.useSoftcap ? p.softcap : 0.0f;
+  t.zLoss = p.zLoss;
   t.scale = p.scale;
-  t.ubBytes = uint32_t(SparseKdUbBytes(t.chunk, p.elemBytes, supportSlots));
+  t.ubBytes = uint32_t(SparseKdUbBytes(t.chunk, p.elemBytes, supportSlots, p.useSoftcap));
   return t;
 }
 #endif  // !defined(__CCE_AICORE__)

@@ -1,19 +1,29 @@
 // Test driver of the sparse-KD / CE epilogue kernel (csrc/ascend/sparse_kd_epilogue.h) on the CPU
-// twin: reads the inputs tests/test_ascend_sparse_kd.py wrote, chooses the tiling with
-// MakeSparseKdTiling for the chip, launches the kernel and writes loss, lse and the gradient.
+// twin: for each case directory tests/test_ascend_sparse_kd.py wrote, reads the problem and its
+// inputs, chooses the tiling with MakeSparseKdTiling for the chip, launches the kernel and writes
+// loss, statistics and the gradient. Many cases run in one process, so the test pays the process
+// start-up once.
 //
-// usage: sparse_kd_epilogue f32|bf16 N V K KD_WEIGHT T SCALE 910b|310b MAX_BLOCKS MAX_CHUNK
-//                           IN_DIR OUT
-//   IN_DIR holds logits.bin (N*V f32 or bf16), labels.bin (N int32) and, when KD_WEIGHT > 0,
-//   ids.bin (N*K int32), teacher_logits.bin (N*K f32), teacher_lse.bin (N f32),
-//   label_logit.bin (N f32). MAX_BLOCKS / MAX_CHUNK cap the tiling (0 = chip limit / UB budget).
-//   OUT gets loss [N] f32, lse [N] f32, then the gradient [N, V] in the logits dtype.
-//   stdout: "TILING chunk=.. blockDim=.. ubBytes=.. budget=.." (exit 0), "VIOLATION rule=.."
-//   (exit 3), "TILING-ERROR .." (exit 4).
+// usage: sparse_kd_epilogue CASE_DIR...
+//   CASE_DIR/case.txt holds "key value" lines: dtype (f32|bf16), rows, vocab, k, target
+//   (topk|sampled), kd_weight, temperature, cache_temperature, divergence (0|1|2), missing_mass
+//   (0|1), include_label (0|1), beta, use_softcap (0|1), softcap, z_loss, scale, chip
+//   (910b|310b), max_blocks, max_chunk (0 = chip limit / UB budget), and optionally ub_slack:
+//   when present, each block's UB budget is set to the tiling's ubBytes + ub_slack (0 must run,
+//   -32 must trip ub-budget: together they show SparseKdUbBytes equals the InitBuffer sum).
+//   Inputs: logits.bin (N*V f32 or bf16), labels.bin (N int32) and, when kd_weight > 0, ids.bin
+//   (N*K int32), teacher_values.bin (N*K f32: teacher logits or sample weights), and for top-K
+//   teacher_lse.bin (N f32) and label_logit.bin (N f32).
+//   Outputs: result.txt with one line, "TILING chunk=.. blockDim=.. ubBytes=.. budget=..",
+//   "VIOLATION rule=.. what=.." or "TILING-ERROR ..", and, after TILING, out.bin: loss [N] f32,
+//   stats [N, 6] f32, then the gradient [N, V] in the logits dtype.
+//   Exit 0 when every case was run (whatever its result), 2 on a bad case file or input.
 // usage: sparse_kd_epilogue budgets  -> checks the tiling's chip budgets against the twin's.
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -42,71 +52,94 @@ int CheckBudgets() {
   return same ? 0 : 1;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  if (argc == 2 && std::string(argv[1]) == "budgets") return CheckBudgets();
-  if (argc != 13) {
-    std::cerr << "usage: sparse_kd_epilogue f32|bf16 N V K KD_WEIGHT T SCALE 910b|310b "
-                 "MAX_BLOCKS MAX_CHUNK IN_DIR OUT\n";
-    return 2;
+class CaseFile {
+ public:
+  explicit CaseFile(const std::string& path) {
+    std::ifstream in(path);
+    if (!in) throw std::runtime_error("cannot open " + path);
+    std::string key, value;
+    while (in >> key >> value) values_[key] = value;
   }
-  const std::string dtype = argv[1];
-  const std::string chipName = argv[8];
-  if ((dtype != "f32" && dtype != "bf16") || (chipName != "910b" && chipName != "310b")) {
-    std::cerr << "dtype must be f32 or bf16 and chip 910b or 310b\n";
-    return 2;
+  const std::string& Str(const std::string& key) const {
+    auto it = values_.find(key);
+    if (it == values_.end()) throw std::runtime_error("case.txt has no " + key);
+    return it->second;
+  }
+  bool Has(const std::string& key) const { return values_.count(key) != 0; }
+  uint32_t U32(const std::string& key) const { return uint32_t(std::stoul(Str(key))); }
+  float F32(const std::string& key) const { return std::stof(Str(key)); }
+
+ private:
+  std::map<std::string, std::string> values_;
+};
+
+// Runs one case directory; returns its result line.
+std::string RunCase(const std::string& dir) {
+  const CaseFile cf(dir + "/case.txt");
+  const std::string dtype = cf.Str("dtype"), chipName = cf.Str("chip"), target = cf.Str("target");
+  if ((dtype != "f32" && dtype != "bf16") || (chipName != "910b" && chipName != "310b") ||
+      (target != "topk" && target != "sampled")) {
+    throw std::runtime_error("dtype must be f32|bf16, chip 910b|310b, target topk|sampled");
   }
   const bool isF32 = dtype == "f32";
   SparseKdProblem problem{};
-  problem.rows = static_cast<uint32_t>(std::stoul(argv[2]));
-  problem.vocab = static_cast<uint32_t>(std::stoul(argv[3]));
-  problem.supportK = static_cast<uint32_t>(std::stoul(argv[4]));
-  problem.kdWeight = std::stof(argv[5]);
-  problem.temperature = std::stof(argv[6]);
-  problem.scale = std::stof(argv[7]);
+  problem.rows = cf.U32("rows");
+  problem.vocab = cf.U32("vocab");
+  problem.supportK = cf.U32("k");
   problem.elemBytes = isF32 ? 4u : 2u;
+  problem.kdWeight = cf.F32("kd_weight");
+  problem.temperature = cf.F32("temperature");
+  problem.cacheTemperature = cf.F32("cache_temperature");
+  problem.scale = cf.F32("scale");
   problem.ignoreIndex = -100;
-  const uint32_t maxBlocks = static_cast<uint32_t>(std::stoul(argv[9]));
-  const uint32_t maxChunk = static_cast<uint32_t>(std::stoul(argv[10]));
-  const std::string inDir = argv[11];
+  problem.targetKind = target == "topk" ? kSparseKdTopK : kSparseKdSampled;
+  problem.divergence = cf.U32("divergence");
+  problem.missingMass = cf.U32("missing_mass");
+  problem.includeLabel = cf.U32("include_label") != 0u;
+  problem.beta = cf.F32("beta");
+  problem.useSoftcap = cf.U32("use_softcap") != 0u;
+  problem.softcap = cf.F32("softcap");
+  problem.zLoss = cf.F32("z_loss");
   const bool is910 = chipName == "910b";
   const twin::Chip chip = is910 ? twin::Chip::Ascend910B : twin::Chip::Ascend310B;
   const SparseKdChipBudget budget = is910 ? kSparseKdAscend910B : kSparseKdAscend310B;
 
   SparseKdTiling tiling{};
   try {
-    tiling = MakeSparseKdTiling(problem, budget, maxChunk, maxBlocks);
+    tiling = MakeSparseKdTiling(problem, budget, cf.U32("max_chunk"), cf.U32("max_blocks"));
   } catch (const std::invalid_argument& e) {
-    std::cout << "TILING-ERROR " << e.what() << std::endl;
-    return 4;
+    return std::string("TILING-ERROR ") + e.what();
   }
-  std::cout << "TILING chunk=" << tiling.chunk << " blockDim=" << tiling.blockDim
-            << " ubBytes=" << tiling.ubBytes << " budget=" << budget.ubBytes << std::endl;
 
   const size_t n = problem.rows;
   const size_t k = tiling.supportK;
   const size_t logitBytes = n * problem.vocab * problem.elemBytes;
-  std::vector<uint8_t> logits, labels, ids, teacher, teacherLse, labelLogit;
-  try {
-    logits = ReadFile(inDir + "/logits.bin", logitBytes);
-    labels = ReadFile(inDir + "/labels.bin", n * 4);
-    if (tiling.kdWeight > 0.0f) {
-      ids = ReadFile(inDir + "/ids.bin", n * k * 4);
-      teacher = ReadFile(inDir + "/teacher_logits.bin", n * k * 4);
-      teacherLse = ReadFile(inDir + "/teacher_lse.bin", n * 4);
-      labelLogit = ReadFile(inDir + "/label_logit.bin", n * 4);
+  std::vector<uint8_t> logits = ReadFile(dir + "/logits.bin", logitBytes);
+  std::vector<uint8_t> labels = ReadFile(dir + "/labels.bin", n * 4);
+  std::vector<uint8_t> ids(1), teacher(1), teacherLse(1), labelLogit(1);
+  if (tiling.kdWeight > 0.0f) {
+    ids = ReadFile(dir + "/ids.bin", n * k * 4);
+    teacher = ReadFile(dir + "/teacher_values.bin", n * k * 4);
+    if (tiling.targetKind == kSparseKdTopK) {
+      teacherLse = ReadFile(dir + "/teacher_lse.bin", n * 4);
+      labelLogit = ReadFile(dir + "/label_logit.bin", n * 4);
     }
-  } catch (const std::runtime_error& e) {
-    std::cerr << e.what() << "\n";
-    return 2;
   }
-  std::vector<float> loss(n + 1, -1.0f), lse(n + 1, -1.0f);
+  // -1 everywhere: a row the kernel forgets to write is visible.
+  std::vector<float> loss(n + 1, -1.0f), stats(n * pangu_fastkd_ascend::kStatCount + 1, -1.0f);
+  const bool exactUb = cf.Has("ub_slack");
+  const int64_t ubLimit = exactUb ? int64_t(tiling.ubBytes) + std::stol(cf.Str("ub_slack")) : 0;
   try {
     auto launch = [&](auto kernel) {
-      twin::Launch(tiling.blockDim, chip, kernel, logits.data(), labels.data(), ids.data(),
+      // Test-only use of the twin's block context: the kernel's TPipe takes its UB budget from
+      // it when constructed, so this limits the kernel to exactly what the tiling announced.
+      auto limited = [&](auto... args) {
+        if (exactUb) twin::detail::Block("driver").chip.ub_bytes = uint32_t(ubLimit);
+        kernel(args...);
+      };
+      twin::Launch(tiling.blockDim, chip, limited, logits.data(), labels.data(), ids.data(),
                    teacher.data(), teacherLse.data(), labelLogit.data(),
-                   reinterpret_cast<GM_ADDR>(loss.data()), reinterpret_cast<GM_ADDR>(lse.data()),
+                   reinterpret_cast<GM_ADDR>(loss.data()), reinterpret_cast<GM_ADDR>(stats.data()),
                    tiling);
     };
     if (isF32) {
@@ -115,12 +148,37 @@ int main(int argc, char** argv) {
       launch(pangu_fastkd_ascend::sparse_kd_epilogue<bfloat16_t>);
     }
   } catch (const twin::HardwareRuleViolation& e) {
-    std::cout << "VIOLATION rule=" << e.rule() << " what=" << e.what() << std::endl;
-    return 3;
+    return std::string("VIOLATION rule=") + e.rule() + " what=" + e.what();
   }
-  std::ofstream out(argv[12], std::ios::binary);
+  std::ofstream out(dir + "/out.bin", std::ios::binary);
   out.write(reinterpret_cast<const char*>(loss.data()), std::streamsize(n * sizeof(float)));
-  out.write(reinterpret_cast<const char*>(lse.data()), std::streamsize(n * sizeof(float)));
+  out.write(reinterpret_cast<const char*>(stats.data()),
+            std::streamsize(n * pangu_fastkd_ascend::kStatCount * sizeof(float)));
   out.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logitBytes));
-  return out ? 0 : 2;
+  if (!out) throw std::runtime_error("could not write " + dir + "/out.bin");
+  std::ostringstream line;
+  line << "TILING chunk=" << tiling.chunk << " blockDim=" << tiling.blockDim
+       << " ubBytes=" << tiling.ubBytes << " budget=" << budget.ubBytes;
+  return line.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "budgets") return CheckBudgets();
+  if (argc < 2) {
+    std::cerr << "usage: sparse_kd_epilogue CASE_DIR... | budgets\n";
+    return 2;
+  }
+  for (int i = 1; i < argc; ++i) {
+    const std::string dir = argv[i];
+    try {
+      const std::string result = RunCase(dir);
+      std::ofstream(dir + "/result.txt") << result << "\n";
+    } catch (const std::exception& e) {
+      std::cerr << dir << ": " << e.what() << "\n";
+      return 2;
+    }
+  }
+  return 0;
 }
