@@ -6,7 +6,8 @@ Compiles the C++ programs in tests/ascend_twin/ with g++ and runs them:
   reference next to the error of torch's own float32 softmax;
 - rule_violations.cpp makes one deliberately wrong call per hardware rule ("bad") and the
   legal call next to it ("good"): the bad one must be reported as that rule's violation, the
-  good one must run clean.
+  good one must run clean. That includes the Matmul API's rules (lib/matmul_intf.h); its
+  numerics are tested in test_ascend_twin_matmul.py.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ RULE_CASES = {
     "compare-256b": ("compare-256b", "192 bytes is not a multiple of 256"),
     "exp-ln-dtype": ("exp-ln-dtype", "Exp: element type of 2 bytes"),
     "ub-budget": ("ub-budget", "196608 requested"),
-    "buffers-per-position": ("buffers-per-position", "8 buffers already on VECIN + 1"),
+    "buffers-per-position": ("buffers-per-position", "8 QUE buffers already on VECIN + 1"),
+    "buffers-total": ("buffers-total", "64 buffers already in this kernel + 1"),
     "flag-set-without-wait": ("flag-pairing", "SetFlag of HardEvent::MTE2_V event id 1"),
     "flag-wait-without-set": ("flag-pairing", "HardEvent::V_MTE3 event id 2 was never set"),
     "queue-read-before-deque": ("queue-protocol", "never EnQue'd/DeQue'd"),
@@ -123,6 +125,27 @@ RULE_CASES = {
     "ub-bounds": ("ub-bounds", "elements [0, 72) outside a tensor of 64"),
     "gm-bounds": ("gm-bounds", "elements [0, 16) outside the global buffer of 8"),
     "syncall-divergence": ("syncall-divergence", "finished without reaching this SyncAll"),
+    # Matmul high-level API (lib/matmul_intf.h)
+    "matmul-dtype": ("matmul-dtype", "A half, B bfloat16_t, bias float, C float"),
+    "matmul-before-regist": ("matmul-protocol", "Matmul used before REGIST_MATMUL_OBJ"),
+    "matmul-iterate-before-set": ("matmul-protocol", "SetTensorB was not called since Init"),
+    "matmul-gettensorc-without-iterate": ("matmul-protocol", "no pending Iterate"),
+    "matmul-use-after-end": ("matmul-protocol", "SetTensorA was not called since End"),
+    "matmul-switch-without-end": ("matmul-protocol", "without End() on the one that computed"),
+    "matmul-regist-after-initbuffer": ("matmul-protocol", "called after TPipe::InitBuffer"),
+    "matmul-workspace": ("matmul-protocol", "system workspace is null on Ascend910B"),
+    "matmul-org-shape": ("matmul-shape", "32x32x32 exceeds the org shape M=16"),
+    "matmul-single-shape": ("matmul-shape", "48x32x32 outside [1, tiling singleCore 32x32x32]"),
+    "matmul-gm-bounds": ("gm-bounds", "elements [0, 1024) outside the global buffer of 992"),
+    "matmul-ub-c-size": ("ub-bounds", "elements [0, 1024) outside a tensor of 512"),
+    "matmul-ub-c-alignment": ("ub-alignment", "starts 16 bytes into its buffer"),
+    "matmul-tiling-l0c": ("matmul-tiling", "262144 bytes > L0C 131072"),
+    "matmul-tiling-l1": ("matmul-tiling", "1179648 bytes > L1 524288"),
+    "matmul-tiling-fractal": ("matmul-tiling", "baseM 24 and baseN 32 must be multiples of 16"),
+    "matmul-tiling-basek": ("matmul-tiling", "baseK 8 is not a multiple of 16"),
+    "matmul-position-local": ("matmul-position", "A LocalTensor lives in TBuf<VECCALC>"),
+    "matmul-position-chip": ("matmul-position", "position VECOUT is not accepted on Ascend310B"),
+    "matmul-transpose": ("matmul-transpose", "B transposed but its MatmulType ISTRANS is false"),
 }
 
 

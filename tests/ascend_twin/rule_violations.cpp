@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernel_operator.h"
+#include "lib/matmul_intf.h"
 
 using namespace AscendC;
 
@@ -79,19 +80,27 @@ __global__ __aicore__ void ub_budget(GM_ADDR) {
   pipe.InitBuffer(in, 2, 96 * 1024);
 }
 
-// Two queues of 4 plus one TBuf on VECIN: 9 buffers on one position (8 allowed).
+// Two queues of 4 on VECIN plus a third queue there: 9 QUE buffers on one position (8 allowed).
+// TBufs do not count toward that limit: the good case adds a TBuf on VECIN instead.
 __global__ __aicore__ void buffers_per_position(GM_ADDR) {
   TPipe pipe;
-  TQue<TPosition::VECIN, 1> q1, q2;
+  TQue<TPosition::VECIN, 1> q1, q2, q3;
   TBuf<TPosition::VECIN> extra;
-  TBuf<TPosition::VECCALC> calc;
   pipe.InitBuffer(q1, 4, 64);
   pipe.InitBuffer(q2, 4, 64);
   if (g_bad) {
-    pipe.InitBuffer(extra, 64);
+    pipe.InitBuffer(q3, 1, 64);
   } else {
-    pipe.InitBuffer(calc, 64);
+    pipe.InitBuffer(extra, 64);
   }
+}
+
+// 65 buffers in one kernel (64 allowed), all TBufs so no per-position limit applies.
+__global__ __aicore__ void buffers_total(GM_ADDR) {
+  TPipe pipe;
+  std::vector<TBuf<TPosition::VECCALC>> bufs(65);
+  const size_t count = g_bad ? 65 : 64;
+  for (size_t i = 0; i < count; ++i) pipe.InitBuffer(bufs[i], 32);
 }
 
 // SetFlag whose WaitFlag never comes (caught at kernel end).
@@ -158,6 +167,322 @@ __global__ __aicore__ void syncall_divergence(GM_ADDR) {
   SyncAll();
 }
 
+// ------------------------------ Matmul high-level API ---------------------------------------
+// A 32 x 32 x 32 problem with hand-made tiling: A at g_gm[0], B at g_gm[1024], C at g_gm[2048].
+
+std::vector<uint8_t> g_workspace(1024);
+
+TCubeTiling SmallTiling(int32_t base_m = 32, int32_t base_n = 32, int32_t base_k = 32) {
+  TCubeTiling t{};
+  t.usedCoreNum = 1;
+  t.M = t.N = t.Ka = t.Kb = 32;
+  t.singleCoreM = t.singleCoreN = t.singleCoreK = 32;
+  t.baseM = base_m;
+  t.baseN = base_n;
+  t.baseK = base_k;
+  t.stepM = t.stepN = 1;
+  t.stepKa = t.stepKb = (32 + base_k - 1) / base_k;  // K fully loaded into L1
+  t.depthA1 = t.stepM * t.stepKa;
+  t.depthB1 = t.stepN * t.stepKb;
+  t.dbL0A = t.dbL0B = t.dbL0C = 1;
+  return t;
+}
+
+template <class T>
+GlobalTensor<T> Gm(GM_ADDR gm, uint64_t float_offset, uint64_t elements) {
+  GlobalTensor<T> g;
+  g.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(reinterpret_cast<float*>(gm) + float_offset),
+                    elements);
+  return g;
+}
+
+using GmF32 = MatmulType<TPosition::GM, CubeFormat::ND, float>;
+using GmF16 = MatmulType<TPosition::GM, CubeFormat::ND, half>;
+using GmBf16 = MatmulType<TPosition::GM, CubeFormat::ND, bfloat16_t>;
+using MatmulF32 = Matmul<GmF32, GmF32, GmF32>;
+
+// A half with B bfloat16_t: A and B must have the same type.
+__global__ __aicore__ void matmul_dtype(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  if (g_bad) {
+    Matmul<GmF16, GmBf16, GmF32> mm;
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  } else {
+    Matmul<GmF16, GmF16, GmF32> mm;
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+    mm.SetTensorA(Gm<half>(gm, 0, 1024));
+    mm.SetTensorB(Gm<half>(gm, 1024, 1024));
+    mm.IterateAll(Gm<float>(gm, 2048, 1024));
+    mm.End();
+  }
+}
+
+// SetTensorA on an object REGIST_MATMUL_OBJ never saw.
+__global__ __aicore__ void matmul_before_regist(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  if (!g_bad) REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+}
+
+// IterateAll with only A set.
+__global__ __aicore__ void matmul_iterate_before_set(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  if (!g_bad) mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.IterateAll(Gm<float>(gm, 2048, 1024));
+  mm.End();
+}
+
+// GetTensorC with no Iterate before it.
+__global__ __aicore__ void matmul_gettensorc_without_iterate(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  if (!g_bad) mm.Iterate();
+  mm.GetTensorC(Gm<float>(gm, 2048, 1024));
+  mm.End();
+}
+
+// After End() the operands are released: computing again needs SetTensorA/B again.
+__global__ __aicore__ void matmul_use_after_end(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.IterateAll(Gm<float>(gm, 2048, 1024));
+  mm.End();
+  if (!g_bad) {
+    mm.SetTensorA(Gm<float>(gm, 1024, 1024));
+    mm.SetTensorB(Gm<float>(gm, 0, 1024));
+  }
+  mm.IterateAll(Gm<float>(gm, 2048, 1024));
+  mm.End();
+}
+
+// Two objects: the second computes while the first was not End()ed.
+__global__ __aicore__ void matmul_switch_without_end(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling t1 = SmallTiling(), t2 = SmallTiling();
+  MatmulF32 mm1, mm2;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm1, &t1, mm2, &t2);
+  mm1.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm1.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm1.IterateAll(Gm<float>(gm, 2048, 1024));
+  if (!g_bad) mm1.End();
+  mm2.SetTensorA(Gm<float>(gm, 2048, 1024));
+  mm2.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm2.IterateAll(Gm<float>(gm, 3072, 1024));
+  mm2.End();
+}
+
+// On 910B (separated cube/vector cores) REGIST_MATMUL_OBJ must precede InitBuffer.
+__global__ __aicore__ void matmul_regist_after_initbuffer(GM_ADDR) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TBuf<TPosition::VECCALC> buf;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  if (g_bad) pipe.InitBuffer(buf, 256);
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  if (!g_bad) pipe.InitBuffer(buf, 256);
+}
+
+// No system workspace on 910B: the vector core has nowhere to post its requests to the cube.
+__global__ __aicore__ void matmul_workspace(GM_ADDR) {
+  if (!g_bad) SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+}
+
+// Org shape with 16 rows for a single shape of 32 rows.
+__global__ __aicore__ void matmul_org_shape(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetOrgShape(g_bad ? 16 : 32, 32, 32);
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.IterateAll(Gm<float>(gm, 2048, 1024));
+  mm.End();
+}
+
+// SetSingleShape above the tiling's singleCore shape (the tiling sized L1 and C for 32).
+__global__ __aicore__ void matmul_single_shape(GM_ADDR) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetSingleShape(g_bad ? 48 : 16, 32, 32);
+}
+
+// A's global buffer holds 31 rows of the 32 the single shape reads.
+__global__ __aicore__ void matmul_gm_bounds(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetTensorA(Gm<float>(gm, 0, g_bad ? 31 * 32 : 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.IterateAll(Gm<float>(gm, 2048, 1024));
+  mm.End();
+}
+
+using UbCF32 = Matmul<GmF32, GmF32, MatmulType<TPosition::VECIN, CubeFormat::ND, float>>;
+
+// GetTensorC into a VECIN tensor smaller than baseM * baseN (1024 floats).
+__global__ __aicore__ void matmul_ub_c_size(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  UbCF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  TBuf<TPosition::VECIN> c;
+  pipe.InitBuffer(c, (g_bad ? 512 : 1024) * sizeof(float));
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.Iterate();
+  mm.GetTensorC(c.Get<float>());
+  mm.End();
+}
+
+// GetTensorC into a VECIN tensor starting 16 bytes into its buffer.
+__global__ __aicore__ void matmul_ub_c_alignment(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  UbCF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  TBuf<TPosition::VECIN> c;
+  pipe.InitBuffer(c, 1040 * sizeof(float));
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.Iterate();
+  mm.GetTensorC(c.Get<float>()[g_bad ? 4 : 8]);
+  mm.End();
+}
+
+// Base blocks 256 x 256 in fp32 need 256 KB of L0C (128 KB on the chip).
+__global__ __aicore__ void matmul_tiling_l0c(GM_ADDR) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling(g_bad ? 256 : 128, g_bad ? 256 : 128, 32);
+  tiling.M = tiling.N = tiling.singleCoreM = tiling.singleCoreN = 256;
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+}
+
+// depthA1 = 64 A blocks of 32 x 32 fp32 in L1 = 256 KB, plus B: over the 512 KB L1 with depthB1 64.
+__global__ __aicore__ void matmul_tiling_l1(GM_ADDR) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  const int32_t steps = g_bad ? 72 : 32;
+  tiling.stepKa = tiling.stepKb = steps;
+  tiling.depthA1 = tiling.depthB1 = steps * 2;
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+}
+
+// baseM 24 is not a whole number of 16-row fractals.
+__global__ __aicore__ void matmul_tiling_fractal(GM_ADDR) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling(g_bad ? 24 : 16, 32, 32);
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+}
+
+// baseK 8 (32 bytes of fp32) is enough when K is the inner axis of A and B (B transposed), not
+// when B is row-major [K, N] (K then needs 16).
+template <bool TRANS_B>
+void RunBaseK8(GM_ADDR gm) {
+  using BType = MatmulType<TPosition::GM, CubeFormat::ND, float, TRANS_B>;
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling(32, 32, 8);
+  Matmul<GmF32, BType, GmF32> mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024), TRANS_B);
+  mm.IterateAll(Gm<float>(gm, 2048, 1024));
+  mm.End();
+}
+__global__ __aicore__ void matmul_tiling_basek(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  if (g_bad) {
+    RunBaseK8<false>(gm);
+  } else {
+    RunBaseK8<true>(gm);
+  }
+}
+
+using UbAF32 = Matmul<MatmulType<TPosition::VECOUT, CubeFormat::ND, float>, GmF32, GmF32>;
+
+// A LocalTensor from a VECCALC buffer for a Matmul whose A position is VECOUT.
+__global__ __aicore__ void matmul_position_local(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  UbAF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  TBuf<TPosition::VECCALC> calc;
+  TBuf<TPosition::VECOUT> out;
+  pipe.InitBuffer(calc, 4096);
+  pipe.InitBuffer(out, 4096);
+  LocalTensor<float> a = g_bad ? calc.Get<float>() : out.Get<float>();
+  Duplicate(a, 1.0f, 1024);
+  mm.SetTensorA(a);
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.IterateAll(Gm<float>(gm, 2048, 1024));
+  mm.End();
+}
+
+// A in UB (VECOUT): accepted on 910B, not on the 310B (every operand in GM there).
+__global__ __aicore__ void matmul_position_chip(GM_ADDR) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  UbAF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+}
+
+// B passed as transposed to a Matmul whose B MatmulType has ISTRANS = false.
+__global__ __aicore__ void matmul_transpose(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  Matmul<GmF16, GmF16, GmF32> plain;
+  Matmul<GmF16, MatmulType<TPosition::GM, CubeFormat::ND, half, true>, GmF32> trans;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), plain, &tiling, trans, &tiling);
+  if (g_bad) {
+    plain.SetTensorB(Gm<half>(gm, 1024, 1024), true);
+  } else {
+    trans.SetTensorB(Gm<half>(gm, 1024, 1024), true);
+  }
+}
+
 struct Case {
   std::function<void(GM_ADDR)> kernel;
   twin::Chip bad_chip;
@@ -174,6 +499,7 @@ const std::map<std::string, Case>& Cases() {
       {"exp-ln-dtype", {exp_ln_dtype, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"ub-budget", {ub_budget, Chip::Ascend910B, Chip::Ascend310B, 1}},
       {"buffers-per-position", {buffers_per_position, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"buffers-total", {buffers_total, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"flag-set-without-wait", {flag_set_without_wait, Chip::Ascend910B, Chip::Ascend910B, 2}},
       {"flag-wait-without-set", {flag_wait_without_set, Chip::Ascend910B, Chip::Ascend910B, 2}},
       {"queue-read-before-deque",
@@ -182,6 +508,30 @@ const std::map<std::string, Case>& Cases() {
       {"ub-bounds", {ub_bounds, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"gm-bounds", {gm_bounds, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"syncall-divergence", {syncall_divergence, Chip::Ascend910B, Chip::Ascend910B, 4}},
+      {"matmul-dtype", {matmul_dtype, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-before-regist", {matmul_before_regist, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-iterate-before-set",
+       {matmul_iterate_before_set, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-gettensorc-without-iterate",
+       {matmul_gettensorc_without_iterate, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-use-after-end", {matmul_use_after_end, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-switch-without-end",
+       {matmul_switch_without_end, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-regist-after-initbuffer",
+       {matmul_regist_after_initbuffer, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-workspace", {matmul_workspace, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-org-shape", {matmul_org_shape, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-single-shape", {matmul_single_shape, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-gm-bounds", {matmul_gm_bounds, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-ub-c-size", {matmul_ub_c_size, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-ub-c-alignment", {matmul_ub_c_alignment, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-tiling-l0c", {matmul_tiling_l0c, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-tiling-l1", {matmul_tiling_l1, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-tiling-fractal", {matmul_tiling_fractal, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-tiling-basek", {matmul_tiling_basek, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-position-local", {matmul_position_local, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-position-chip", {matmul_position_chip, Chip::Ascend310B, Chip::Ascend910B, 1}},
+      {"matmul-transpose", {matmul_transpose, Chip::Ascend910B, Chip::Ascend910B, 1}},
   };
   return cases;
 }

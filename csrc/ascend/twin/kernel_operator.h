@@ -30,6 +30,8 @@
 #include <utility>
 #include <vector>
 
+#include "twin_chips.h"
+
 // Kernel qualifiers of the bisheng compiler: nothing to do on CPU.
 #define __global__
 #define __aicore__
@@ -145,27 +147,6 @@ class HardwareRuleViolation : public std::runtime_error {
   std::string rule_;
 };
 
-enum class Chip { Ascend910B, Ascend310B };
-
-struct ChipInfo {
-  const char* name;
-  uint32_t ub_bytes;   // Unified Buffer bytes usable by vector code (the InitBuffer budget)
-  uint32_t core_num;   // vector cores that can run blocks at the same time
-};
-
-inline ChipInfo GetChipInfo(Chip chip) {
-  switch (chip) {
-    // 192 KB UB per AIV core, of which the runtime keeps 8 KB: 184 KB for InitBuffer.
-    // 910B1/B2 have 48 AIV cores (910B3/B4: 40); the larger figure is the launch limit here.
-    case Chip::Ascend910B:
-      return {"Ascend910B", 184u * 1024u, 48u};
-    // Ascend 310B (Atlas 200I A2): one AI core, 248 KB UB usable.
-    case Chip::Ascend310B:
-      return {"Ascend310B", 248u * 1024u, 1u};
-  }
-  throw std::invalid_argument("twin::GetChipInfo: unknown chip enum value");
-}
-
 namespace detail {
 
 // Thrown in blocks woken from a barrier because another block failed; never reported.
@@ -229,6 +210,14 @@ struct BlockContext {
   Barrier* barrier = nullptr;
   // (HardEvent, event id) -> SetFlag calls not yet consumed by a WaitFlag.
   std::map<std::pair<int, int>, int> pending_flags;
+  // Matmul high-level API state (lib/matmul_intf.h): the system workspace set by
+  // SetSysWorkspace, the Matmul objects registered so far, and the object that computed last
+  // and has not been End()ed (switching objects requires End in between).
+  uint8_t* sys_workspace = nullptr;
+  int matmul_objects = 0;
+  const void* active_matmul = nullptr;
+  // Set by the first TPipe::InitBuffer: on separated chips REGIST_MATMUL_OBJ must come first.
+  bool buffers_initialised = false;
 };
 
 inline thread_local BlockContext* current_block = nullptr;
@@ -256,7 +245,7 @@ std::string Str(const Parts&... parts) {
 inline uint64_t AlignUp32(uint64_t bytes) { return (bytes + 31u) / 32u * 32u; }
 
 // Which unit touches a buffer; decides whether a queue tensor read is synchronised.
-enum class Unit { None, MTE2, V, MTE3, S };
+enum class Unit { None, MTE2, V, MTE3, S, Cube };
 
 inline const char* UnitName(Unit u) {
   switch (u) {
@@ -265,6 +254,7 @@ inline const char* UnitName(Unit u) {
     case Unit::V: return "the vector unit";
     case Unit::MTE3: return "MTE3 (DataCopy UB->GM)";
     case Unit::S: return "the scalar unit";
+    case Unit::Cube: return "the cube unit (Matmul)";
   }
   return "?";
 }
@@ -278,6 +268,7 @@ struct Slot {
   SlotState state = SlotState::Calc;
   Unit last_writer = Unit::None;
   const void* owner = nullptr;  // the TQue / TBuf object
+  uint8_t position = 0;         // AscendC::TPosition of the TQue / TBuf, as its integer value
   std::string name;             // e.g. "TQue<VECIN> buffer 1/2"
 };
 
@@ -291,7 +282,10 @@ enum class Access { Read, Write };
 // ------------------------------------------------------------------------------------------
 namespace AscendC {
 
-enum class TPosition : uint8_t { GM, A1, A2, B1, B2, C1, C2, CO1, CO2, VECIN, VECOUT, VECCALC };
+enum class TPosition : uint8_t {
+  GM, A1, A2, B1, B2, C1, C2, CO1, CO2, VECIN, VECOUT, VECCALC,
+  LCM = VECCALC, SPM, SHM = SPM, TSCM, C2PIPE2GM, C2PIPE2LOCAL, MAX
+};
 using QuePosition = TPosition;
 
 inline const char* PositionName(TPosition p) {
@@ -300,6 +294,8 @@ inline const char* PositionName(TPosition p) {
     case TPosition::VECOUT: return "VECOUT";
     case TPosition::VECCALC: return "VECCALC";
     case TPosition::GM: return "GM";
+    case TPosition::TSCM: return "TSCM";
+    case TPosition::CO1: return "CO1";
     default: return "cube position";
   }
 }
@@ -329,6 +325,13 @@ enum class SELMODE { VSEL_CMPMASK_SPR = 0, VSEL_TENSOR_SCALAR_MODE, VSEL_TENSOR_
 
 inline int64_t GetBlockIdx() { return twin::detail::Block("GetBlockIdx").block_idx; }
 inline int64_t GetBlockNum() { return twin::detail::Block("GetBlockNum").block_dim; }
+
+// The system workspace (GM) the high-level APIs use; on separated chips the Matmul API keeps the
+// messages between the vector and the cube core there. Host side: GetLibApiWorkSpaceSize().
+inline void SetSysWorkspace(GM_ADDR workspace) {
+  twin::detail::Block("SetSysWorkspace").sys_workspace = workspace;
+}
+inline GM_ADDR GetSysWorkSpacePtr() { return twin::detail::Block("GetSysWorkSpacePtr").sys_workspace; }
 
 // The twin runs every instruction in program order, so a barrier has nothing left to order.
 template <pipe_t pipe>
@@ -642,7 +645,10 @@ class TBuf {
 
 class TPipe {
  public:
-  static constexpr uint32_t kMaxBuffersPerPosition = 8;
+  // CANN InitBuffer notes: at most 8 QUE buffers per TPosition on Atlas A2 (4 on Atlas training
+  // products), and at most 64 buffers in a kernel in total.
+  static constexpr uint32_t kMaxQueBuffersPerPosition = 8;
+  static constexpr uint32_t kMaxBuffersTotal = 64;
 
   TPipe() : chip_(twin::detail::Block("TPipe::TPipe").chip) {
     // 256-byte aligned base so that offsets and addresses agree on every alignment rule.
@@ -664,9 +670,9 @@ class TPipe {
     if (num == 0 || len == 0) {
       twin::detail::Violate("init-buffer", call, "num and len must both be positive");
     }
-    Reserve(pos, num, len, call);
+    Reserve(pos, num, len, /*is_queue=*/true, call);
     for (uint8_t i = 0; i < num; ++i) {
-      auto* slot = Carve(len, twin::detail::SlotState::Free, &que,
+      auto* slot = Carve(pos, len, twin::detail::SlotState::Free, &que,
                          twin::detail::Str("TQue<", PositionName(pos), "> buffer ", int(i) + 1,
                                            "/", int(num)));
       que.slots_.push_back(slot);
@@ -679,8 +685,8 @@ class TPipe {
                                                ">, len=", len, ")");
     if (buf.slot_ != nullptr) twin::detail::Violate("init-buffer", call, "TBuf initialised twice");
     if (len == 0) twin::detail::Violate("init-buffer", call, "len must be positive");
-    Reserve(pos, 1, len, call);
-    buf.slot_ = Carve(len, twin::detail::SlotState::Calc, &buf,
+    Reserve(pos, 1, len, /*is_queue=*/false, call);
+    buf.slot_ = Carve(pos, len, twin::detail::SlotState::Calc, &buf,
                       twin::detail::Str("TBuf<", PositionName(pos), ">"));
   }
 
@@ -697,13 +703,22 @@ class TPipe {
   uint32_t TwinUsedBytes() const { return used_; }
 
  private:
-  void Reserve(TPosition pos, uint32_t num, uint32_t len, const std::string& call) {
-    uint32_t& count = buffers_per_position_[pos];
-    if (count + num > kMaxBuffersPerPosition) {
+  // TBufs do not count toward the per-position limit (it is a limit of the queue hardware);
+  // every buffer counts toward the kernel's total.
+  void Reserve(TPosition pos, uint32_t num, uint32_t len, bool is_queue, const std::string& call) {
+    uint32_t& count = que_buffers_per_position_[pos];
+    if (is_queue && count + num > kMaxQueBuffersPerPosition) {
       twin::detail::Violate(
           "buffers-per-position", call,
-          twin::detail::Str(count, " buffers already on ", PositionName(pos), " + ", num,
-                            " requested > the limit of ", kMaxBuffersPerPosition));
+          twin::detail::Str(count, " QUE buffers already on ", PositionName(pos), " + ", num,
+                            " requested > the limit of ", kMaxQueBuffersPerPosition,
+                            " (TBufs are not counted)"));
+    }
+    if (buffers_total_ + num > kMaxBuffersTotal) {
+      twin::detail::Violate(
+          "buffers-total", call,
+          twin::detail::Str(buffers_total_, " buffers already in this kernel + ", num,
+                            " requested > the limit of ", kMaxBuffersTotal));
     }
     const uint64_t need = uint64_t(num) * twin::detail::AlignUp32(len);
     if (used_ + need > chip_.ub_bytes) {
@@ -712,12 +727,15 @@ class TPipe {
           twin::detail::Str(used_, " bytes already used + ", need, " requested = ", used_ + need,
                             " > the ", chip_.ub_bytes, "-byte UB budget of ", chip_.name));
     }
-    count += num;
+    if (is_queue) count += num;
+    buffers_total_ += num;
+    twin::detail::Block("TPipe::InitBuffer").buffers_initialised = true;
   }
-  twin::detail::Slot* Carve(uint32_t len, twin::detail::SlotState state, const void* owner,
-                            std::string name) {
+  twin::detail::Slot* Carve(TPosition pos, uint32_t len, twin::detail::SlotState state,
+                            const void* owner, std::string name) {
     slots_.emplace_back();
     twin::detail::Slot& slot = slots_.back();
+    slot.position = static_cast<uint8_t>(pos);
     slot.base = ub_ + used_;
     slot.bytes = static_cast<uint32_t>(twin::detail::AlignUp32(len));
     slot.state = state;
@@ -732,7 +750,8 @@ class TPipe {
   uint8_t* ub_ = nullptr;
   uint32_t used_ = 0;
   std::deque<twin::detail::Slot> slots_;  // deque: slot addresses stay valid as it grows
-  std::map<TPosition, uint32_t> buffers_per_position_;
+  std::map<TPosition, uint32_t> que_buffers_per_position_;
+  uint32_t buffers_total_ = 0;
   std::map<int, uint32_t> next_event_;
 };
 
@@ -1175,6 +1194,8 @@ void Select(const LocalTensor<T>& dst, const LocalTensor<U>& selMask, const Loca
 
 using AscendC::GetBlockIdx;
 using AscendC::GetBlockNum;
+using AscendC::GetSysWorkSpacePtr;
+using AscendC::SetSysWorkspace;
 
 // ------------------------------------------------------------------------------------------
 // Launcher.
