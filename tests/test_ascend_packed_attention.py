@@ -5,7 +5,8 @@ and cu_seqlens through files, and its out [T, Hq, D] and lse [Hq, T] are compare
 ``packed_attention_reference`` (the oracle) run in float64. fp32 inputs are held to a tight
 tolerance; for bf16 inputs the output (written in bf16) may be at most 2x as far from the oracle
 as plain PyTorch attention computed in bf16, and the lse (accumulated in fp32 from the exact bf16
-inputs) is held to the fp32 tolerance.
+inputs) is held to the fp32 tolerance. The products run on the twin's cube unit (Matmul API);
+one test reads back the GM workspace to check that S and PV really came from it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class KernelRun:
     budget: int
     out: torch.Tensor
     lse: torch.Tensor
+    workspace: dict[str, int]  # total, sys, block and the q/s/p/o offsets inside a block
 
 
 def _make_case(
@@ -86,7 +88,13 @@ def _raw(x: torch.Tensor) -> np.ndarray:
 
 
 def _run_kernel(
-    binary: Path, tmp_path: Path, case: Case, chip: str, max_blocks: int, max_tile: int
+    binary: Path,
+    tmp_path: Path,
+    case: Case,
+    chip: str,
+    max_blocks: int,
+    max_tile: int,
+    workspace_out: Path | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], KernelRun | None]:
     tokens, q_heads, head_dim = case.q.shape
     kv_heads = case.k.shape[1]
@@ -99,6 +107,8 @@ def _run_kernel(
     docs = case.cu_seqlens.numel() - 1
     args = ["f32" if is_f32 else "bf16", tokens, docs, q_heads, kv_heads, head_dim]
     args += [repr(case.scale), chip, max_blocks, max_tile, tmp_path, out_path]
+    if workspace_out is not None:
+        args.append(workspace_out)
     result = subprocess.run(
         [str(binary), *map(str, args)], capture_output=True, text=True, timeout=60
     )
@@ -108,6 +118,13 @@ def _run_kernel(
         r"TILING tile=(\d+) blockDim=(\d+) items=(\d+) ubBytes=(\d+) budget=(\d+)", result.stdout
     )
     assert tiling is not None, result.stdout
+    ws = re.search(
+        r"WORKSPACE total=(\d+) sys=(\d+) block=(\d+) q=(\d+) s=(\d+) p=(\d+) o=(\d+)",
+        result.stdout,
+    )
+    assert ws is not None, result.stdout
+    keys = ["total", "sys", "block", "q", "s", "p", "o"]
+    workspace = dict(zip(keys, map(int, ws.groups()), strict=True))
     raw_out = out_path.read_bytes()
     out_bytes = case.q.numel() * case.q.element_size()
     out_np = np.frombuffer(raw_out[:out_bytes], dtype=np.float32 if is_f32 else np.int16)
@@ -115,7 +132,8 @@ def _run_kernel(
     out = (out if is_f32 else out.view(torch.bfloat16)).reshape(tokens, q_heads, head_dim)
     lse = torch.from_numpy(np.frombuffer(raw_out[out_bytes:], dtype=np.float32).copy())
     tile, block_dim, items, ub_bytes, budget = map(int, tiling.groups())
-    run = KernelRun(tile, block_dim, items, ub_bytes, budget, out, lse.reshape(q_heads, tokens))
+    lse = lse.reshape(q_heads, tokens)
+    run = KernelRun(tile, block_dim, items, ub_bytes, budget, out, lse, workspace)
     return result, run
 
 
@@ -176,9 +194,11 @@ def test_forward_matches_reference(binary: Path, tmp_path: Path, name: str) -> N
     assert result.returncode == 0 and run is not None, result.stdout + result.stderr
     tile = max_tile or -(-max(lengths) // 8) * 8  # no cap: the longest document fits one tile
     assert run.tile == tile
-    items = q_heads * sum(-(-length // tile) for length in lengths)
+    # One item per (document, kv head, query tile): the group's query heads are stacked.
+    items = kv_heads * sum(-(-length // tile) for length in lengths)
     assert run.items == items
-    expected_blocks = 1 if chip == "310b" else min(items, max_blocks or 48)
+    # Each block drives its own Matmul objects: at most the 24 cube cores of the 910B.
+    expected_blocks = 1 if chip == "310b" else min(items, max_blocks or 24)
     assert run.block_dim == expected_blocks
     assert run.ub_bytes <= run.budget
     _check_against_reference(case, run)
@@ -217,24 +237,109 @@ def test_budget_sized_tile_fills_the_ub(
     assert result.returncode == 0 and run is not None, result.stdout + result.stderr
     assert run.tile % 8 == 0 and run.tile < 203 and 203 % run.tile != 0
     # The next tile (8 more rows) would overrun the budget.
-    assert run.ub_bytes <= run.budget < _ub_bytes(run.tile + 8, 64, case.q.element_size())
+    elem = case.q.element_size()
+    assert run.ub_bytes == _ub_bytes(2, run.tile, 64, elem)
+    assert run.ub_bytes <= run.budget < _ub_bytes(2, run.tile + 8, 64, elem)
     _check_against_reference(case, run)
 
 
-def _ub_bytes(tile: int, head_dim: int, elem_bytes: int) -> int:
+def _ub_bytes(group: int, tile: int, head_dim: int, elem_bytes: int) -> int:
     """PackedAttentionUbBytes of packed_attention_tiling.h, restated to check the tile choice."""
 
     def align32(n: int) -> int:
         return -(-n // 32) * 32
 
-    tile_in = align32(tile * head_dim * elem_bytes)
-    tile_f32 = align32(tile * head_dim * 4)
-    total = 6 * tile_in + tile_f32
-    if elem_bytes != 4:
-        total += 3 * tile_f32
-    total += align32((tile * 9 + head_dim + max(head_dim, tile)) * 4)
-    total += align32((tile * 3 + 16) * 4)
+    m = group * tile
+    total = align32(m * tile * 4) + align32(m * tile * elem_bytes)  # S in, P out
+    total += 2 * align32(m * head_dim * 4)  # PV in, O accumulator
+    total += 2 * align32(m * head_dim * elem_bytes)  # out, Q staging
+    total += align32(tile * tile // 8)  # causal mask bits
+    total += align32((13 * m + tile) * 4)  # statistics, reductions, work
     return total
+
+
+def _block_workspace(group: int, tile: int, head_dim: int, elem_bytes: int) -> dict[str, int]:
+    """PackedAttentionBlockWorkspace restated: stacked Q, S, P, PV, each 512-byte aligned."""
+
+    def align512(n: int) -> int:
+        return -(-n // 512) * 512
+
+    m = group * tile
+    q = 0
+    s = q + align512(m * head_dim * elem_bytes)
+    p = s + align512(m * tile * 4)
+    o = p + align512(m * tile * elem_bytes)
+    return {"q": q, "s": s, "p": p, "o": o, "block": o + align512(m * head_dim * 4)}
+
+
+# Lengths of 1 to 3 tiles with ragged tails (and one-token documents), GQA groups (4, 2),
+# (4, 1), (2, 2), (8, 2), D in {16, 64, 128}, both chips and dtypes.
+# (dtype, lengths, Hq, Hkv, D, chip, max_blocks, max_tile)
+CUBE_CASES = {
+    "f32-g2-d16-910b": (torch.float32, [16, 5, 33, 1, 47], 4, 2, 16, "910b", 5, 16),
+    "bf16-g2-d16-310b": (torch.bfloat16, [17, 1, 40], 4, 2, 16, "310b", 0, 16),
+    "f32-g4-d64-310b": (torch.float32, [9, 24, 3], 4, 1, 64, "310b", 0, 8),
+    "bf16-g4-d64-910b": (torch.bfloat16, [11, 30, 2], 4, 1, 64, "910b", 7, 16),
+    "f32-g1-d128-910b": (torch.float32, [25, 1, 12], 2, 2, 128, "910b", 3, 16),
+    "bf16-g1-d128-310b": (torch.bfloat16, [20, 7], 2, 2, 128, "310b", 0, 8),
+    "f32-g4-d16-910b-hkv2": (torch.float32, [13, 29, 1], 8, 2, 16, "910b", 4, 16),
+    "bf16-g4-d128-910b-hkv2": (torch.bfloat16, [19, 6], 8, 2, 128, "910b", 6, 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUBE_CASES))
+def test_cube_forward_groups_dims_and_chips(binary: Path, tmp_path: Path, name: str) -> None:
+    dtype, lengths, q_heads, kv_heads, head_dim, chip, max_blocks, max_tile = CUBE_CASES[name]
+    case = _make_case(dtype, lengths, q_heads, kv_heads, head_dim, seed=len(name))
+    result, run = _run_kernel(binary, tmp_path, case, chip, max_blocks, max_tile)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    assert run.tile == max_tile  # every case has a document longer than one tile
+    assert max(lengths) > 2 * max_tile or any(n % max_tile for n in lengths)
+    elem = case.q.element_size()
+    group = q_heads // kv_heads
+    assert run.ub_bytes == _ub_bytes(group, run.tile, head_dim, elem) <= run.budget
+    layout = _block_workspace(group, run.tile, head_dim, elem)
+    assert {k: run.workspace[k] for k in layout} == layout
+    assert run.workspace["total"] == run.workspace["sys"] + run.block_dim * layout["block"]
+    _check_against_reference(case, run)
+
+
+@pytest.mark.parametrize(("chip", "dtype"), [("910b", torch.float32), ("310b", torch.bfloat16)])
+def test_products_come_from_the_cube_workspace(
+    binary: Path, tmp_path: Path, chip: str, dtype: torch.dtype
+) -> None:
+    # One block, one document of 13 tokens, group of 2: the block's last item is kv head 1 with
+    # query heads 2 and 3 stacked (M = 26 rows) and a single, diagonal key tile of 13 keys. The
+    # workspace (poisoned with NaN by the driver) must then hold what the cube wrote: S = Qstack
+    # K^T with row pitch `tile` and PV = P V, with P the kernel's own probabilities.
+    case = _make_case(dtype, [13], 4, 2, 16, seed=5)
+    ws_path = tmp_path / "ws.bin"
+    result, run = _run_kernel(binary, tmp_path, case, chip, 1, 16, workspace_out=ws_path)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    assert run.block_dim == 1 and run.items == 2 and run.tile == 16
+    _check_against_reference(case, run)
+    raw = ws_path.read_bytes()
+    assert len(raw) == run.workspace["block"]
+    m, tile, length, d = 26, 16, 13, 16
+    in_np = np.float32 if dtype == torch.float32 else np.int16
+
+    def region(name: str, np_dtype: type, count: int) -> torch.Tensor:
+        off = run.workspace[name]
+        size = np.dtype(np_dtype).itemsize
+        t = torch.from_numpy(np.frombuffer(raw[off : off + count * size], dtype=np_dtype).copy())
+        return t.view(torch.bfloat16).float() if np_dtype is np.int16 else t
+
+    q_stack = case.q[:, 2:4].transpose(0, 1).reshape(m, d).float()  # heads 2, 3 stacked
+    k1, v1 = case.k[:, 1].float(), case.v[:, 1].float()
+    torch.testing.assert_close(region("q", in_np, m * d).reshape(m, d), q_stack, rtol=0, atol=0)
+    s = region("s", np.float32, m * tile).reshape(m, tile)[:, :length]
+    torch.testing.assert_close(s, q_stack @ k1.T, rtol=1e-5, atol=1e-5)
+    p = region("p", in_np, m * tile).reshape(m, tile)
+    rows = torch.arange(m) % length
+    future = torch.arange(tile)[None, :] > rows[:, None]
+    assert torch.all(p[future] == 0) and torch.all(p[~future] > 0)  # the causal mask, as P
+    pv = region("o", np.float32, m * d).reshape(m, d)
+    torch.testing.assert_close(pv, p[:, :length] @ v1, rtol=1e-5, atol=1e-5)
 
 
 def test_chip_budgets_agree_with_the_twin(binary: Path) -> None:

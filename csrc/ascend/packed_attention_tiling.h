@@ -1,51 +1,96 @@
 // Host-side tiling of the packed causal attention forward (csrc/ascend/packed_attention_fwd.h).
 //
 // The host picks the query/key tile (rows of one document processed at once) from the chip's UB
-// budget and how many blocks share the (document, head, query tile) work items, and passes the
-// result to the kernel by value (the usual Ascend C tiling-data pattern). `PackedAttentionUbBytes`
-// is the exact sum of the kernel's InitBuffer calls, so a tiling this file accepts never trips the
-// UB budget on the device (the CPU twin asserts it).
+// budget, computes the two cube-unit tilings (S = Q K^T and O += P V) with CANN's host Matmul
+// tiling API, and decides how many blocks share the (document, kv head, query tile) work items.
+// The result goes to the kernel by value (the usual Ascend C tiling-data pattern).
+// `PackedAttentionUbBytes` is the exact sum of the kernel's InitBuffer calls, so a tiling this
+// file accepts never trips the UB budget on the device (the CPU twin asserts it), and
+// `PackedAttentionWorkspaceBytes` is the GM workspace the launch must pass.
 #pragma once
 
 #include <cstdint>
 
-// The struct is all the kernel sees: plain 32-bit fields, no pointers, trivially copyable.
+#include "kernel_tiling/kernel_tiling.h"
+
+// The struct is all the kernel sees: plain fields and the two TCubeTilings, no pointers,
+// trivially copyable.
 struct PackedAttentionTiling {
   uint32_t tokens;     // T: packed tokens
   uint32_t docs;       // B: documents (cu_seqlens has B + 1 entries)
   uint32_t qHeads;     // Hq
-  uint32_t kvHeads;    // Hkv; query head h reads kv head h / (Hq / Hkv)
+  uint32_t kvHeads;    // Hkv; query head h reads kv head h / group
+  uint32_t group;      // Hq / Hkv: query heads stacked into one A matrix per kv head
   uint32_t headDim;    // D: a multiple of 16, so a bf16 or fp32 row is whole 32-byte blocks
-  uint32_t tile;       // query rows and key rows per tile: a multiple of 8
-  uint32_t workItems;  // (document, head, query tile) triples; dealt round-robin to blocks
+  uint32_t tile;       // query rows (per head) and key rows per tile: a multiple of 8
+  uint32_t workItems;  // (document, kv head, query tile) triples; dealt round-robin to blocks
   uint32_t blockDim;   // blocks to launch
   float scale;         // softmax scale applied to q . k
   uint32_t ubBytes;    // UB bytes the kernel's InitBuffer calls take with this tiling
+  uint32_t sysWorkspaceBytes;    // system workspace (Matmul messages) at the start of workspace
+  uint32_t blockWorkspaceBytes;  // per-block scratch after it, block b at sys + b * this
+  AscendC::tiling::TCubeTiling qk;  // S [G*rows, keys] = Qstack [G*rows, D] x K^T, fp32 C
+  AscendC::tiling::TCubeTiling pv;  // PV [G*rows, D] = P [G*rows, keys] x V [keys, D], fp32 C
 };
 
-// The kernel's UB footprint for `tile` query/key rows of `headDim` elements of `elemBytes` bytes:
-// queues for the Q tile (1), K and V tiles (2 each: the next key tile is copied while the current
-// one is used) and the output tile (1); for bf16 a float copy of the Q, K and V tiles; the float
-// output accumulator; scratch (one score row, 8-float-strided dot products, a product row and the
-// reduction work row); per-row statistics (max, sum, lse) and 16 scalars. Each buffer is rounded
-// up to 32 bytes as InitBuffer does.
-inline uint64_t PackedAttentionUbBytes(uint32_t tile, uint32_t headDim, uint32_t elemBytes) {
+// The kernel's UB footprint for `group` stacked heads of `tile` rows (M = group * tile rows) of
+// `headDim` elements of `elemBytes` bytes. Buffers, in the kernel's InitBuffer order:
+//   S in (fp32 [M, tile], VECIN queue), P out (input dtype [M, tile], VECOUT queue: the cube's A
+//   operand goes back through GM), PV in (fp32 [M, D], VECIN queue), out (input dtype [M, D],
+//   VECOUT queue), the Q staging tile (input dtype [M, D]: strided GM -> UB -> dense GM), the
+//   fp32 O accumulator [M, D], the causal bit mask [tile, tile] bits, and the statistics
+//   (running max, running sum, alpha, ln sum: 4 x M; lse slots: M; one 8-float-strided
+//   reduction result per row: 8 x M; the reduction work row: tile).
+// Each buffer is rounded up to 32 bytes as InitBuffer does.
+inline uint64_t PackedAttentionUbBytes(uint32_t group, uint32_t tile, uint32_t headDim,
+                                       uint32_t elemBytes) {
   auto align32 = [](uint64_t bytes) { return (bytes + 31u) / 32u * 32u; };
-  const uint64_t tileIn = align32(uint64_t(tile) * headDim * elemBytes);
-  const uint64_t tileF32 = align32(uint64_t(tile) * headDim * 4u);
-  const uint64_t workLen = headDim > tile ? headDim : tile;
-  uint64_t total = 6u * tileIn;                   // Q, K x2, V x2, out
-  if (elemBytes != 4u) total += 3u * tileF32;     // float Q, K, V
-  total += tileF32;                               // output accumulator
-  total += align32((uint64_t(tile) * 9u + headDim + workLen) * 4u);  // scratch
-  total += align32((uint64_t(tile) * 3u + 16u) * 4u);                // statistics + scalars
+  const uint64_t m = uint64_t(group) * tile;
+  uint64_t total = align32(m * tile * 4u);           // S in
+  total += align32(m * tile * elemBytes);            // P out
+  total += align32(m * headDim * 4u);                // PV in
+  total += align32(m * headDim * elemBytes);         // out
+  total += align32(m * headDim * elemBytes);         // Q staging
+  total += align32(m * headDim * 4u);                // O accumulator
+  total += align32(uint64_t(tile) * tile / 8u);      // causal mask bits
+  total += align32((m * 13u + tile) * 4u);           // statistics, reductions, work
   return total;
 }
 
-#if !defined(__CCE_AICORE__)  // host only: the device compile sees just the struct
+// Per-block GM scratch, each region 512-byte aligned (the GM burst the cube's MTE2 reads best):
+// the dense stacked Q tile (input dtype [M, D], the cube's A for S), S (fp32 [M, tile], the cube's
+// C), P (input dtype [M, tile], the cube's A for PV) and PV (fp32 [M, D], the cube's C).
+struct PackedAttentionWorkspaceLayout {
+  uint64_t q, s, p, o, bytes;  // byte offsets inside one block's scratch, and its size
+};
+
+inline PackedAttentionWorkspaceLayout PackedAttentionBlockWorkspace(uint32_t group, uint32_t tile,
+                                                                    uint32_t headDim,
+                                                                    uint32_t elemBytes) {
+  auto align512 = [](uint64_t bytes) { return (bytes + 511u) / 512u * 512u; };
+  const uint64_t m = uint64_t(group) * tile;
+  PackedAttentionWorkspaceLayout w{};
+  w.q = 0;
+  w.s = w.q + align512(m * headDim * elemBytes);
+  w.p = w.s + align512(m * tile * 4u);
+  w.o = w.p + align512(m * tile * elemBytes);
+  w.bytes = w.o + align512(m * headDim * 4u);
+  return w;
+}
+
+// Bytes of the `workspace` GM argument: the system workspace the Matmul API needs (first), then
+// blockDim per-block scratch areas. The launch code must allocate at least this much.
+inline uint64_t PackedAttentionWorkspaceBytes(const PackedAttentionTiling& t) {
+  return uint64_t(t.sysWorkspaceBytes) + uint64_t(t.blockDim) * t.blockWorkspaceBytes;
+}
+
+#if !defined(__CCE_AICORE__)  // host only: the device compile sees just the structs above
 #include <cmath>
 #include <stdexcept>
 #include <string>
+
+#include "tiling/platform/platform_ascendc.h"
+#include "tiling/tiling_api.h"
 
 // UB bytes usable by vector code and cores per chip (the figures; twin::GetChipInfo holds
 // the same numbers and the driver test asserts they agree).
@@ -69,13 +114,46 @@ struct PackedAttentionProblem {
   const int32_t* cuSeqlens;
 };
 
+// The two cube tilings for `tile`; false when the Matmul tiling API finds none. Every operand is
+// in GM (the only position both chips accept): A is the dense stacked Q / P workspace, B the
+// strided K rows (transposed: stored [keys, D] with row stride Hkv * D) / V rows (row stride
+// Hkv * D), C fp32. P is cast to the input dtype, because A and B of one Matmul must share it.
+inline bool MakePackedAttentionCubeTilings(const PackedAttentionProblem& p, uint32_t tile,
+                                           const platform_ascendc::PlatformAscendC& platform,
+                                           AscendC::tiling::TCubeTiling& qk,
+                                           AscendC::tiling::TCubeTiling& pv) {
+  namespace mt = matmul_tiling;
+  const mt::DataType in = p.elemBytes == 4u ? mt::DataType::DT_FLOAT : mt::DataType::DT_BF16;
+  const int32_t m = int32_t(p.qHeads / p.kvHeads * tile);
+  const int32_t d = int32_t(p.headDim), n = int32_t(tile);
+  const int32_t kvRow = int32_t(p.kvHeads * p.headDim);
+  auto make = [&](bool transB, int32_t sn, int32_t sk, int32_t orgN, int32_t orgKa,
+                  int32_t orgKb, AscendC::tiling::TCubeTiling& out) {
+    mt::MatmulApiTiling api(platform);
+    api.SetAType(mt::TPosition::GM, mt::CubeFormat::ND, in);
+    api.SetBType(mt::TPosition::GM, mt::CubeFormat::ND, in, transB);
+    api.SetCType(mt::TPosition::GM, mt::CubeFormat::ND, mt::DataType::DT_FLOAT);
+    api.SetBiasType(mt::TPosition::GM, mt::CubeFormat::ND, mt::DataType::DT_FLOAT);
+    api.SetShape(m, sn, sk);
+    api.SetOrgShape(m, orgN, orgKa, orgKb);
+    api.SetBias(false);
+    api.SetBufferSpace(-1, -1, -1);
+    return api.GetTiling(out) != -1;
+  };
+  // S: M x tile x D; A dense (Ka = D), B = K transposed with row stride Kb = Hkv * D.
+  // PV: M x D x tile; A = P dense (Ka = tile), B = V with row stride N = Hkv * D.
+  return make(true, n, d, n, d, kvRow, qk) && make(false, d, n, kvRow, n, n, pv);
+}
+
 // Chooses the largest tile (a multiple of 8 rows, at most the longest document rounded up to 8
-// and at most `maxTile` when it is not 0) whose UB footprint fits `budget.ubBytes`, and
-// min(work items, cores, maxBlocks) blocks. Throws std::invalid_argument naming the bad field.
-inline PackedAttentionTiling MakePackedAttentionTiling(const PackedAttentionProblem& p,
-                                                       PackedAttentionChipBudget budget,
-                                                       uint32_t maxTile = 0,
-                                                       uint32_t maxBlocks = 0) {
+// and at most `maxTile` when it is not 0) whose UB footprint fits `budget.ubBytes` and for which
+// the Matmul tiling API finds both cube tilings, and min(work items, cube cores, budget cores,
+// maxBlocks) blocks: each block drives its own pair of Matmul objects, so a block needs a cube
+// core. Throws std::invalid_argument naming the bad field.
+inline PackedAttentionTiling MakePackedAttentionTiling(
+    const PackedAttentionProblem& p, PackedAttentionChipBudget budget,
+    const platform_ascendc::PlatformAscendC& platform, uint32_t maxTile = 0,
+    uint32_t maxBlocks = 0) {
   constexpr uint32_t kRowAlign = 8;
   if (p.elemBytes != 2u && p.elemBytes != 4u) {
     throw std::invalid_argument("elemBytes must be 2 (bf16) or 4 (fp32), got " +
@@ -89,6 +167,12 @@ inline PackedAttentionTiling MakePackedAttentionTiling(const PackedAttentionProb
     throw std::invalid_argument("qHeads must be a positive multiple of kvHeads, got qHeads = " +
                                 std::to_string(p.qHeads) + ", kvHeads = " +
                                 std::to_string(p.kvHeads));
+  }
+  // K and V rows are the cube's B with row stride Hkv * D; an ND inner axis above 65535 needs
+  // MatmulConfig intrinsicsCheck, which this kernel does not use.
+  if (uint64_t(p.kvHeads) * p.headDim > 65535u) {
+    throw std::invalid_argument("kvHeads * headDim must be <= 65535 (the cube's B row stride), "
+                                "got " + std::to_string(uint64_t(p.kvHeads) * p.headDim));
   }
   if (!(p.scale > 0.0f) || !std::isfinite(p.scale)) {
     throw std::invalid_argument("scale must be finite and > 0, got " + std::to_string(p.scale));
@@ -116,37 +200,56 @@ inline PackedAttentionTiling MakePackedAttentionTiling(const PackedAttentionProb
     throw std::invalid_argument("cu_seqlens[-1] must equal tokens = " + std::to_string(p.tokens) +
                                 ", got " + std::to_string(p.cuSeqlens[p.docs]));
   }
-  if (PackedAttentionUbBytes(kRowAlign, p.headDim, p.elemBytes) > budget.ubBytes) {
-    throw std::invalid_argument("headDim = " + std::to_string(p.headDim) +
-                                " leaves no room for an 8-row tile in the " +
+  const uint32_t group = p.qHeads / p.kvHeads;
+  if (PackedAttentionUbBytes(group, kRowAlign, p.headDim, p.elemBytes) > budget.ubBytes) {
+    throw std::invalid_argument("headDim = " + std::to_string(p.headDim) + " with a group of " +
+                                std::to_string(group) + " query heads per kv head leaves no "
+                                "room for an 8-row tile in the " +
                                 std::to_string(budget.ubBytes) + "-byte UB budget");
   }
   uint32_t tile = (maxLen + kRowAlign - 1) / kRowAlign * kRowAlign;
   if (tile < kRowAlign) tile = kRowAlign;
   if (maxTile != 0 && maxTile < tile) tile = maxTile;
-  // The footprint grows with the tile: step down until it fits.
-  while (PackedAttentionUbBytes(tile, p.headDim, p.elemBytes) > budget.ubBytes) tile -= kRowAlign;
+  // The footprint grows with the tile: step down until it fits and the cube tilings exist.
+  PackedAttentionTiling t{};
+  while (true) {
+    if (PackedAttentionUbBytes(group, tile, p.headDim, p.elemBytes) <= budget.ubBytes &&
+        MakePackedAttentionCubeTilings(p, tile, platform, t.qk, t.pv)) {
+      break;
+    }
+    if (tile == kRowAlign) {
+      throw std::invalid_argument("headDim = " + std::to_string(p.headDim) +
+                                  ": the Matmul tiling API found no cube tiling for an 8-row tile");
+    }
+    tile -= kRowAlign;
+  }
   uint64_t items = 0;
   for (uint32_t b = 0; b < p.docs; ++b) {
     const uint32_t len = uint32_t(p.cuSeqlens[b + 1] - p.cuSeqlens[b]);
-    items += uint64_t(p.qHeads) * ((len + tile - 1) / tile);
+    items += uint64_t(p.kvHeads) * ((len + tile - 1) / tile);
   }
   if (items > 0xffffffffull) throw std::invalid_argument("too many work items for uint32");
-  uint32_t blocks = budget.coreNum;
+  uint32_t blocks = platform.GetCoreNumAic();
+  if (budget.coreNum < blocks) blocks = budget.coreNum;
   if (maxBlocks != 0 && maxBlocks < blocks) blocks = maxBlocks;
   if (items < blocks) blocks = uint32_t(items);
   if (blocks == 0) blocks = 1;  // an empty batch still launches one block, which does nothing
-  PackedAttentionTiling t{};
+  const PackedAttentionWorkspaceLayout ws =
+      PackedAttentionBlockWorkspace(group, tile, p.headDim, p.elemBytes);
+  if (ws.bytes > 0xffffffffull) throw std::invalid_argument("per-block workspace above 4 GB");
   t.tokens = p.tokens;
   t.docs = p.docs;
   t.qHeads = p.qHeads;
   t.kvHeads = p.kvHeads;
+  t.group = group;
   t.headDim = p.headDim;
   t.tile = tile;
   t.workItems = uint32_t(items);
   t.blockDim = blocks;
   t.scale = p.scale;
-  t.ubBytes = uint32_t(PackedAttentionUbBytes(tile, p.headDim, p.elemBytes));
+  t.ubBytes = uint32_t(PackedAttentionUbBytes(group, tile, p.headDim, p.elemBytes));
+  t.sysWorkspaceBytes = platform.GetLibApiWorkSpaceSize();
+  t.blockWorkspaceBytes = uint32_t(ws.bytes);
   return t;
 }
 #endif  // !defined(__CCE_AICORE__)

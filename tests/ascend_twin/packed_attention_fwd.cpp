@@ -1,13 +1,19 @@
 // Test driver of the packed causal attention forward (csrc/ascend/packed_attention_fwd.h) on the
 // CPU twin: reads the inputs tests/test_ascend_packed_attention.py wrote, chooses the tiling with
-// MakePackedAttentionTiling for the chip, launches the kernel and writes out and lse.
+// MakePackedAttentionTiling for the chip (cube tilings from the twin's CANN host tiling API),
+// allocates the GM workspace PackedAttentionWorkspaceBytes asks for, launches the kernel and
+// writes out and lse.
 //
 // usage: packed_attention_fwd f32|bf16 T B HQ HKV D SCALE 910b|310b MAX_BLOCKS MAX_TILE IN_DIR OUT
+//                             [WS_OUT]
 //   IN_DIR holds q.bin (T*HQ*D), k.bin and v.bin (T*HKV*D) in f32 or bf16, and cu_seqlens.bin
 //   (B+1 int32). MAX_BLOCKS / MAX_TILE cap the tiling (0 = chip limit / UB budget).
-//   OUT gets out [T, HQ, D] in the input dtype, then lse [HQ, T] f32.
-//   stdout: "TILING tile=.. blockDim=.. items=.. ubBytes=.. budget=.." (exit 0),
-//   "VIOLATION rule=.." (exit 3), "TILING-ERROR .." (exit 4).
+//   OUT gets out [T, HQ, D] in the input dtype, then lse [HQ, T] f32. WS_OUT, when given, gets
+//   block 0's scratch area of the workspace after the launch (what the cube and vector units
+//   left there).
+//   stdout: "TILING tile=.. blockDim=.. items=.. ubBytes=.. budget=.." then "WORKSPACE
+//   total=.. sys=.. block=.. q=.. s=.. p=.. o=.." and "CUBE qk=MxNxK/baseMxbaseNxbaseK pv=.."
+//   (exit 0), "VIOLATION rule=.." (exit 3), "TILING-ERROR .." (exit 4).
 // usage: packed_attention_fwd budgets  -> checks the tiling's chip budgets against the twin's.
 #include <cstdio>
 #include <fstream>
@@ -44,9 +50,9 @@ int CheckBudgets() {
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "budgets") return CheckBudgets();
-  if (argc != 13) {
+  if (argc != 13 && argc != 14) {
     std::cerr << "usage: packed_attention_fwd f32|bf16 T B HQ HKV D SCALE 910b|310b MAX_BLOCKS "
-                 "MAX_TILE IN_DIR OUT\n";
+                 "MAX_TILE IN_DIR OUT [WS_OUT]\n";
     return 2;
   }
   const std::string dtype = argv[1];
@@ -87,9 +93,13 @@ int main(int argc, char** argv) {
   }
   problem.cuSeqlens = reinterpret_cast<const int32_t*>(cu.data());
 
+  // A singleton as in CANN: one chip per process, which is all the driver needs.
+  const platform_ascendc::PlatformAscendC& platform =
+      *platform_ascendc::PlatformAscendCManager::GetInstance(is910 ? "Ascend910B1"
+                                                                   : "Ascend310B1");
   PackedAttentionTiling tiling{};
   try {
-    tiling = MakePackedAttentionTiling(problem, budget, maxTile, maxBlocks);
+    tiling = MakePackedAttentionTiling(problem, budget, platform, maxTile, maxBlocks);
   } catch (const std::invalid_argument& e) {
     std::cout << "TILING-ERROR " << e.what() << std::endl;
     return 4;
@@ -97,14 +107,28 @@ int main(int argc, char** argv) {
   std::cout << "TILING tile=" << tiling.tile << " blockDim=" << tiling.blockDim
             << " items=" << tiling.workItems << " ubBytes=" << tiling.ubBytes
             << " budget=" << budget.ubBytes << std::endl;
+  const PackedAttentionWorkspaceLayout layout =
+      PackedAttentionBlockWorkspace(tiling.group, tiling.tile, problem.headDim, problem.elemBytes);
+  const uint64_t wsBytes = PackedAttentionWorkspaceBytes(tiling);
+  std::cout << "WORKSPACE total=" << wsBytes << " sys=" << tiling.sysWorkspaceBytes
+            << " block=" << tiling.blockWorkspaceBytes << " q=" << layout.q << " s=" << layout.s
+            << " p=" << layout.p << " o=" << layout.o << std::endl;
+  auto cube = [](const TCubeTiling& c) {
+    return std::to_string(c.singleCoreM) + "x" + std::to_string(c.singleCoreN) + "x" +
+           std::to_string(c.singleCoreK) + "/" + std::to_string(c.baseM) + "x" +
+           std::to_string(c.baseN) + "x" + std::to_string(c.baseK);
+  };
+  std::cout << "CUBE qk=" << cube(tiling.qk) << " pv=" << cube(tiling.pv) << std::endl;
 
   // Poisoned outputs: every element the kernel forgets to write shows up in the comparison.
   std::vector<uint8_t> out(qBytes == 0 ? 1 : qBytes, 0xff);
   std::vector<float> lse(T * problem.qHeads + 1, -12345.0f);
+  // Poisoned workspace (NaN for floats): scratch the kernel reads before writing shows up.
+  std::vector<uint8_t> workspace(wsBytes, 0xff);
   try {
     auto launch = [&](auto kernel) {
       twin::Launch(tiling.blockDim, chip, kernel, q.data(), k.data(), v.data(), cu.data(),
-                   out.data(), reinterpret_cast<GM_ADDR>(lse.data()), tiling);
+                   out.data(), reinterpret_cast<GM_ADDR>(lse.data()), workspace.data(), tiling);
     };
     if (isF32) {
       launch(pangu_fastkd_ascend::packed_attention_fwd<float>);
@@ -114,6 +138,12 @@ int main(int argc, char** argv) {
   } catch (const twin::HardwareRuleViolation& e) {
     std::cout << "VIOLATION rule=" << e.rule() << " what=" << e.what() << std::endl;
     return 3;
+  }
+  if (argc == 14) {
+    std::ofstream ws(argv[13], std::ios::binary);
+    ws.write(reinterpret_cast<const char*>(workspace.data() + tiling.sysWorkspaceBytes),
+             std::streamsize(tiling.blockWorkspaceBytes));
+    if (!ws) return 2;
   }
   std::ofstream file(argv[12], std::ios::binary);
   file.write(reinterpret_cast<const char*>(out.data()), std::streamsize(qBytes));
