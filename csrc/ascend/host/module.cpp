@@ -1,7 +1,14 @@
 // The Python module pangu_fastkd/_ascend. Loading it runs the TORCH_LIBRARY_IMPL(pangu_fastkd,
 // PrivateUse1, ...) blocks of the other files in this directory, which register the NPU kernels of
 // the ops that pangu_fastkd/_C declares (so _C must be loaded first; pangu_fastkd/_native.py does).
+//
+// The CPU twin build (PANGU_FASTKD_ASCEND_TWIN, tests/test_ascend_host.py) compiles the same host
+// code against stand-ins for CANN and torch_npu and runs the kernels on CPU. It registers nothing
+// with the dispatcher (see sparse_kd_npu.cpp for why); instead this module exposes the host
+// implementations as plain functions taking CPU tensors, so the tests can call them directly.
 #include <torch/extension.h>
+
+#include "npu_launch.h"
 
 #include <sstream>
 #include <string>
@@ -25,6 +32,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       if (!stem.empty()) kernels.append(stem);
     }
     info["kernels"] = kernels;
+#ifdef PANGU_FASTKD_ASCEND_TWIN
+    info["twin"] = true;
+#else
+    info["twin"] = false;
+#endif
     return info;
   });
+#ifdef PANGU_FASTKD_ASCEND_TWIN
+  module.def("sparse_kd_fused", &pangu_fastkd::ascend::sparse_kd_fused_npu,
+             "torch.ops.pangu_fastkd.sparse_kd_fused through the Ascend C epilogue on the CPU twin "
+             "(arguments as the op schema in csrc/ops.cpp)");
+#endif
 }

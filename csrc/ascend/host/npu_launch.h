@@ -1,5 +1,7 @@
 // Host-side helpers shared by the launch code of every Ascend C kernel (csrc/ascend/host/*.cpp).
-// Compiled only in the Ascend build (cmake/ascend.cmake), which needs CANN and torch_npu.
+// Compiled in the Ascend build (cmake/ascend.cmake), which needs CANN and torch_npu, and in the
+// CPU twin build (PANGU_FASTKD_ASCEND_TWIN, tests/test_ascend_host.py), which finds stand-ins
+// for the CANN and torch_npu headers in csrc/ascend/host/twin and runs the kernels on CPU.
 //
 // A kernel `foo` compiled by ascendc_library gets a generated launcher header
 // `aclrtlaunch_foo.h`; the host calls it as `ACLRT_LAUNCH_KERNEL(foo)(block_dim, stream, args...)`,
@@ -12,24 +14,55 @@
 #include <acl/acl.h>
 
 #include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
 
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 
+#ifndef PANGU_FASTKD_SOC_VERSION
+#error "PANGU_FASTKD_SOC_VERSION is set by cmake/ascend.cmake (or the twin build)"
+#endif
+
 namespace pangu_fastkd::ascend {
+
+// The device the kernels' tensors live on. The twin build runs the same host code on CPU
+// tensors (their data pointers are what the twin's kernels read); the real build takes only
+// NPU (PrivateUse1) tensors, whose data pointers are device addresses.
+#ifdef PANGU_FASTKD_ASCEND_TWIN
+inline constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+#else
+inline constexpr c10::DeviceType kKernelDevice = c10::DeviceType::PrivateUse1;
+#endif
+
+// The chip family the module was built for; host tilings take their UB budget from it.
+enum class SocFamily { kAscend910B, kAscend310B };
+
+inline constexpr SocFamily soc_family() {
+  constexpr std::string_view soc = PANGU_FASTKD_SOC_VERSION;
+  static_assert(soc.substr(0, 10) == "Ascend910B" || soc.substr(0, 10) == "Ascend310B",
+                "PANGU_FASTKD_SOC_VERSION must name an Ascend910B* or Ascend310B* chip");
+  return soc.substr(0, 10) == "Ascend910B" ? SocFamily::kAscend910B : SocFamily::kAscend310B;
+}
 
 // The stream torch_npu queues this thread's work on (false: do not flush the task queue here).
 inline aclrtStream current_stream() { return c10_npu::getCurrentNPUStream().stream(false); }
 
-// Kernels read raw global memory: the tensor must be on the NPU, dense and of the expected type.
+// Kernels read raw global memory: the tensor must be on the kernel device, dense and of the
+// expected type.
 inline void check_npu_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1, name,
-              " must be on the NPU, got a tensor on ", t.device());
+  TORCH_CHECK(t.device().type() == kKernelDevice, name, " must be on the ",
+              c10::DeviceTypeName(kKernelDevice, /*lower_case=*/true), " device, got a tensor on ",
+              t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
-// GM_ADDR of a tensor, as the generated launchers take it.
-inline uint8_t* gm_addr(const at::Tensor& t) { return static_cast<uint8_t*>(t.data_ptr()); }
+// GM_ADDR of a tensor, as the generated launchers take it; null for an absent optional input
+// (kernels document which pointers they leave unread).
+inline void* gm_addr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // Blocks for `work_items` independent items on a chip with `cores` AI cores: never more blocks
 // than cores, because kernels that call SyncAll hang when some blocks are not resident.
@@ -38,5 +71,40 @@ inline uint32_t block_dim(int64_t work_items, uint32_t cores) {
   if (work_items <= 0) return 1;
   return static_cast<uint32_t>(std::min<int64_t>(work_items, cores));
 }
+
+// A tiling struct in device memory, for kernels that take their tiling as a GM_ADDR (direct
+// launches have no tiling-data mechanism). The copy is queued on the current stream before the
+// launch that reads it; the caching allocator keeps the bytes until that launch has run even if
+// the returned tensor dies first, as for any tensor a kernel reads.
+template <class Tiling>
+at::Tensor tiling_on_device(const Tiling& tiling, const at::Device& device) {
+  static_assert(std::is_trivially_copyable_v<Tiling>, "a tiling is copied byte for byte");
+  at::Tensor host = at::empty({int64_t(sizeof(Tiling))}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(host.data_ptr(), &tiling, sizeof(Tiling));
+  if (device.is_cpu()) return host;
+  return host.to(device);
+}
+
+// The generated launchers return 0 on success, an ACL error code otherwise.
+inline void check_launch(uint32_t status, const char* kernel) {
+  TORCH_CHECK(status == 0, "launching the Ascend C kernel ", kernel, " failed with error ",
+              status);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host implementations, declared here so that the twin build's module.cpp can bind them
+// (the real build reaches them through the dispatcher only).
+
+// torch.ops.pangu_fastkd.sparse_kd_fused on the kernel device (csrc/ascend/host/sparse_kd_npu.cpp);
+// arguments and results as the schema in csrc/ops.cpp and the CPU kernel csrc/cpu/sparse_kd.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd_fused_npu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const std::optional<at::Tensor>& ids,
+    const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& teacher_lse,
+    const std::optional<at::Tensor>& label_logit, const std::optional<at::Tensor>& sample_weights,
+    double kd_weight, int64_t divergence, double beta, double temperature, double cache_temperature,
+    int64_t missing_mass, bool include_label, int64_t ignore_index, double softcap, double z_loss,
+    int64_t reduction, double num_items, int64_t chunk_rows, bool need_grad_input,
+    bool need_grad_weight, bool compute_stats);
 
 }  // namespace pangu_fastkd::ascend

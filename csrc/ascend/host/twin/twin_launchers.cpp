@@ -1,0 +1,79 @@
+// The twin's stand-in for the launchers ascendc_library generates: each aclrtlaunch_<kernel>
+// runs the kernel entry point (compiled from csrc/ascend/*.cpp against the CPU twin of
+// kernel_operator.h) through twin::Launch on the chip PANGU_FASTKD_SOC_VERSION names, so the
+// host code (csrc/ascend/host/*.cpp) launches exactly as in the real build.
+//
+// This file is the only place where the twin's kernel_operator.h and the host code meet, and it
+// includes no torch header: the twin defines __global__, __aicore__ and GM_ADDR as macros, which
+// have no business in a translation unit that also parses ATen.
+//
+// To add a kernel: a header aclrtlaunch_<kernel>.h next to this file (copy one), the kernel's
+// declaration below, and a four-line launcher calling RunOnTwin.
+#include "kernel_operator.h"
+
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+#include "aclrtlaunch_sparse_kd_epilogue_bf16.h"
+#include "aclrtlaunch_sparse_kd_epilogue_fp32.h"
+
+#ifndef PANGU_FASTKD_SOC_VERSION
+#error "PANGU_FASTKD_SOC_VERSION (e.g. \"Ascend910B1\") picks the chip the twin emulates"
+#endif
+
+// Kernel entry points (csrc/ascend/sparse_kd_epilogue.cpp).
+extern "C" void sparse_kd_epilogue_fp32(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids,
+                                        GM_ADDR teacherValues, GM_ADDR teacherLse,
+                                        GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
+                                        GM_ADDR tiling);
+extern "C" void sparse_kd_epilogue_bf16(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids,
+                                        GM_ADDR teacherValues, GM_ADDR teacherLse,
+                                        GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
+                                        GM_ADDR tiling);
+
+namespace {
+
+constexpr std::string_view kSoc = PANGU_FASTKD_SOC_VERSION;
+constexpr bool kIs910B = kSoc.substr(0, 10) == "Ascend910B";
+constexpr bool kIs310B = kSoc.substr(0, 10) == "Ascend310B";
+static_assert(kIs910B || kIs310B,
+              "PANGU_FASTKD_SOC_VERSION must name an Ascend910B* or Ascend310B* chip");
+// The same chip the host's tiling budget comes from (npu_launch.h reads the same definition).
+constexpr twin::Chip kChip = kIs910B ? twin::Chip::Ascend910B : twin::Chip::Ascend310B;
+
+// Runs kernel(args...) on blockDim twin blocks and returns 0, as a successful launch does. The
+// real launch is asynchronous; this one returns when every block is done, and rethrows what a
+// block threw (a twin::HardwareRuleViolation names the broken rule), so a test sees the failure
+// at the launch that caused it.
+template <class... Params, class... Args>
+uint32_t RunOnTwin(void (*kernel)(Params...), const char* name, uint32_t blockDim,
+                   aclrtStream stream, Args... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args),
+                "a launcher must pass every kernel argument");
+  if (stream == nullptr) {
+    throw std::invalid_argument(std::string(name) + ": launched on a null stream");
+  }
+  twin::Launch(blockDim, kChip, kernel, static_cast<Params>(args)...);
+  return 0;
+}
+
+}  // namespace
+
+extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_fp32(uint32_t blockDim, aclrtStream stream,
+                                                      void* logits, void* labels, void* ids,
+                                                      void* teacherValues, void* teacherLse,
+                                                      void* labelLogit, void* loss, void* stats,
+                                                      void* tiling) {
+  return RunOnTwin(sparse_kd_epilogue_fp32, "sparse_kd_epilogue_fp32", blockDim, stream, logits,
+                   labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_bf16(uint32_t blockDim, aclrtStream stream,
+                                                      void* logits, void* labels, void* ids,
+                                                      void* teacherValues, void* teacherLse,
+                                                      void* labelLogit, void* loss, void* stats,
+                                                      void* tiling) {
+  return RunOnTwin(sparse_kd_epilogue_bf16, "sparse_kd_epilogue_bf16", blockDim, stream, logits,
+                   labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
+}
