@@ -366,10 +366,31 @@ def test_npu_tensors_go_to_the_ascend_kernels_when_built(
     pretend_device(monkeypatch, "npu")
     for module in (attention_mod, sparse_kd_mod):
         monkeypatch.setattr(module, "npu_kernel_available", lambda op: True)
-    q, k, v, _ = attention_inputs()
+    q, k, v, _ = attention_inputs(d=16)
     assert attention_mod.attention_route(q, k, v) == "npu_kernel"
+    assert attention_mod.attention_route(q.bfloat16(), k.bfloat16(), v.bfloat16()) == "npu_kernel"
     assert sparse_kd_mod.sparse_kd_route(q, k, v) == "npu_kernel"
     assert fake_torch_npu.calls == []
+
+
+@needs_native
+def test_npu_calls_the_ascend_kernels_do_not_cover_go_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, fake_torch_npu: FakeTorchNpu
+) -> None:
+    # The Ascend C attention is causal, windowless, fp32/bf16 with D % 16 == 0; the epilogue
+    # takes fp32/bf16. Everything else must not reach the op (it would raise there).
+    pretend_device(monkeypatch, "npu")
+    for module in (attention_mod, sparse_kd_mod):
+        monkeypatch.setattr(module, "npu_kernel_available", lambda op: True)
+    q, k, v, _ = attention_inputs(d=16)
+    route = attention_mod.attention_route
+    assert route(q, k, v, causal=False) == "npu_fusion_attention"
+    assert route(q, k, v, window=4) == "reference"
+    assert route(q.half(), k.half(), v.half()) == "npu_fusion_attention"
+    q6, k6, v6, _ = attention_inputs(d=6)
+    assert route(q6, k6, v6) == "npu_fusion_attention"
+    assert sparse_kd_mod.sparse_kd_route(q.half(), k.half(), v) == "reference"
+    assert sparse_kd_mod.sparse_kd_route(q.double(), k.double(), v) == "reference"
 
 
 def test_no_npu_kernel_is_registered_in_this_build() -> None:

@@ -71,7 +71,7 @@ def packed_attention(
         raise ValueError(
             f"max_seqlen={max_seqlen} is shorter than the longest document ({longest})"
         )
-    route = attention_route(q, k, v, window=window)
+    route = attention_route(q, k, v, causal=causal, window=window)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     if route in ("cpu_kernel", "npu_kernel"):
         # The dispatcher picks the CPU or the NPU (PrivateUse1) kernel of the op by device.
@@ -89,13 +89,20 @@ def packed_attention(
 
 
 def attention_route(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
 ) -> AttentionRoute:
     """Which implementation ``packed_attention`` runs for these tensors.
 
     Args:
-        q, k, v: the attention inputs (only their devices matter).
-        window: the sliding window; the ``npu_fusion_attention`` fallback does not take one.
+        q, k, v: the attention inputs (their devices, dtype and head size matter).
+        causal: the Ascend C kernel is causal only.
+        window: the sliding window; neither the Ascend C kernel nor the
+            ``npu_fusion_attention`` fallback takes one.
 
     Returns:
         ``"cpu_kernel"`` (C++), ``"npu_kernel"`` (Ascend C), ``"npu_fusion_attention"``
@@ -105,12 +112,29 @@ def attention_route(
     if native_available() and devices <= {"cpu", "meta"}:
         return "cpu_kernel"
     if devices == {"npu"}:
-        if npu_kernel_available("packed_attention_fwd"):
+        if npu_kernel_available("packed_attention_fwd") and _ascend_kernel_takes(q, causal, window):
             return "npu_kernel"
         torch_npu = sys.modules.get("torch_npu")  # imported by whoever made the npu tensors
         if window is None and hasattr(torch_npu, "npu_fusion_attention"):
             return "npu_fusion_attention"
     return "reference"
+
+
+def _ascend_kernel_takes(q: torch.Tensor, causal: bool, window: int | None) -> bool:
+    """Whether the Ascend C kernel covers this call: causal, no window, fp32/bf16, D % 16 == 0.
+
+    The kernel's tiling moves whole 32-byte blocks of a head row and the cube takes only float
+    and bf16 here; anything else goes to ``npu_fusion_attention`` or the reference instead of
+    failing inside the op.
+    """
+    head_dim = q.shape[-1]
+    return (
+        causal
+        and window is None
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and head_dim % 16 == 0
+        and 16 <= head_dim <= 512
+    )
 
 
 def _npu_fusion_attention(

@@ -211,16 +211,18 @@ def sparse_kd_route(*tensors: torch.Tensor) -> SparseKDRoute:
     """Which implementation ``fused_linear_sparse_kd`` runs for these tensors.
 
     Args:
-        tensors: hidden, weight and labels (only their devices matter).
+        tensors: hidden, weight and labels (their devices matter, and the dtype of the first).
 
     Returns:
         ``"cpu_kernel"`` for CPU (and fake/meta tensors while tracing), ``"npu_kernel"`` for
-        ``npu`` tensors when the Ascend C kernel is built, else ``"reference"``.
+        fp32/bf16 ``npu`` tensors when the Ascend C kernel is built (its epilogue takes only
+        those), else ``"reference"``.
     """
     devices = {_device_type(t) for t in tensors}
     if native_available() and devices <= {"cpu", "meta"}:
         return "cpu_kernel"
-    if devices == {"npu"} and npu_kernel_available("sparse_kd_fused"):
+    npu_dtype_ok = bool(tensors) and tensors[0].dtype in (torch.float32, torch.bfloat16)
+    if devices == {"npu"} and npu_dtype_ok and npu_kernel_available("sparse_kd_fused"):
         return "npu_kernel"
     return "reference"
 
