@@ -3,9 +3,11 @@
 tests/ascend_twin/packed_attention_fwd.cpp is compiled with g++ against the CPU twin, fed q, k, v
 and cu_seqlens through files, and its out [T, Hq, D] and lse [Hq, T] are compared with
 ``packed_attention_reference`` (the oracle) run in float64. fp32 inputs are held to a tight
-tolerance; for bf16 inputs the output (written in bf16) may be at most 2x as far from the oracle
-as plain PyTorch attention computed in bf16, and the lse (accumulated in fp32 from the exact bf16
-inputs) is held to the fp32 tolerance. The products run on the twin's cube unit (Matmul API);
+tolerance; for bf16 and fp16 inputs the output (written in the input dtype) may be at most 2x as
+far from the oracle as plain PyTorch attention computed in that dtype (torch has CPU half and bf16
+kernels for matmul and softmax), and the lse (accumulated in fp32 from the exact 16-bit inputs) is
+held to the fp32 tolerance. bf16 and fp16 share a size, so the driver picks the kernel from the
+tiling's dtype code. The products run on the twin's cube unit (Matmul API);
 one test reads back the GM workspace to check that S and PV really came from it.
 """
 
@@ -40,7 +42,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class Case:
-    """q [T, Hq, D], k/v [T, Hkv, D] (fp32/bf16), cu_seqlens [B + 1] int32, softmax scale."""
+    """q [T, Hq, D], k/v [T, Hkv, D] (fp32/bf16/fp16), cu_seqlens [B + 1] int32, softmax scale."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -63,6 +65,9 @@ class KernelRun:
     workspace: dict[str, int]  # total, sys, block and the q/s/p/o offsets inside a block
 
 
+DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
 def _make_case(
     dtype: torch.dtype,
     lengths: list[int],
@@ -72,19 +77,20 @@ def _make_case(
     *,
     scale: float | None = None,
     seed: int = 0,
+    qk_scale: float = 1.5,
 ) -> Case:
     gen = torch.Generator().manual_seed(seed * 7919 + sum(lengths) * 131 + head_dim)
     tokens = sum(lengths)
     # Scores of a few units, so the softmax is neither uniform nor one-hot.
-    q = (torch.randn(tokens, q_heads, head_dim, generator=gen) * 1.5).to(dtype)
-    k = (torch.randn(tokens, kv_heads, head_dim, generator=gen) * 1.5).to(dtype)
+    q = (torch.randn(tokens, q_heads, head_dim, generator=gen) * qk_scale).to(dtype)
+    k = (torch.randn(tokens, kv_heads, head_dim, generator=gen) * qk_scale).to(dtype)
     v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype)
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     return Case(q, k, v, cu_seqlens_from_lengths(lengths), scale)
 
 
 def _raw(x: torch.Tensor) -> np.ndarray:
-    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).contiguous().numpy()
+    return (x if x.dtype == torch.float32 else x.view(torch.int16)).contiguous().numpy()
 
 
 def _run_kernel(
@@ -95,6 +101,7 @@ def _run_kernel(
     max_blocks: int,
     max_tile: int,
     workspace_out: Path | None = None,
+    dtype_code: int | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], KernelRun | None]:
     tokens, q_heads, head_dim = case.q.shape
     kv_heads = case.k.shape[1]
@@ -105,7 +112,8 @@ def _run_kernel(
     case.cu_seqlens.int().numpy().tofile(tmp_path / "cu_seqlens.bin")
     out_path = tmp_path / "out.bin"
     docs = case.cu_seqlens.numel() - 1
-    args = ["f32" if is_f32 else "bf16", tokens, docs, q_heads, kv_heads, head_dim]
+    dtype = DTYPE_NAMES[case.q.dtype] + ("" if dtype_code is None else f":{dtype_code}")
+    args = [dtype, tokens, docs, q_heads, kv_heads, head_dim]
     args += [repr(case.scale), chip, max_blocks, max_tile, tmp_path, out_path]
     if workspace_out is not None:
         args.append(workspace_out)
@@ -129,7 +137,7 @@ def _run_kernel(
     out_bytes = case.q.numel() * case.q.element_size()
     out_np = np.frombuffer(raw_out[:out_bytes], dtype=np.float32 if is_f32 else np.int16)
     out = torch.from_numpy(out_np.copy())
-    out = (out if is_f32 else out.view(torch.bfloat16)).reshape(tokens, q_heads, head_dim)
+    out = (out if is_f32 else out.view(case.q.dtype)).reshape(tokens, q_heads, head_dim)
     lse = torch.from_numpy(np.frombuffer(raw_out[out_bytes:], dtype=np.float32).copy())
     tile, block_dim, items, ub_bytes, budget = map(int, tiling.groups())
     lse = lse.reshape(q_heads, tokens)
@@ -137,8 +145,12 @@ def _run_kernel(
     return result, run
 
 
-def _torch_low_precision(case: Case) -> torch.Tensor:
-    """Plain PyTorch attention with every product and the softmax in the inputs' dtype."""
+def _torch_low_precision(case: Case, fp32_scores: bool = False) -> torch.Tensor:
+    """Plain PyTorch attention with every product and the softmax in the inputs' dtype.
+
+    ``fp32_scores``: q k^T and the softmax in fp32 instead (P rounded to the inputs' dtype for
+    P V), the flash-attention rule the kernel follows, for inputs whose scores overflow fp16.
+    """
     group = case.q.shape[1] // case.k.shape[1]
     outs = []
     bounds = case.cu_seqlens.tolist()
@@ -147,14 +159,16 @@ def _torch_low_precision(case: Case) -> torch.Tensor:
         qd = case.q[start:end].transpose(0, 1)  # [Hq, L, D]
         kd = case.k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
         vd = case.v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        if fp32_scores:
+            qd, kd = qd.float(), kd.float()
         scores = (qd @ kd.transpose(1, 2)) * case.scale  # [Hq, L, L]
         future = torch.ones(length, length, dtype=torch.bool).triu(1)
-        probs = torch.softmax(scores.masked_fill(future, -math.inf), dim=-1)
+        probs = torch.softmax(scores.masked_fill(future, -math.inf), dim=-1).to(vd.dtype)
         outs.append((probs @ vd).transpose(0, 1))  # [L, Hq, D]
     return torch.cat(outs, dim=0)
 
 
-def _check_against_reference(case: Case, run: KernelRun) -> None:
+def _check_against_reference(case: Case, run: KernelRun, fp32_scores: bool = False) -> None:
     oracle_out, oracle_lse = packed_attention_reference(
         case.q.double(),
         case.k.double(),
@@ -170,7 +184,8 @@ def _check_against_reference(case: Case, run: KernelRun) -> None:
         torch.testing.assert_close(run.out.double(), oracle_out, rtol=1e-5, atol=2e-6)
         return
     kernel_err = (run.out.double() - oracle_out).abs().max().item()
-    torch_err = (_torch_low_precision(case).double() - oracle_out).abs().max().item()
+    torch_out = _torch_low_precision(case, fp32_scores).double()
+    torch_err = (torch_out - oracle_out).abs().max().item()
     assert kernel_err <= 2 * torch_err, (kernel_err, torch_err)
 
 
@@ -183,6 +198,9 @@ CASES = {
     "bf16-mixed-docs-gqa2": (torch.bfloat16, [7, 1, 21, 4], 4, 2, 32, "910b", 6, 8),
     "bf16-single-doc-mqa-310b": (torch.bfloat16, [30], 4, 1, 16, "310b", 0, 16),
     "bf16-mha-d64": (torch.bfloat16, [1, 17, 1, 6], 2, 2, 64, "910b", 3, 0),
+    "f16-mixed-docs-gqa2": (torch.float16, [7, 1, 21, 4], 4, 2, 32, "910b", 6, 8),
+    "f16-single-doc-mqa-310b": (torch.float16, [30], 4, 1, 16, "310b", 0, 16),
+    "f16-mha-d64": (torch.float16, [1, 17, 1, 6], 2, 2, 64, "910b", 3, 0),
 }
 
 
@@ -206,7 +224,12 @@ def test_forward_matches_reference(binary: Path, tmp_path: Path, name: str) -> N
 
 @pytest.mark.parametrize(
     ("seed", "dtype", "heads"),
-    [(0, torch.float32, (4, 2)), (1, torch.bfloat16, (4, 1)), (2, torch.float32, (2, 2))],
+    [
+        (0, torch.float32, (4, 2)),
+        (1, torch.bfloat16, (4, 1)),
+        (2, torch.float32, (2, 2)),
+        (3, torch.float16, (6, 2)),
+    ],
 )
 def test_random_document_lengths(
     binary: Path, tmp_path: Path, seed: int, dtype: torch.dtype, heads: tuple[int, int]
@@ -227,7 +250,10 @@ def test_non_default_scale_and_empty_document(binary: Path, tmp_path: Path) -> N
     _check_against_reference(case, run)
 
 
-@pytest.mark.parametrize(("chip", "dtype"), [("910b", torch.float32), ("310b", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("chip", "dtype"),
+    [("910b", torch.float32), ("310b", torch.bfloat16), ("910b", torch.float16)],
+)
 def test_budget_sized_tile_fills_the_ub(
     binary: Path, tmp_path: Path, chip: str, dtype: torch.dtype
 ) -> None:
@@ -284,6 +310,9 @@ CUBE_CASES = {
     "bf16-g1-d128-310b": (torch.bfloat16, [20, 7], 2, 2, 128, "310b", 0, 8),
     "f32-g4-d16-910b-hkv2": (torch.float32, [13, 29, 1], 8, 2, 16, "910b", 4, 16),
     "bf16-g4-d128-910b-hkv2": (torch.bfloat16, [19, 6], 8, 2, 128, "910b", 6, 8),
+    "f16-g2-d64-910b": (torch.float16, [17, 1, 40], 4, 2, 64, "910b", 5, 16),
+    "f16-g4-d128-310b": (torch.float16, [11, 30, 2], 4, 1, 128, "310b", 0, 16),
+    "f16-g1-d16-910b": (torch.float16, [25, 1, 12], 2, 2, 16, "910b", 3, 8),
 }
 
 
@@ -304,7 +333,10 @@ def test_cube_forward_groups_dims_and_chips(binary: Path, tmp_path: Path, name: 
     _check_against_reference(case, run)
 
 
-@pytest.mark.parametrize(("chip", "dtype"), [("910b", torch.float32), ("310b", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("chip", "dtype"),
+    [("910b", torch.float32), ("310b", torch.bfloat16), ("910b", torch.float16)],
+)
 def test_products_come_from_the_cube_workspace(
     binary: Path, tmp_path: Path, chip: str, dtype: torch.dtype
 ) -> None:
@@ -327,7 +359,7 @@ def test_products_come_from_the_cube_workspace(
         off = run.workspace[name]
         size = np.dtype(np_dtype).itemsize
         t = torch.from_numpy(np.frombuffer(raw[off : off + count * size], dtype=np_dtype).copy())
-        return t.view(torch.bfloat16).float() if np_dtype is np.int16 else t
+        return t.view(dtype).float() if np_dtype is np.int16 else t
 
     q_stack = case.q[:, 2:4].transpose(0, 1).reshape(m, d).float()  # heads 2, 3 stacked
     k1, v1 = case.k[:, 1].float(), case.v[:, 1].float()
@@ -340,6 +372,45 @@ def test_products_come_from_the_cube_workspace(
     assert torch.all(p[future] == 0) and torch.all(p[~future] > 0)  # the causal mask, as P
     pv = region("o", np.float32, m * d).reshape(m, d)
     torch.testing.assert_close(pv, p[:, :length] @ v1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chip", ["910b", "310b"])
+def test_fp16_scores_beyond_the_fp16_range(binary: Path, tmp_path: Path, chip: str) -> None:
+    # |q|, |k| ~ 60 with D = 64: q . k reaches ~1e5 > 65504. Plain fp16 PyTorch overflows in
+    # q k^T; the kernel's cube accumulates S in fp32 and only P (in [0, 1]) is cast to half, so
+    # it is held to the same rule against PyTorch with fp32 scores and P rounded to fp16.
+    case = _make_case(torch.float16, [40, 9], 4, 2, 64, seed=6, qk_scale=60.0)
+    assert not torch.isfinite(_torch_low_precision(case)).all()
+    result, run = _run_kernel(binary, tmp_path, case, chip, 0, 16)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    assert torch.isfinite(run.out).all()
+    _check_against_reference(case, run, fp32_scores=True)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "code", "message"),
+    [
+        (torch.float16, 3, "dtype must be 0 (fp32), 1 (bf16) or 2 (fp16), got 3"),
+        (torch.float32, 2, "elemBytes must be 2 for dtype 2, got 4"),
+        (torch.float16, 0, "elemBytes must be 4 for dtype 0, got 2"),
+    ],
+)
+def test_bad_dtype_code_is_a_tiling_error(
+    binary: Path, tmp_path: Path, dtype: torch.dtype, code: int, message: str
+) -> None:
+    case = _make_case(dtype, [4, 4], 4, 2, 16)
+    result, _ = _run_kernel(binary, tmp_path, case, "910b", 0, 0, dtype_code=code)
+    assert result.returncode == TILING_ERROR_EXIT_CODE, result.stdout + result.stderr
+    assert f"TILING-ERROR {message}" in result.stdout
+
+
+def test_dtype_from_elem_bytes_keeps_meaning_bf16(binary: Path, tmp_path: Path) -> None:
+    # PackedAttentionProblem::dtype left at its default, as callers written before fp16 do:
+    # 2-byte elements are bf16, with the bf16 cube tilings and kernel.
+    case = _make_case(torch.bfloat16, [9, 14], 4, 2, 32, seed=7)
+    result, run = _run_kernel(binary, tmp_path, case, "910b", 3, 8, dtype_code=0xFFFFFFFF)
+    assert result.returncode == 0 and run is not None, result.stdout + result.stderr
+    _check_against_reference(case, run)
 
 
 def test_chip_budgets_agree_with_the_twin(binary: Path) -> None:

@@ -5,8 +5,12 @@ is written to its own directory (logits, labels, a top-K or sampled teacher targ
 and the driver runs them all in one process. Its per-row loss, statistics and in-place gradient
 are compared with ``sparse_kd_reference`` (the oracle): with ``weight = I`` the reference's
 hidden states are the logits, so its gradient w.r.t. ``hidden`` is d(loss)/d(logits).
-fp32 logits are held to a tight tolerance against a float64 oracle; for bf16 logits the gradient
-(written in bf16) may be at most 2x as far from the oracle as plain PyTorch's bf16 gradient.
+fp32 logits are held to a tight tolerance against a float64 oracle; for bf16 and fp16 logits the
+gradient (written in the logits' dtype) may be at most 2x as far from the oracle as plain
+PyTorch's gradient in that dtype (the reference run on the bf16 / fp16 logits: its LM-head matmul
+in the input dtype, which torch computes for both on CPU, the rest in fp32, and the gradient
+rounded once to the input dtype, as the kernel does). bf16 and fp16 share a size, so the driver
+picks the kernel from the tiling's dtype code; fp16 gradients beyond 65504 saturate.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pangu_fastkd.ops.sparse_kd_targets import (
 )
 
 IGNORE = -100
+DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 STAT_NAMES = ("divergence", "cross_entropy", "student_mass", "teacher_mass", "lse", "correct")
 
 pytestmark = needs_gxx
@@ -60,6 +65,7 @@ class Spec:
     max_chunk: int = 128
     ignored: tuple[int, ...] = (4,)
     seed: int = 0
+    dtype_code: int | None = None  # written as SparseKdProblem::dtype over the one of `dtype`
     ub_slack: int | None = None  # run with the UB budget set to the tiling's ubBytes + slack
     ties: bool = False  # rows 0-3 get the label at the row maximum, some tied with another id
     weight_sum: float = 1.0  # sampled weights' row sum (the reference accepts 1 +- 1e-3)
@@ -69,7 +75,7 @@ class Spec:
 @dataclass
 class Case:
     spec: Spec
-    logits: torch.Tensor  # [N, V] fp32 or bf16
+    logits: torch.Tensor  # [N, V] fp32, bf16 or fp16
     labels: torch.Tensor  # [N]
     target: TopKTarget | SampledTarget | None
     directory: Path = field(default=Path())
@@ -166,7 +172,7 @@ def _write_case(case: Case, directory: Path) -> None:
     if target is not None:
         target.ids.int().numpy().tofile(directory / "ids.bin")
     options = {
-        "dtype": "f32" if spec.dtype == torch.float32 else "bf16",
+        "dtype": DTYPE_NAMES[spec.dtype],
         "rows": spec.rows,
         "vocab": spec.vocab,
         "k": spec.k if target is not None else 0,
@@ -188,6 +194,8 @@ def _write_case(case: Case, directory: Path) -> None:
     }
     if spec.ub_slack is not None:
         options["ub_slack"] = spec.ub_slack
+    if spec.dtype_code is not None:
+        options["dtype_code"] = spec.dtype_code
     text = "".join(f"{key} {value}\n" for key, value in options.items())
     (directory / "case.txt").write_text(text)
 
@@ -203,7 +211,7 @@ def _read_run(case: Case) -> tuple[str, KernelRun | None]:
     floats = np.frombuffer(raw[: 28 * rows], dtype=np.float32).copy()
     grad_raw = np.frombuffer(raw[28 * rows :], dtype=np.float32 if is_f32 else np.int16)
     grad = torch.from_numpy(grad_raw.copy())
-    grad = (grad if is_f32 else grad.view(torch.bfloat16)).reshape(rows, vocab)
+    grad = (grad if is_f32 else grad.view(case.spec.dtype)).reshape(rows, vocab)
     loss = torch.from_numpy(floats[:rows])
     stats = torch.from_numpy(floats[rows:]).reshape(rows, 6)
     chunk, block_dim, ub_bytes, budget = map(int, tiling.groups())
@@ -273,6 +281,7 @@ def _check_against_reference(case: Case, run: KernelRun) -> None:
 
 
 BF16 = torch.bfloat16
+F16 = torch.float16
 
 # Every divergence x missing mass x label conditioning, fp32, 7 x 333 (ragged 128-element chunks,
 # 3 blocks). Tail needs T == T_c; renorm runs at T = 1.3 against a cache written at T_c = 1.
@@ -303,6 +312,18 @@ CASES = {
     "bf16-jsd-tail-nolabel-910b": Spec(
         dtype=BF16, divergence="jsd", beta=0.8, include_label=False, vocab=500, max_chunk=192
     ),
+    # fp16 logits through each divergence beside the bf16 cases, both chips.
+    "f16-forward-renorm-nolabel-310b": Spec(
+        dtype=F16, missing_mass="renorm", include_label=False, chip="310b", max_blocks=0
+    ),
+    "f16-reverse-tail-910b": Spec(dtype=F16, divergence="reverse_kl", rows=6, max_blocks=4),
+    "f16-jsd-renorm-310b": Spec(
+        dtype=F16, divergence="jsd", missing_mass="renorm", temperature=0.7, chip="310b"
+    ),
+    "f16-jsd-tail-nolabel-910b": Spec(
+        dtype=F16, divergence="jsd", beta=0.8, include_label=False, vocab=500, max_chunk=192
+    ),
+    "f16-forward-tail-label-910b": Spec(dtype=F16, temperature=1.0, max_blocks=5, seed=4),
     # Sampled targets (forward KL only).
     "sampled-f32-910b": Spec(
         target="sampled", include_label=False, kd_weight=0.5, k=9, weight_sum=1.0008
@@ -313,17 +334,24 @@ CASES = {
     "sampled-bf16-910b": Spec(
         dtype=BF16, target="sampled", include_label=False, kd_weight=0.3, temperature=0.8
     ),
+    "sampled-f16-310b": Spec(
+        dtype=F16, target="sampled", include_label=False, kd_weight=0.8, chip="310b", k=9
+    ),
     "sampled-softcap-zloss": Spec(
         target="sampled", include_label=False, softcap=6.0, z_loss=1e-3, ignored=(0, 6)
     ),
     # The argmax statistic with tied maxima, and a cache whose Lambda gives P_S > 1.
     "ties-ce-f32": Spec(kd_weight=0.0, ties=True),
     "ties-forward-tail-bf16": Spec(dtype=BF16, ties=True, softcap=9.0, chip="310b"),
+    "ties-forward-tail-f16": Spec(dtype=F16, ties=True, softcap=9.0, max_blocks=4),
     "ties-sampled-f32": Spec(target="sampled", include_label=False, ties=True),
     "teacher-mass-over-one-forward": Spec(lse_shift=-1.5, temperature=1.0),
     "teacher-mass-over-one-jsd": Spec(divergence="jsd", lse_shift=-1.5, ignored=()),
     "teacher-mass-over-one-reverse-bf16": Spec(
         dtype=BF16, divergence="reverse_kl", lse_shift=-1.5, max_blocks=2
+    ),
+    "teacher-mass-over-one-jsd-f16": Spec(
+        dtype=F16, divergence="jsd", lse_shift=-1.5, chip="310b", ignored=(0,)
     ),
     # Softcap and z-loss.
     "softcap-forward-tail": Spec(softcap=5.0),
@@ -331,8 +359,20 @@ CASES = {
         divergence="jsd", missing_mass="renorm", softcap=8.0, z_loss=1e-2, temperature=0.9
     ),
     "softcap-reverse-tail-bf16": Spec(dtype=BF16, divergence="reverse_kl", softcap=6.0),
+    "softcap-jsd-renorm-zloss-f16": Spec(
+        dtype=F16,
+        divergence="jsd",
+        missing_mass="renorm",
+        softcap=8.0,
+        z_loss=1e-2,
+        temperature=0.9,
+        chip="310b",
+    ),
     "ce-softcap-zloss-f32": Spec(kd_weight=0.0, softcap=4.0, z_loss=2e-2, temperature=1.0),
     "zloss-forward-tail-bf16-kd03": Spec(dtype=BF16, kd_weight=0.3, z_loss=1e-3, chip="310b"),
+    "zloss-reverse-renorm-f16-kd1": Spec(
+        dtype=F16, divergence="reverse_kl", missing_mass="renorm", kd_weight=1.0, z_loss=5e-3
+    ),
     "zloss-reverse-renorm-kd1": Spec(
         divergence="reverse_kl", missing_mass="renorm", kd_weight=1.0, z_loss=5e-3
     ),
@@ -340,6 +380,9 @@ CASES = {
     "ce-f32-ragged-tail": Spec(kd_weight=0.0, rows=5, vocab=1000, max_chunk=256, ignored=(3,)),
     "ce-bf16-odd-tail": Spec(
         dtype=BF16, kd_weight=0.0, rows=4, vocab=777, max_blocks=2, max_chunk=192, ignored=()
+    ),
+    "ce-f16-odd-tail-310b": Spec(
+        dtype=F16, kd_weight=0.0, rows=4, vocab=777, chip="310b", max_chunk=192, ignored=(2,)
     ),
     "ce-f32-310b": Spec(kd_weight=0.0, rows=3, vocab=300, chip="310b", max_chunk=64, ignored=(1,)),
     # Shapes and corner cases of the support.
@@ -349,6 +392,19 @@ CASES = {
     "kd-f32-temperature-2": Spec(rows=5, vocab=1000, k=8, kd_weight=0.5, temperature=2.0),
     "kd-bf16-310b-pure-kd": Spec(
         dtype=BF16, rows=3, vocab=300, kd_weight=1.0, chip="310b", ignored=()
+    ),
+    "kd-f16-910b-pure-kd-t2": Spec(
+        dtype=F16,
+        rows=5,
+        vocab=300,
+        kd_weight=1.0,
+        temperature=2.0,
+        cache_temperature=1.0,
+        missing_mass="renorm",
+        ignored=(),
+    ),
+    "kd-f16-support-covers-vocab": Spec(
+        dtype=F16, divergence="reverse_kl", rows=3, vocab=16, k=16, max_chunk=0, ignored=()
     ),
     "kd-support-covers-vocab": Spec(
         rows=3, vocab=16, k=16, temperature=1.0, max_chunk=0, ignored=(1,)
@@ -363,6 +419,10 @@ CASES = {
     "ce-bf16-all-rows-ignored": Spec(
         dtype=BF16, kd_weight=0.0, rows=2, vocab=90, chip="310b", ignored=(0, 1)
     ),
+    "kd-f16-all-rows-ignored": Spec(dtype=F16, rows=2, vocab=90, k=4, ignored=(0, 1)),
+    # SparseKdProblem::dtype left at kSparseKdDtypeFromElemBytes, as the host launcher does:
+    # 2-byte logits still mean bf16.
+    "bf16-dtype-from-elem-bytes": Spec(dtype=BF16, dtype_code=0xFFFFFFFF, rows=5, seed=2),
 }
 
 # Budget-sized chunks: no cap, so the chunk is the largest multiple of 64 that fits the UB.
@@ -377,6 +437,19 @@ BUDGET_CASES = {
         max_blocks=0,
         max_chunk=0,
         ignored=(1,),
+        seed=3,
+    ),
+    "budget-f16-310b-softcap": Spec(
+        dtype=F16,
+        rows=2,
+        vocab=12000,
+        k=5,
+        softcap=6.0,
+        temperature=1.0,
+        chip="310b",
+        max_blocks=0,
+        max_chunk=0,
+        ignored=(),
         seed=3,
     ),
     "budget-f32-310b-softcap-jsd": Spec(
@@ -397,6 +470,7 @@ BUDGET_CASES = {
 # budget and trips ub-budget with 32 bytes less (buffers are whole 32-byte blocks).
 UB_EXACT_SPECS = {
     "kd-bf16": Spec(dtype=BF16, rows=2, vocab=200, ignored=()),
+    "kd-f16-softcap": Spec(dtype=F16, rows=2, vocab=200, softcap=4.0, ignored=()),
     "sampled-softcap-f32": Spec(
         target="sampled", include_label=False, softcap=3.0, rows=2, vocab=200, ignored=()
     ),
@@ -433,6 +507,11 @@ TILING_ERRORS = {
         "temperature must be finite and > 0",
     ),
     "max-chunk-too-small": (Spec(max_chunk=32), "maxChunk must be 0 (no cap) or >= 64"),
+    "dtype-code-3": (Spec(dtype=F16, dtype_code=3), "dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)"),
+    "fp16-code-with-4-byte-elements": (
+        Spec(dtype=torch.float32, dtype_code=2),
+        "elemBytes must be 2 for dtype 2, got 4",
+    ),
     "support-too-large": (
         Spec(k=8000, vocab=9000, rows=1, ignored=()),
         "supportK = 8000 teacher ids leave no room",
@@ -444,7 +523,12 @@ ENUM_ERRORS = {
     "missing-mass-code-2": ("missing_mass", 2, "missingMass must be 0 (tail) or 1 (renorm), got 2"),
 }
 
-ALL_RUN = {**CASES, **BUDGET_CASES, **UB_CASES}
+# fp16 holds at most 65504: an upstream gradient so large that d(loss)/d(z) * scale passes it at
+# the labels. Plain fp16 PyTorch writes inf there; the kernel saturates, as the hardware's
+# float -> half Cast does by default.
+SATURATION = Spec(dtype=F16, kd_weight=0.3, scale=1.5e5, rows=5, ignored=(), seed=1)
+
+ALL_RUN = {**CASES, **BUDGET_CASES, **UB_CASES, "f16-saturation": SATURATION}
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +602,29 @@ def test_ub_bytes_equal_the_init_buffer_sum(runs: dict[str, tuple[str, Case]], n
         assert line.startswith("VIOLATION rule=ub-budget "), line
 
 
+def test_fp16_gradient_saturates_instead_of_overflowing(
+    runs: dict[str, tuple[str, Case]],
+) -> None:
+    _, case = runs["f16-saturation"]
+    line, run = _read_run(case)
+    assert run is not None, line
+    oracle_loss, _, oracle_grad = _reference(case, case.logits.double())
+    torch.testing.assert_close(run.loss.double(), oracle_loss, rtol=2e-5, atol=2e-5)
+    _, _, torch_grad = _reference(case, case.logits)
+    big = oracle_grad.abs() > 65504
+    assert big.any() and not big.all()
+    assert torch.isinf(torch_grad[oracle_grad.abs() >= 65520]).any()  # fp16 rounds these to inf
+    assert torch.isfinite(run.grad).all()
+    assert torch.equal(run.grad[big].double(), 65504 * oracle_grad[big].sign())
+    # Elsewhere plain fp16 PyTorch is no baseline: its matmul backward spreads inf * 0 = NaN over
+    # the row. The baseline is its fp32 gradient rounded to fp16 explicitly, as it would write it.
+    _, _, f32_grad = _reference(case, case.logits.float())
+    rounded = f32_grad.half().double()
+    kernel_err = (run.grad.double() - oracle_grad)[~big].abs().max().item()
+    torch_err = (rounded - oracle_grad)[~big].abs().max().item()
+    assert kernel_err <= 2 * torch_err, (kernel_err, torch_err)
+
+
 @pytest.mark.parametrize("name", sorted(TILING_ERRORS))
 def test_tiling_rejects_bad_options(runs: dict[str, tuple[str, Case]], name: str) -> None:
     line, _ = runs[name]
@@ -532,7 +639,8 @@ def test_tiling_rejects_unknown_enum_codes(runs: dict[str, tuple[str, Case]], na
 
 def test_legal_neighbours_of_the_rejected_options_run(runs: dict[str, tuple[str, Case]]) -> None:
     # Beside each rejected option, the legal one ran: renorm at T != T_c, JSD at beta 0.3/0.8,
-    # sampled forward KL without the label, a positive softcap and z-loss.
+    # sampled forward KL without the label, a positive softcap and z-loss, the fp16 code with
+    # 2-byte elements.
     for name in (
         "forward_kl-renorm-label",
         "jsd-tail-label",
@@ -540,6 +648,7 @@ def test_legal_neighbours_of_the_rejected_options_run(runs: dict[str, tuple[str,
         "sampled-f32-910b",
         "softcap-forward-tail",
         "zloss-reverse-renorm-kd1",
+        "f16-reverse-tail-910b",
     ):
         line, _ = runs[name]
         assert line.startswith("TILING chunk="), (name, line)

@@ -1,11 +1,12 @@
 // Packed causal attention forward as an Ascend C MIX kernel: products on the cube unit through
 // the Matmul high-level API, mask and online softmax on the vector unit (issue 6).
 //
-// q [T, Hq, D], k/v [T, Hkv, D] (fp32 or bf16 in GM), documents laid end to end and delimited by
-// cu_seqlens [B + 1] int32; query head h reads kv head h / G (G = Hq / Hkv). Writes out [T, Hq, D]
-// in the input dtype and lse [Hq, T] fp32, the semantics of packed_attention_reference (causal,
-// no window). Built against csrc/ascend/twin it runs on CPU; it uses only the Ascend C API subset
-// the twin emulates, so it is meant to compile unchanged with ascendc.
+// q [T, Hq, D], k/v [T, Hkv, D] (fp32, bf16 or fp16 in GM), documents laid end to end and
+// delimited by cu_seqlens [B + 1] int32; query head h reads kv head h / G (G = Hq / Hkv). Writes
+// out [T, Hq, D] in the input dtype and lse [Hq, T] fp32, the semantics of
+// packed_attention_reference (causal, no window). Built against csrc/ascend/twin it runs on CPU;
+// it uses only the Ascend C API subset the twin emulates, so it is meant to compile unchanged
+// with ascendc.
 //
 // Work split: every (document, kv head g, query tile of `tile` rows) is one work item; items are
 // dealt round-robin to the blocks. The G query heads of the group are stacked head by head into
@@ -26,9 +27,15 @@
 // data path serves both chips. Q is staged once per item into a dense [M, D] workspace tile
 // (the group's rows are not one uniform stride in q), K and V are read in place (row stride
 // Hkv * D via the org shape). P is cast to the input dtype before the PV product, as flash
-// attention does (A and B of one Matmul must share a type): for bf16 this keeps V exact and
-// costs one bf16 rounding of the probabilities, well inside twice the error of plain bf16
+// attention does (A and B of one Matmul must share a type): for bf16 / fp16 this keeps V exact
+// and costs one rounding of the probabilities, well inside twice the error of plain bf16 / fp16
 // attention; the row sum l and the lse come from the fp32 P.
+//
+// fp16's range (largest finite value 65504) is safe at every step: the cube multiplies half
+// operands into fp32 C, so S = Q K^T is never held in half; scale, mask, max, Exp and the sums run
+// on fp32 (Exp on half would give 11-bit probabilities); P = exp(S - m) lies in [0, 1] (values
+// below 2^-25 round to 0 in half, as in any fp16 flash attention, while l keeps their mass); O
+// accumulates in fp32, and out = O / l is a convex combination of V rows, so |out| <= max |V|.
 //
 // Synchronisation: IterateAll is synchronous (it returns once C is in GM), so the vector unit
 // reads S/PV after it returns; data the vector side writes to GM for the cube (stacked Q, P) is
@@ -51,13 +58,16 @@ using namespace AscendC;
 
 template <class TIn>
 class PackedAttentionFwd {
+  static_assert(std::is_same_v<TIn, float> || std::is_same_v<TIn, bfloat16_t> ||
+                    std::is_same_v<TIn, half>,
+                "q, k, v are float, bfloat16_t or half (PackedAttentionDtype)");
   using AType = matmul::MatmulType<TPosition::GM, CubeFormat::ND, TIn>;
   using KType = matmul::MatmulType<TPosition::GM, CubeFormat::ND, TIn, /*ISTRANS=*/true>;
   using CType = matmul::MatmulType<TPosition::GM, CubeFormat::ND, float>;
 
  public:
-  // q [T, Hq, D] TIn; k, v [T, Hkv, D] TIn; cuSeqlens [B + 1] int32 (validated by the host);
-  // out [T, Hq, D] TIn; lse [Hq, T] f32; workspace as described above.
+  // q [T, Hq, D] TIn (tiling.dtype names TIn); k, v [T, Hkv, D] TIn; cuSeqlens [B + 1] int32
+  // (validated by the host); out [T, Hq, D] TIn; lse [Hq, T] f32; workspace as described above.
   __aicore__ inline void Init(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR cuSeqlens, GM_ADDR out,
                               GM_ADDR lse, GM_ADDR workspace, const PackedAttentionTiling& tiling) {
     tiling_ = tiling;
@@ -278,7 +288,7 @@ class PackedAttentionFwd {
       Exp(p, s, block);
       pf = p;
     } else {
-      Exp(s, s, block);  // fp32 before the cast: Exp takes half/float only
+      Exp(s, s, block);  // fp32 before the cast: bf16 has no Exp, half's is 11 bits
       pf = s;
     }
     for (uint32_t r = 0; r < M; ++r) {

@@ -13,6 +13,21 @@
 
 #include "kernel_tiling/kernel_tiling.h"
 
+// Element type of q, k, v and out. bf16 and fp16 are both 2 bytes, so the element size alone
+// cannot tell which cube DataType the tilings need or which kernel instantiation to launch.
+enum PackedAttentionDtype : uint32_t {
+  kPackedAttentionFloat32 = 0,   // float
+  kPackedAttentionBFloat16 = 1,  // bfloat16_t
+  kPackedAttentionFloat16 = 2,   // half (IEEE binary16)
+  // PackedAttentionProblem only: take the type from elemBytes as before fp16 existed (4: fp32,
+  // 2: bf16).
+  kPackedAttentionDtypeFromElemBytes = 0xffffffffu,
+};
+
+inline uint32_t PackedAttentionDtypeBytes(uint32_t dtype) {
+  return dtype == kPackedAttentionFloat32 ? 4u : 2u;
+}
+
 // The struct is all the kernel sees: plain fields and the two TCubeTilings, no pointers,
 // trivially copyable.
 struct PackedAttentionTiling {
@@ -21,7 +36,7 @@ struct PackedAttentionTiling {
   uint32_t qHeads;     // Hq
   uint32_t kvHeads;    // Hkv; query head h reads kv head h / group
   uint32_t group;      // Hq / Hkv: query heads stacked into one A matrix per kv head
-  uint32_t headDim;    // D: a multiple of 16, so a bf16 or fp32 row is whole 32-byte blocks
+  uint32_t headDim;    // D: a multiple of 16, so a 2- or 4-byte row is whole 32-byte blocks
   uint32_t tile;       // query rows (per head) and key rows per tile: a multiple of 8
   uint32_t workItems;  // (document, kv head, query tile) triples; dealt round-robin to blocks
   uint32_t blockDim;   // blocks to launch
@@ -29,6 +44,7 @@ struct PackedAttentionTiling {
   uint32_t ubBytes;    // UB bytes the kernel's InitBuffer calls take with this tiling
   uint32_t sysWorkspaceBytes;    // system workspace (Matmul messages) at the start of workspace
   uint32_t blockWorkspaceBytes;  // per-block scratch after it, block b at sys + b * this
+  uint32_t dtype;                // PackedAttentionDtype of q/k/v/out: the launcher picks by it
   AscendC::tiling::TCubeTiling qk;  // S [G*rows, keys] = Qstack [G*rows, D] x K^T, fp32 C
   AscendC::tiling::TCubeTiling pv;  // PV [G*rows, D] = P [G*rows, keys] x V [keys, D], fp32 C
 };
@@ -109,21 +125,52 @@ struct PackedAttentionProblem {
   uint32_t qHeads;
   uint32_t kvHeads;
   uint32_t headDim;
-  uint32_t elemBytes;  // 4 (fp32) or 2 (bf16)
+  uint32_t elemBytes;  // 4 (fp32) or 2 (bf16 / fp16)
   float scale;
   const int32_t* cuSeqlens;
+  // PackedAttentionDtype. The default keeps callers that set only elemBytes working (2 means
+  // bf16); fp16 inputs must say kPackedAttentionFloat16 here, with elemBytes = 2.
+  uint32_t dtype = kPackedAttentionDtypeFromElemBytes;
 };
+
+// The problem's PackedAttentionDtype (resolving kPackedAttentionDtypeFromElemBytes); throws
+// std::invalid_argument naming the bad field.
+inline uint32_t PackedAttentionProblemDtype(const PackedAttentionProblem& p) {
+  if (p.dtype == kPackedAttentionDtypeFromElemBytes) {
+    if (p.elemBytes != 2u && p.elemBytes != 4u) {
+      throw std::invalid_argument("elemBytes must be 2 (bf16) or 4 (fp32), got " +
+                                  std::to_string(p.elemBytes));
+    }
+    return p.elemBytes == 4u ? kPackedAttentionFloat32 : kPackedAttentionBFloat16;
+  }
+  if (p.dtype > kPackedAttentionFloat16) {
+    throw std::invalid_argument("dtype must be 0 (fp32), 1 (bf16) or 2 (fp16), got " +
+                                std::to_string(p.dtype));
+  }
+  if (p.elemBytes != PackedAttentionDtypeBytes(p.dtype)) {
+    throw std::invalid_argument("elemBytes must be " +
+                                std::to_string(PackedAttentionDtypeBytes(p.dtype)) +
+                                " for dtype " + std::to_string(p.dtype) + ", got " +
+                                std::to_string(p.elemBytes));
+  }
+  return p.dtype;
+}
 
 // The two cube tilings for `tile`; false when the Matmul tiling API finds none. Every operand is
 // in GM (the only position both chips accept): A is the dense stacked Q / P workspace, B the
 // strided K rows (transposed: stored [keys, D] with row stride Hkv * D) / V rows (row stride
-// Hkv * D), C fp32. P is cast to the input dtype, because A and B of one Matmul must share it.
+// Hkv * D), C fp32. P is cast to the input dtype, because A and B of one Matmul must share it
+// (for fp16 that is safe: P lies in [0, 1]); the products accumulate in fp32 on the cube either
+// way, so S never exists in half and cannot overflow it.
 inline bool MakePackedAttentionCubeTilings(const PackedAttentionProblem& p, uint32_t tile,
                                            const platform_ascendc::PlatformAscendC& platform,
                                            AscendC::tiling::TCubeTiling& qk,
                                            AscendC::tiling::TCubeTiling& pv) {
   namespace mt = matmul_tiling;
-  const mt::DataType in = p.elemBytes == 4u ? mt::DataType::DT_FLOAT : mt::DataType::DT_BF16;
+  const uint32_t dtype = PackedAttentionProblemDtype(p);
+  const mt::DataType in = dtype == kPackedAttentionFloat32   ? mt::DataType::DT_FLOAT
+                          : dtype == kPackedAttentionFloat16 ? mt::DataType::DT_FLOAT16
+                                                             : mt::DataType::DT_BF16;
   const int32_t m = int32_t(p.qHeads / p.kvHeads * tile);
   const int32_t d = int32_t(p.headDim), n = int32_t(tile);
   const int32_t kvRow = int32_t(p.kvHeads * p.headDim);
@@ -155,10 +202,7 @@ inline PackedAttentionTiling MakePackedAttentionTiling(
     const platform_ascendc::PlatformAscendC& platform, uint32_t maxTile = 0,
     uint32_t maxBlocks = 0) {
   constexpr uint32_t kRowAlign = 8;
-  if (p.elemBytes != 2u && p.elemBytes != 4u) {
-    throw std::invalid_argument("elemBytes must be 2 (bf16) or 4 (fp32), got " +
-                                std::to_string(p.elemBytes));
-  }
+  const uint32_t dtype = PackedAttentionProblemDtype(p);
   if (p.headDim == 0 || p.headDim % 16u != 0 || p.headDim > 512u) {
     throw std::invalid_argument("headDim must be a multiple of 16 in [16, 512], got " +
                                 std::to_string(p.headDim));
@@ -250,6 +294,7 @@ inline PackedAttentionTiling MakePackedAttentionTiling(
   t.ubBytes = uint32_t(PackedAttentionUbBytes(group, tile, p.headDim, p.elemBytes));
   t.sysWorkspaceBytes = platform.GetLibApiWorkSpaceSize();
   t.blockWorkspaceBytes = uint32_t(ws.bytes);
+  t.dtype = dtype;
   return t;
 }
 #endif  // !defined(__CCE_AICORE__)

@@ -1,11 +1,11 @@
 // Sparse-KD / cross-entropy epilogue as an Ascend C vector kernel (issue 6).
 //
 // The LM-head GEMM stays a torch_npu matmul over row chunks; this kernel takes its logits
-// z [N, V] (fp32 or bf16 in GM) and, per row, computes the loss of docs/kd-losses.md with every
-// option of that page, writes d(loss)/d(z) * scale over z in place (in z's dtype), and writes the
-// per-row loss and the six statistics of KDStats. Built against csrc/ascend/twin it runs on CPU;
-// it uses only the Ascend C API subset the twin emulates, so it is meant to compile unchanged
-// with ascendc.
+// z [N, V] (fp32, bf16 or fp16 in GM) and, per row, computes the loss of docs/kd-losses.md with
+// every option of that page, writes d(loss)/d(z) * scale over z in place (in z's dtype), and
+// writes the per-row loss and the six statistics of KDStats. Built against csrc/ascend/twin it
+// runs on CPU; it uses only the Ascend C API subset the twin emulates, so it is meant to compile
+// unchanged with ascendc.
 //
 // Math (one supervised row, label y). Softcap first: z <- c tanh(z / c), built from Exp as
 // tanh(x) = (e - 1) / (e + 1), e = exp(2x), with x clamped to [-20, 20] (tanh(20) rounds to 1 in
@@ -42,6 +42,13 @@
 //   2. sum of exp(z - max), and for kd > 0 sum of exp((z - max) / T) over all and (tail) over
 //      the rest;
 //   3. the gradient, scaled and cast to the input dtype, copied over z.
+// Precision: whatever the logits' dtype, every value after the load is fp32 (bf16 and fp16 chunks
+// are cast up first, Exp and Ln run on fp32, sums accumulate in fp32), so loss and statistics are
+// as exact as for fp32 logits; only the gradient is rounded, once, to the logits' dtype. fp16
+// holds at most 65504: the fp32 gradient is clamped to +-65504 before its cast, which is what the
+// hardware's float -> half Cast does by default (documented as saturating) and keeps the twin,
+// whose Cast rounds to inf, in step. For the usual scale (1 / num_items <= 1) a valid row's
+// gradient is far below the bound, so the clamp only matters for a huge upstream gradient.
 // Inputs are validated by the host (labels in [0, V) or ignoreIndex, ids in [-1, V) and distinct,
 // teacher logits finite or -inf, Lambda finite, weights >= 0 summing to 1, a non-empty support,
 // renorm: a finite teacher logit on the support), as the PyTorch path does before its kernel.
@@ -67,11 +74,16 @@ enum SparseKdStat : uint32_t {
 
 template <class TIn>
 class SparseKdEpilogue {
+  static_assert(std::is_same_v<TIn, float> || std::is_same_v<TIn, bfloat16_t> ||
+                    std::is_same_v<TIn, half>,
+                "logits are float, bfloat16_t or half (SparseKdDtype)");
+
  public:
-  // logits [N, V] TIn (read, then overwritten by the gradient); labels [N] int32;
-  // ids [N, K] int32 (-1 = empty); teacherValues [N, K] f32: teacher logits (top-K) or sample
-  // weights (sampled); teacherLse [N] f32 (Lambda, top-K tail only); labelLogit [N] f32 (top-K
-  // with includeLabel only); the teacher pointers are unused when kdWeight == 0.
+  // logits [N, V] TIn (read, then overwritten by the gradient; tiling.dtype names TIn);
+  // labels [N] int32; ids [N, K] int32 (-1 = empty); teacherValues [N, K] f32: teacher logits
+  // (top-K) or sample weights (sampled); teacherLse [N] f32 (Lambda, top-K tail only);
+  // labelLogit [N] f32 (top-K with includeLabel only); the teacher pointers are unused when
+  // kdWeight == 0.
   // loss [N] f32: unscaled per-row loss, 0 for ignored rows;
   // stats [N, 6] f32: D, CE, Q_S, P_S, lse, argmax == label (all 0 for ignored rows).
   __aicore__ inline void Init(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids, GM_ADDR teacherValues,
@@ -136,6 +148,7 @@ class SparseKdEpilogue {
   static constexpr float kEps = 1.0e-12f;         // floor of probabilities inside logarithms
   static constexpr float kLogEps = -27.6310211f;  // log(1e-12)
   static constexpr float kTanhClamp = 20.0f;      // |z / c| beyond this: tanh is +-1 in fp32
+  static constexpr float kHalfMax = 65504.0f;     // largest finite fp16 value
   enum class Pass { MaxGather, Sums, Gradient };
 
   // What a divergence leaves for the gradient: D, and the coefficient of q_v for tokens outside
@@ -264,7 +277,8 @@ class SparseKdEpilogue {
   }
 
   // The chunk as (soft-capped) float logits in the UB: bf16 is cast first (Exp/Ln take only half
-  // and float); the softcap goes to floatBuf_ so the input buffer stays as the GM copy left it.
+  // and float), and so is fp16, whose Exp would give 11-bit results and overflow above 11.09;
+  // the softcap goes to floatBuf_ so the input buffer stays as the GM copy left it.
   __aicore__ inline LocalTensor<float> AsFloat(LocalTensor<TIn>& xLocal, uint32_t len) {
     LocalTensor<float> xf;
     if constexpr (std::is_same_v<TIn, float>) {
@@ -651,7 +665,8 @@ class SparseKdEpilogue {
     }
   }
 
-  // Scale, cast to the input dtype and copy over the chunk of z in GM.
+  // Scale, cast to the input dtype (fp16: saturated at its largest finite value first, see the top
+  // of the file) and copy over the chunk of z in GM.
   __aicore__ inline void EmitGradient(uint32_t row, uint32_t c, LocalTensor<float>& g,
                                       uint32_t len) {
     const int32_t n = static_cast<int32_t>(len);
@@ -660,6 +675,10 @@ class SparseKdEpilogue {
       Muls(out, g, tiling_.scale, n);
     } else {
       Muls(g, g, tiling_.scale, n);
+      if constexpr (std::is_same_v<TIn, half>) {
+        Mins(g, g, kHalfMax, n);
+        Maxs(g, g, -kHalfMax, n);
+      }
       Cast(out, g, RoundMode::CAST_RINT, n);
     }
     outQueue_.EnQue(out);

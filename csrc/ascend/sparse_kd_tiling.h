@@ -25,6 +25,19 @@ enum SparseKdTargetKind : uint32_t {
   kSparseKdTopK = 0,     // ids, teacher logits, teacher lse (Lambda), label logit
   kSparseKdSampled = 1,  // ids and importance weights (random-sampling KD)
 };
+// Element type of the logits (and of the gradient written over them). bf16 and fp16 are both
+// 2 bytes, so the element size alone cannot tell which kernel instantiation a launch needs.
+enum SparseKdDtype : uint32_t {
+  kSparseKdFloat32 = 0,   // float
+  kSparseKdBFloat16 = 1,  // bfloat16_t
+  kSparseKdFloat16 = 2,   // half (IEEE binary16)
+  // SparseKdProblem only: take the type from elemBytes as before fp16 existed (4: fp32, 2: bf16).
+  kSparseKdDtypeFromElemBytes = 0xffffffffu,
+};
+
+inline uint32_t SparseKdDtypeBytes(uint32_t dtype) {
+  return dtype == kSparseKdFloat32 ? 4u : 2u;
+}
 
 // The struct is all the kernel sees: plain 32-bit fields, no pointers, trivially copyable.
 // Enumerations are stored as uint32_t so the layout does not depend on the compiler's enum size.
@@ -47,6 +60,7 @@ struct SparseKdTiling {
   float zLoss;            // coefficient of lse^2 (lse of the capped logits at T = 1)
   float scale;            // gradient multiplier (1 / num_items times the upstream gradient)
   uint32_t ubBytes;       // UB bytes the kernel's InitBuffer calls take with this tiling
+  uint32_t dtype;         // SparseKdDtype of the logits: the launcher picks the kernel by it
 };
 
 // Support vectors of `supportSlots` floats the kernel keeps per row (ids, gathered student
@@ -56,9 +70,10 @@ inline constexpr uint32_t kSparseKdSupportVectors = 10;
 
 // The kernel's UB footprint for a chunk of `chunk` elements of `elemBytes`-byte logits: two
 // input and two output queue buffers (double buffering), a float row for the chunk when the
-// logits are bf16 or soft-capped (the capped values need a home of their own), two float scratch
-// rows (exp at T = 1 and at T; also the tanh temporaries of the softcap), the reduction work row,
-// 16 scalars, and the support vectors. Each buffer is rounded up to 32 bytes as InitBuffer does.
+// logits are bf16 / fp16 or soft-capped (the capped values need a home of their own), two float
+// scratch rows (exp at T = 1 and at T; also the tanh temporaries of the softcap), the reduction
+// work row, 16 scalars, and the support vectors. Each buffer is rounded up to 32 bytes as
+// InitBuffer does.
 inline uint64_t SparseKdUbBytes(uint32_t chunk, uint32_t elemBytes, uint32_t supportSlots,
                                 bool softcap) {
   auto align32 = [](uint64_t bytes) { return (bytes + 31u) / 32u * 32u; };
@@ -66,6 +81,7 @@ inline uint64_t SparseKdUbBytes(uint32_t chunk, uint32_t elemBytes, uint32_t sup
   const uint64_t row = align32(uint64_t(chunk) * 4u);
   uint64_t total = 4u * in + 3u * row;           // in/out queues x2, exp, expT, work
   if (elemBytes != 4u || softcap) total += row;  // float (capped) copy of the chunk
+  // (bf16 and fp16 take the same bytes: the footprint depends on the element size only.)
   total += 64u;                                  // scalars
   total += align32(uint64_t(supportSlots) * kSparseKdSupportVectors * 4u);
   return total;
@@ -92,7 +108,10 @@ struct SparseKdProblem {
   uint32_t rows = 0;
   uint32_t vocab = 0;
   uint32_t supportK = 0;   // 0 allowed only when kdWeight == 0
-  uint32_t elemBytes = 4;  // 4 (fp32 logits) or 2 (bf16 logits)
+  uint32_t elemBytes = 4;  // 4 (fp32 logits) or 2 (bf16 / fp16 logits)
+  // SparseKdDtype. The default keeps callers that set only elemBytes working (2 means bf16);
+  // fp16 logits must say kSparseKdFloat16 here, with elemBytes = 2.
+  uint32_t dtype = kSparseKdDtypeFromElemBytes;
   float kdWeight = 1.0f;
   float temperature = 1.0f;
   float scale = 1.0f;
@@ -115,8 +134,17 @@ inline SparseKdTiling MakeSparseKdTiling(const SparseKdProblem& p, SparseKdChipB
                                          uint32_t maxChunk = 0, uint32_t maxBlocks = 0) {
   constexpr uint32_t kRepeat = 64;  // floats per 256-byte vector repeat
   auto bad = [](const std::string& message) { throw std::invalid_argument(message); };
-  if (p.elemBytes != 2u && p.elemBytes != 4u) {
-    bad("elemBytes must be 2 (bf16) or 4 (fp32), got " + std::to_string(p.elemBytes));
+  uint32_t dtype = p.dtype;
+  if (dtype == kSparseKdDtypeFromElemBytes) {
+    if (p.elemBytes != 2u && p.elemBytes != 4u) {
+      bad("elemBytes must be 2 (bf16) or 4 (fp32), got " + std::to_string(p.elemBytes));
+    }
+    dtype = p.elemBytes == 4u ? kSparseKdFloat32 : kSparseKdBFloat16;
+  } else if (dtype > kSparseKdFloat16) {
+    bad("dtype must be 0 (fp32), 1 (bf16) or 2 (fp16), got " + std::to_string(dtype));
+  } else if (p.elemBytes != SparseKdDtypeBytes(dtype)) {
+    bad("elemBytes must be " + std::to_string(SparseKdDtypeBytes(dtype)) + " for dtype " +
+        std::to_string(dtype) + ", got " + std::to_string(p.elemBytes));
   }
   if (p.vocab == 0) bad("vocab must be >= 1, got 0");
   if (!(p.kdWeight >= 0.0f && p.kdWeight <= 1.0f)) {
@@ -208,6 +236,7 @@ inline SparseKdTiling MakeSparseKdTiling(const SparseKdProblem& p, SparseKdChipB
   t.zLoss = p.zLoss;
   t.scale = p.scale;
   t.ubBytes = uint32_t(SparseKdUbBytes(t.chunk, p.elemBytes, supportSlots, p.useSoftcap));
+  t.dtype = dtype;
   return t;
 }
 #endif  // !defined(__CCE_AICORE__)

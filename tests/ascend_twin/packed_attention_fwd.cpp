@@ -4,9 +4,11 @@
 // allocates the GM workspace PackedAttentionWorkspaceBytes asks for, launches the kernel and
 // writes out and lse.
 //
-// usage: packed_attention_fwd f32|bf16 T B HQ HKV D SCALE 910b|310b MAX_BLOCKS MAX_TILE IN_DIR OUT
-//                             [WS_OUT]
-//   IN_DIR holds q.bin (T*HQ*D), k.bin and v.bin (T*HKV*D) in f32 or bf16, and cu_seqlens.bin
+// usage: packed_attention_fwd f32|bf16|f16[:CODE] T B HQ HKV D SCALE 910b|310b MAX_BLOCKS MAX_TILE
+//                             IN_DIR OUT [WS_OUT]
+//   :CODE writes a raw PackedAttentionProblem::dtype over the one the type name implies (the
+//   element size stays the type's), to test the tiling's checks.
+//   IN_DIR holds q.bin (T*HQ*D), k.bin and v.bin (T*HKV*D) in f32, bf16 or f16, and cu_seqlens.bin
 //   (B+1 int32). MAX_BLOCKS / MAX_TILE cap the tiling (0 = chip limit / UB budget).
 //   OUT gets out [T, HQ, D] in the input dtype, then lse [HQ, T] f32. WS_OUT, when given, gets
 //   block 0's scratch area of the workspace after the launch (what the cube and vector units
@@ -51,17 +53,22 @@ int CheckBudgets() {
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "budgets") return CheckBudgets();
   if (argc != 13 && argc != 14) {
-    std::cerr << "usage: packed_attention_fwd f32|bf16 T B HQ HKV D SCALE 910b|310b MAX_BLOCKS "
-                 "MAX_TILE IN_DIR OUT [WS_OUT]\n";
+    std::cerr << "usage: packed_attention_fwd f32|bf16|f16 T B HQ HKV D SCALE 910b|310b "
+                 "MAX_BLOCKS MAX_TILE IN_DIR OUT [WS_OUT]\n";
     return 2;
   }
-  const std::string dtype = argv[1];
+  std::string dtype = argv[1];
+  std::string dtypeCode;
+  if (const size_t colon = dtype.find(':'); colon != std::string::npos) {
+    dtypeCode = dtype.substr(colon + 1);
+    dtype = dtype.substr(0, colon);
+  }
   const std::string chipName = argv[8];
-  if ((dtype != "f32" && dtype != "bf16") || (chipName != "910b" && chipName != "310b")) {
-    std::cerr << "dtype must be f32 or bf16 and chip 910b or 310b\n";
+  if ((dtype != "f32" && dtype != "bf16" && dtype != "f16") ||
+      (chipName != "910b" && chipName != "310b")) {
+    std::cerr << "dtype must be f32, bf16 or f16 and chip 910b or 310b\n";
     return 2;
   }
-  const bool isF32 = dtype == "f32";
   PackedAttentionProblem problem{};
   problem.tokens = static_cast<uint32_t>(std::stoul(argv[2]));
   problem.docs = static_cast<uint32_t>(std::stoul(argv[3]));
@@ -69,7 +76,11 @@ int main(int argc, char** argv) {
   problem.kvHeads = static_cast<uint32_t>(std::stoul(argv[5]));
   problem.headDim = static_cast<uint32_t>(std::stoul(argv[6]));
   problem.scale = std::stof(argv[7]);
-  problem.elemBytes = isF32 ? 4u : 2u;
+  problem.dtype = dtype == "f32" ? kPackedAttentionFloat32
+                                 : (dtype == "bf16" ? kPackedAttentionBFloat16
+                                                    : kPackedAttentionFloat16);
+  problem.elemBytes = PackedAttentionDtypeBytes(problem.dtype);
+  if (!dtypeCode.empty()) problem.dtype = static_cast<uint32_t>(std::stoul(dtypeCode));
   const uint32_t maxBlocks = static_cast<uint32_t>(std::stoul(argv[9]));
   const uint32_t maxTile = static_cast<uint32_t>(std::stoul(argv[10]));
   const std::string inDir = argv[11];
@@ -130,10 +141,13 @@ int main(int argc, char** argv) {
       twin::Launch(tiling.blockDim, chip, kernel, q.data(), k.data(), v.data(), cu.data(),
                    out.data(), reinterpret_cast<GM_ADDR>(lse.data()), workspace.data(), tiling);
     };
-    if (isF32) {
+    // The tiling names the input type; bf16 and fp16 have the same size, so only it can tell.
+    if (tiling.dtype == kPackedAttentionFloat32) {
       launch(pangu_fastkd_ascend::packed_attention_fwd<float>);
-    } else {
+    } else if (tiling.dtype == kPackedAttentionBFloat16) {
       launch(pangu_fastkd_ascend::packed_attention_fwd<bfloat16_t>);
+    } else {
+      launch(pangu_fastkd_ascend::packed_attention_fwd<half>);
     }
   } catch (const twin::HardwareRuleViolation& e) {
     std::cout << "VIOLATION rule=" << e.rule() << " what=" << e.what() << std::endl;

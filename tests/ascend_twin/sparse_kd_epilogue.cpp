@@ -5,15 +5,16 @@
 // start-up once.
 //
 // usage: sparse_kd_epilogue CASE_DIR...
-//   CASE_DIR/case.txt holds "key value" lines: dtype (f32|bf16), rows, vocab, k, target
+//   CASE_DIR/case.txt holds "key value" lines: dtype (f32|bf16|f16), rows, vocab, k, target
 //   (topk|sampled), kd_weight, temperature, cache_temperature, divergence (0|1|2), missing_mass
 //   (0|1), include_label (0|1), beta, use_softcap (0|1), softcap, z_loss, scale, chip
-//   (910b|310b), max_blocks, max_chunk (0 = chip limit / UB budget), and optionally ub_slack:
+//   (910b|310b), max_blocks, max_chunk (0 = chip limit / UB budget), optionally dtype_code (a raw
+//   SparseKdProblem::dtype written over the one dtype implies, to test its checks), and ub_slack:
 //   when present, each block's UB budget is set to the tiling's ubBytes + ub_slack (0 must run,
 //   -32 must trip ub-budget: together they show SparseKdUbBytes equals the InitBuffer sum).
-//   Inputs: logits.bin (N*V f32 or bf16), labels.bin (N int32) and, when kd_weight > 0, ids.bin
-//   (N*K int32), teacher_values.bin (N*K f32: teacher logits or sample weights), and for top-K
-//   teacher_lse.bin (N f32) and label_logit.bin (N f32).
+//   Inputs: logits.bin (N*V f32, bf16 or f16), labels.bin (N int32) and, when kd_weight > 0,
+//   ids.bin (N*K int32), teacher_values.bin (N*K f32: teacher logits or sample weights), and for
+//   top-K teacher_lse.bin (N f32) and label_logit.bin (N f32).
 //   Outputs: result.txt with one line, "TILING chunk=.. blockDim=.. ubBytes=.. budget=..",
 //   "VIOLATION rule=.. what=.." or "TILING-ERROR ..", and, after TILING, out.bin: loss [N] f32,
 //   stats [N, 6] f32, then the gradient [N, V] in the logits dtype.
@@ -77,16 +78,18 @@ class CaseFile {
 std::string RunCase(const std::string& dir) {
   const CaseFile cf(dir + "/case.txt");
   const std::string dtype = cf.Str("dtype"), chipName = cf.Str("chip"), target = cf.Str("target");
-  if ((dtype != "f32" && dtype != "bf16") || (chipName != "910b" && chipName != "310b") ||
-      (target != "topk" && target != "sampled")) {
-    throw std::runtime_error("dtype must be f32|bf16, chip 910b|310b, target topk|sampled");
+  if ((dtype != "f32" && dtype != "bf16" && dtype != "f16") ||
+      (chipName != "910b" && chipName != "310b") || (target != "topk" && target != "sampled")) {
+    throw std::runtime_error("dtype must be f32|bf16|f16, chip 910b|310b, target topk|sampled");
   }
-  const bool isF32 = dtype == "f32";
   SparseKdProblem problem{};
   problem.rows = cf.U32("rows");
   problem.vocab = cf.U32("vocab");
   problem.supportK = cf.U32("k");
-  problem.elemBytes = isF32 ? 4u : 2u;
+  problem.dtype = dtype == "f32" ? kSparseKdFloat32
+                                 : (dtype == "bf16" ? kSparseKdBFloat16 : kSparseKdFloat16);
+  problem.elemBytes = SparseKdDtypeBytes(problem.dtype);
+  if (cf.Has("dtype_code")) problem.dtype = cf.U32("dtype_code");
   problem.kdWeight = cf.F32("kd_weight");
   problem.temperature = cf.F32("temperature");
   problem.cacheTemperature = cf.F32("cache_temperature");
@@ -142,10 +145,13 @@ std::string RunCase(const std::string& dir) {
                    reinterpret_cast<GM_ADDR>(loss.data()), reinterpret_cast<GM_ADDR>(stats.data()),
                    tiling);
     };
-    if (isF32) {
+    // The tiling names the logits' type; bf16 and fp16 have the same size, so only it can tell.
+    if (tiling.dtype == kSparseKdFloat32) {
       launch(pangu_fastkd_ascend::sparse_kd_epilogue<float>);
-    } else {
+    } else if (tiling.dtype == kSparseKdBFloat16) {
       launch(pangu_fastkd_ascend::sparse_kd_epilogue<bfloat16_t>);
+    } else {
+      launch(pangu_fastkd_ascend::sparse_kd_epilogue<half>);
     }
   } catch (const twin::HardwareRuleViolation& e) {
     return std::string("VIOLATION rule=") + e.rule() + " what=" + e.what();
