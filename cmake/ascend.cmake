@@ -95,6 +95,10 @@ target_compile_definitions(_ascend PRIVATE
   PANGU_FASTKD_SOC_VERSION="${SOC_VERSION}" PANGU_FASTKD_ASCEND_KERNELS="${_kernel_stems}")
 target_link_directories(_ascend PRIVATE
   "${TORCH_NPU_PATH}/lib" "${ASCEND_CANN_PACKAGE_PATH}/lib64")
+# tiling_api and platform: the host Matmul tiling API and PlatformAscendCManager, which the
+# attention host code (csrc/ascend/host/packed_attention_npu.cpp) plans the cube with; CANN's
+# PlatformAscendCManager page names these two libraries for kernel-launch projects.
 target_link_libraries(_ascend PRIVATE
-  pangu_fastkd_ascend ${TORCH_LIBRARIES} ${TORCH_PYTHON_LIBRARY} torch_npu ascendcl)
+  pangu_fastkd_ascend ${TORCH_LIBRARIES} ${TORCH_PYTHON_LIBRARY} torch_npu ascendcl
+  tiling_api platform)
 message(STATUS "pangu_fastkd: building Ascend C kernels: ${PANGU_ASCEND_KERNELS}")

@@ -3,8 +3,9 @@
 The host code, its kernel entry points (csrc/ascend/sparse_kd_epilogue.cpp) and the module
 (csrc/ascend/host/module.cpp) are compiled with ``PANGU_FASTKD_ASCEND_TWIN`` against stand-ins for
 the CANN and torch_npu headers (csrc/ascend/host/twin) and the CPU twin of the Ascend C API
-(csrc/ascend/twin): the chunk loop's ATen GEMMs run on CPU tensors and every epilogue launch
-goes through ``ACLRT_LAUNCH_KERNEL`` into ``twin::Launch``. The result is compared with the CPU
+(csrc/ascend/twin), in the twin module every host test shares (tests/ascend_host_build.py): the
+chunk loop's ATen GEMMs run on CPU tensors and every epilogue launch goes through
+``ACLRT_LAUNCH_KERNEL`` into ``twin::Launch``. The result is compared with the CPU
 kernel ``torch.ops.pangu_fastkd.sparse_kd_fused`` called with the same arguments: fp32 tightly,
 bf16 by the project's rule (error against an exact result at most 2x plain PyTorch's bf16 error).
 
@@ -15,63 +16,27 @@ the launch is synchronous on the twin (docs/ascend.md, csrc/ascend/host/twin/REA
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, replace
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from torch.utils import cpp_extension
+from ascend_host_build import KERNELS, SOC_310B, SOC_910B, host_twin, needs_host_twin
 
 from pangu_fastkd import _native
 from pangu_fastkd.ops.sparse_kd_reference import sparse_kd_reference
 from pangu_fastkd.ops.sparse_kd_targets import SampledTarget, TopKTarget
 
-REPO = Path(__file__).resolve().parents[1]
-SOURCES = (
-    "csrc/ascend/host/sparse_kd_npu.cpp",
-    "csrc/ascend/host/module.cpp",
-    "csrc/ascend/sparse_kd_epilogue.cpp",
-    "csrc/ascend/host/twin/twin_launchers.cpp",
-)
-INCLUDES = ("csrc/ascend/host/twin", "csrc/ascend/twin", "csrc/ascend", "csrc")
 IGNORE = -100
 GRAD_NAMES = ("grad_hidden", "grad_weight", "grad_bias")
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed"),
-    pytest.mark.skipif(not _native.native_available(), reason="C++ extension not built"),
-]
-
-
-def _build(soc: str, build_root: Path) -> ModuleType:
-    """The twin host module for one chip; the chip is a compile definition, as in the real build."""
-    out = build_root / soc
-    out.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=f"pangu_fastkd_ascend_twin_{soc.lower()}",
-        sources=[str(REPO / s) for s in SOURCES],
-        extra_include_paths=[str(REPO / i) for i in INCLUDES],
-        extra_cflags=[
-            "-O1",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-DPANGU_FASTKD_ASCEND_TWIN",
-            # Escaped quotes: ninja runs the compiler through the shell.
-            f'-DPANGU_FASTKD_SOC_VERSION=\\"{soc}\\"',
-            '-DPANGU_FASTKD_ASCEND_KERNELS=\\"sparse_kd_epilogue,\\"',
-        ],
-        build_directory=str(out),
-        verbose=False,
-    )
+pytestmark = needs_host_twin
 
 
 @pytest.fixture(scope="session")
 def twin(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    return _build("Ascend910B1", tmp_path_factory.mktemp("ascend_host"))
+    return host_twin(SOC_910B, tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +199,8 @@ def test_float32_matches_cpu_kernel(twin: ModuleType, spec: Spec) -> None:
 
 def test_build_info_of_the_twin_module(twin: ModuleType) -> None:
     assert twin.build_info() == {
-        "soc_version": "Ascend910B1",
-        "kernels": ["sparse_kd_epilogue"],
+        "soc_version": SOC_910B,
+        "kernels": list(KERNELS),
         "twin": True,
     }
 
@@ -426,8 +391,8 @@ def test_unsupported_dtype(twin: ModuleType) -> None:
 
 def test_both_chips_run(twin: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> None:
     # 310B: one AI core (one block) and a 248 KB UB, so a larger chunk than on the 910B.
-    twin_310b = _build("Ascend310B4", tmp_path_factory.mktemp("ascend_host_310b"))
-    assert twin_310b.build_info()["soc_version"] == "Ascend310B4"
+    twin_310b = host_twin(SOC_310B, tmp_path_factory)
+    assert twin_310b.build_info()["soc_version"] == SOC_310B
     for module in (twin, twin_310b):
         for spec in (
             Spec(divergence=2, chunk_rows=4),

@@ -2,7 +2,7 @@
 // PrivateUse1, ...) blocks of the other files in this directory, which register the NPU kernels of
 // the ops that pangu_fastkd/_C declares (so _C must be loaded first; pangu_fastkd/_native.py does).
 //
-// The CPU twin build (PANGU_FASTKD_ASCEND_TWIN, tests/test_ascend_host.py) compiles the same host
+// The CPU twin build (PANGU_FASTKD_ASCEND_TWIN, tests/ascend_host_build.py) compiles the same host
 // code against stand-ins for CANN and torch_npu and runs the kernels on CPU. It registers nothing
 // with the dispatcher (see sparse_kd_npu.cpp for why); instead this module exposes the host
 // implementations as plain functions taking CPU tensors, so the tests can call them directly.
@@ -43,5 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("sparse_kd_fused", &pangu_fastkd::ascend::sparse_kd_fused_npu,
              "torch.ops.pangu_fastkd.sparse_kd_fused through the Ascend C epilogue on the CPU twin "
              "(arguments as the op schema in csrc/ops.cpp)");
+  module.def("packed_attention_fwd", &pangu_fastkd::ascend::packed_attention_fwd_npu,
+             "torch.ops.pangu_fastkd.packed_attention_fwd through the Ascend C kernel on the CPU "
+             "twin (arguments as the op schema in csrc/ops.cpp; causal, windowless only)");
+  module.def("packed_attention_fwd_plan", &pangu_fastkd::ascend::packed_attention_fwd_plan_npu,
+             "(tile, blockDim, work items, workspace bytes) the forward would launch for "
+             "(q, k, v, cu_seqlens, scale)");
 #endif
 }

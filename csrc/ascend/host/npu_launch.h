@@ -85,6 +85,14 @@ at::Tensor tiling_on_device(const Tiling& tiling, const at::Device& device) {
   return host.to(device);
 }
 
+// A kernel's GM workspace (scratch it alone reads and writes), `bytes` uninitialised bytes on
+// `device` from the caching allocator: like any tensor a kernel reads, the allocator keeps the
+// memory until the launch queued on the current stream has run, even if the tensor dies first.
+inline at::Tensor workspace_on_device(uint64_t bytes, const at::Device& device) {
+  TORCH_CHECK(bytes <= uint64_t(INT64_MAX), "workspace of ", bytes, " bytes");
+  return at::empty({int64_t(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+}
+
 // The generated launchers return 0 on success, an ACL error code otherwise.
 inline void check_launch(uint32_t status, const char* kernel) {
   TORCH_CHECK(status == 0, "launching the Ascend C kernel ", kernel, " failed with error ",
@@ -106,5 +114,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
     int64_t missing_mass, bool include_label, int64_t ignore_index, double softcap, double z_loss,
     int64_t reduction, double num_items, int64_t chunk_rows, bool need_grad_input,
     bool need_grad_weight, bool compute_stats);
+
+// torch.ops.pangu_fastkd.packed_attention_fwd on the kernel device
+// (csrc/ascend/host/packed_attention_npu.cpp): out [T, Hq, D] and lse [Hq, T] fp32 as the schema
+// in csrc/ops.cpp and the CPU kernel csrc/cpu/packed_attention.cpp; causal and windowless only.
+std::tuple<at::Tensor, at::Tensor> packed_attention_fwd_npu(const at::Tensor& q,
+                                                             const at::Tensor& k,
+                                                             const at::Tensor& v,
+                                                             const at::Tensor& cu_seqlens,
+                                                             double scale, bool causal,
+                                                             int64_t window);
+
+// What packed_attention_fwd_npu would launch for causal, windowless inputs: (tile, blockDim,
+// work items, workspace bytes) of its tiling. For tests and diagnostics; launches nothing.
+std::tuple<int64_t, int64_t, int64_t, int64_t> packed_attention_fwd_plan_npu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    double scale);
 
 }  // namespace pangu_fastkd::ascend

@@ -15,6 +15,8 @@
 #include <string>
 #include <string_view>
 
+#include "aclrtlaunch_packed_attention_fwd_bf16.h"
+#include "aclrtlaunch_packed_attention_fwd_fp32.h"
 #include "aclrtlaunch_sparse_kd_epilogue_bf16.h"
 #include "aclrtlaunch_sparse_kd_epilogue_fp32.h"
 
@@ -31,6 +33,14 @@ extern "C" void sparse_kd_epilogue_bf16(GM_ADDR logits, GM_ADDR labels, GM_ADDR 
                                         GM_ADDR teacherValues, GM_ADDR teacherLse,
                                         GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
                                         GM_ADDR tiling);
+
+// Kernel entry points (csrc/ascend/packed_attention_fwd.cpp).
+extern "C" void packed_attention_fwd_fp32(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR cuSeqlens,
+                                          GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
+                                          GM_ADDR tiling);
+extern "C" void packed_attention_fwd_bf16(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR cuSeqlens,
+                                          GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
+                                          GM_ADDR tiling);
 
 namespace {
 
@@ -76,4 +86,20 @@ extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_bf16(uint32_t blockDim, aclrt
                                                       void* tiling) {
   return RunOnTwin(sparse_kd_epilogue_bf16, "sparse_kd_epilogue_bf16", blockDim, stream, logits,
                    labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_fwd_fp32(uint32_t blockDim, aclrtStream stream,
+                                                       void* q, void* k, void* v, void* cuSeqlens,
+                                                       void* out, void* lse, void* workspace,
+                                                       void* tiling) {
+  return RunOnTwin(packed_attention_fwd_fp32, "packed_attention_fwd_fp32", blockDim, stream, q, k,
+                   v, cuSeqlens, out, lse, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_fwd_bf16(uint32_t blockDim, aclrtStream stream,
+                                                       void* q, void* k, void* v, void* cuSeqlens,
+                                                       void* out, void* lse, void* workspace,
+                                                       void* tiling) {
+  return RunOnTwin(packed_attention_fwd_bf16, "packed_attention_fwd_bf16", blockDim, stream, q, k,
+                   v, cuSeqlens, out, lse, workspace, tiling);
 }
