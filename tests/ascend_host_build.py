@@ -20,7 +20,7 @@ from pangu_fastkd import _native
 
 REPO = Path(__file__).resolve().parents[1]
 # The kernel entry point stems, as cmake/ascend.cmake lists them in build_info()["kernels"].
-KERNELS = ("packed_attention_fwd", "sparse_kd_epilogue")
+KERNELS = ("packed_attention_bwd", "packed_attention_fwd", "sparse_kd_epilogue")
 SOURCES = (
     "csrc/ascend/host/module.cpp",
     "csrc/ascend/host/packed_attention_npu.cpp",

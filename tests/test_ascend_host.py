@@ -7,7 +7,8 @@ the CANN and torch_npu headers (csrc/ascend/host/twin) and the CPU twin of the A
 chunk loop's ATen GEMMs run on CPU tensors and every epilogue launch goes through
 ``ACLRT_LAUNCH_KERNEL`` into ``twin::Launch``. The result is compared with the CPU
 kernel ``torch.ops.pangu_fastkd.sparse_kd_fused`` called with the same arguments: fp32 tightly,
-bf16 by the project's rule (error against an exact result at most 2x plain PyTorch's bf16 error).
+bf16 and fp16 by the project's rule (error against an exact result at most 2x plain PyTorch's error
+in that dtype).
 
 What this does not cover: torch_npu's stream, allocator and copies, and anything about timing;
 the launch is synchronous on the twin (docs/ascend.md, csrc/ascend/host/twin/README.md).
@@ -260,26 +261,32 @@ BF16_CASES = {
     "sampled": Spec(target="sampled", reduction=0),
     "kd_weight-0": Spec(target="none", kd_weight=0.0, z_loss=1e-3),
 }
+# (dtype, spec): every bf16 case, and fp16 (the epilogue's half instantiation) on a few.
+LOW_PRECISION_CASES = {
+    **{f"bf16-{name}": (torch.bfloat16, spec) for name, spec in BF16_CASES.items()},
+    "fp16-tail-forward_kl": (torch.float16, BF16_CASES["tail-forward_kl"]),
+    "fp16-sampled": (torch.float16, BF16_CASES["sampled"]),
+}
 
 
-@pytest.mark.parametrize("spec", BF16_CASES.values(), ids=BF16_CASES.keys())
-def test_bfloat16_within_2x_pytorch(twin: ModuleType, spec: Spec) -> None:
-    args = _args(spec, torch.bfloat16)
+@pytest.mark.parametrize("dtype,spec", LOW_PRECISION_CASES.values(), ids=LOW_PRECISION_CASES.keys())
+def test_low_precision_within_2x_pytorch(twin: ModuleType, dtype: torch.dtype, spec: Spec) -> None:
+    args = _args(spec, dtype)
     exact_args = [
         a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
     ]
-    exact = _cpu(exact_args)  # the CPU kernel in float64 on the same (bf16-rounded) values
+    exact = _cpu(exact_args)  # the CPU kernel in float64 on the same (rounded) values
     plain = _reference_bf16(args, spec)
     actual = tuple(twin.sparse_kd_fused(*_clone(args)))
     assert actual[0].dtype == torch.float32
-    assert [g.dtype for g in actual[1:4]] == [torch.bfloat16] * 3
+    assert [g.dtype for g in actual[1:4]] == [dtype] * 3
 
     def err(a: torch.Tensor, b: torch.Tensor) -> float:
         return (a.double() - b.double()).abs().max().item()
 
     def check(what: str, ours: float, pytorch: float, scale: float) -> None:
         assert ours <= 2 * pytorch + 1e-6 * max(scale, 1.0), (
-            f"bf16 {what}: error {ours:.3e} > 2 x PyTorch's {pytorch:.3e}"
+            f"{dtype} {what}: error {ours:.3e} > 2 x PyTorch's {pytorch:.3e}"
         )
 
     rows_exact, rows_plain, rows_ours = (_row_losses(r[4], spec) for r in (exact, plain, actual))
@@ -381,7 +388,7 @@ def test_problem_the_epilogue_cannot_tile(twin: ModuleType) -> None:
 
 def test_unsupported_dtype(twin: ModuleType) -> None:
     args = _args(Spec(), torch.float64)
-    with pytest.raises(TypeError, match="takes float32 or bfloat16 hidden states, got Double"):
+    with pytest.raises(TypeError, match="takes float32, bfloat16 or float16 hidden states, got"):
         twin.sparse_kd_fused(*args)
 
 

@@ -6,8 +6,9 @@ and its grad_q, grad_k, grad_v are compared with the gradients of ``packed_atten
 (the oracle) taken by autograd in float64. ``out`` and ``lse`` come from the reference run on the
 inputs (not from the forward kernel), as the forward would hand them to the backward.
 
-fp32 inputs are held to a tight tolerance. For bf16 inputs each gradient (written in bf16) may be
-at most 2x as far from the oracle as plain PyTorch attention run and differentiated in bf16.
+fp32 inputs are held to a tight tolerance. For bf16 and fp16 inputs each gradient (written in the
+input dtype) may be at most 2x as far from the oracle as plain PyTorch attention run and
+differentiated in that dtype.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class Case:
-    """q, grad_out, out [T, Hq, D], k/v [T, Hkv, D] (fp32/bf16), lse [Hq, T] f32, cu_seqlens."""
+    """q, grad_out, out [T, Hq, D], k/v [T, Hkv, D] (fp32/bf16/fp16), lse [Hq, T] f32, cu."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -92,6 +93,10 @@ def _make_case(
     return Case(q, k, v, grad_out, out, lse, cu, scale)
 
 
+# The driver's dtype argument and the numpy type the raw bytes are read and written as.
+_DRIVER_DTYPE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
 def _raw(x: torch.Tensor) -> np.ndarray:
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).contiguous().numpy()
 
@@ -114,7 +119,7 @@ def _run_kernel(
     case.cu_seqlens.int().numpy().tofile(tmp_path / "cu_seqlens.bin")
     out_path = tmp_path / "grads.bin"
     docs = case.cu_seqlens.numel() - 1
-    args = [mode, "f32" if is_f32 else "bf16", tokens, docs, q_heads, kv_heads, head_dim]
+    args = [mode, _DRIVER_DTYPE[case.q.dtype], tokens, docs, q_heads, kv_heads, head_dim]
     args += [repr(case.scale), chip, max_blocks, max_tile, tmp_path, out_path]
     result = subprocess.run(
         [str(binary), *map(str, args)], capture_output=True, text=True, timeout=120
@@ -126,12 +131,14 @@ def _run_kernel(
     tiling = {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", line.group(1))}
     raw = out_path.read_bytes()
     np_dtype = np.float32 if is_f32 else np.int16
+    if case.q.dtype == torch.float16:
+        np_dtype = np.float16
 
     def take(offset: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
         count = math.prod(shape)
         size = count * case.q.element_size()
         x = torch.from_numpy(np.frombuffer(raw[offset : offset + size], dtype=np_dtype).copy())
-        x = x if is_f32 else x.view(torch.bfloat16)
+        x = x.view(torch.bfloat16) if case.q.dtype == torch.bfloat16 else x
         return x.reshape(shape), offset + size
 
     grad_q, at = take(0, (tokens, q_heads, head_dim))
@@ -150,7 +157,7 @@ def _oracle_grads(case: Case) -> tuple[torch.Tensor, ...]:
 
 
 def _torch_low_precision_grads(case: Case) -> tuple[torch.Tensor, ...]:
-    """Plain PyTorch attention run and differentiated in the inputs' dtype (bf16)."""
+    """Plain PyTorch attention run and differentiated in the inputs' dtype (bf16 or fp16)."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (case.q, case.k, case.v))
     group = q.shape[1] // k.shape[1]
     outs = []
@@ -205,6 +212,9 @@ CASES = {
     "bf16-mqa-d16-310b": (torch.bfloat16, [33, 1, 12], 4, 1, 16, "310b", 0, 16),
     "bf16-mha-d16-910b": (torch.bfloat16, [1, 17, 1, 38], 2, 2, 16, "910b", 4, 16),
     "bf16-gqa2-d64-910b-tile32": (torch.bfloat16, [70, 9], 4, 2, 64, "910b", 0, 32),
+    "f16-gqa2-d64-910b": (torch.float16, [7, 1, 45, 20], 4, 2, 64, "910b", 6, 16),
+    "f16-mqa-d16-310b": (torch.float16, [33, 1, 12], 4, 1, 16, "310b", 0, 16),
+    "f16-mha-d16-910b-tile32": (torch.float16, [1, 70, 9], 2, 2, 16, "910b", 0, 32),
 }
 
 

@@ -377,19 +377,22 @@ def test_npu_tensors_go_to_the_ascend_kernels_when_built(
 def test_npu_calls_the_ascend_kernels_do_not_cover_go_elsewhere(
     monkeypatch: pytest.MonkeyPatch, fake_torch_npu: FakeTorchNpu
 ) -> None:
-    # The Ascend C attention is causal, windowless, fp32/bf16 with D % 16 == 0; the epilogue
-    # takes fp32/bf16. Everything else must not reach the op (it would raise there).
+    # The Ascend C attention is causal, windowless, fp32/bf16/fp16 with D % 16 == 0; the epilogue
+    # takes fp32/bf16/fp16. Everything else must not reach the op (it would raise there).
     pretend_device(monkeypatch, "npu")
     for module in (attention_mod, sparse_kd_mod):
         monkeypatch.setattr(module, "npu_kernel_available", lambda op: True)
     q, k, v, _ = attention_inputs(d=16)
     route = attention_mod.attention_route
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert route(q.to(dtype), k.to(dtype), v.to(dtype)) == "npu_kernel", dtype
+        assert sparse_kd_mod.sparse_kd_route(q.to(dtype), k.to(dtype), v) == "npu_kernel", dtype
     assert route(q, k, v, causal=False) == "npu_fusion_attention"
     assert route(q, k, v, window=4) == "reference"
-    assert route(q.half(), k.half(), v.half()) == "npu_fusion_attention"
+    assert route(q.double(), k.double(), v.double()) == "npu_fusion_attention"
     q6, k6, v6, _ = attention_inputs(d=6)
     assert route(q6, k6, v6) == "npu_fusion_attention"
-    assert sparse_kd_mod.sparse_kd_route(q.half(), k.half(), v) == "reference"
+    assert route(q6.half(), k6.half(), v6.half()) == "npu_fusion_attention"
     assert sparse_kd_mod.sparse_kd_route(q.double(), k.double(), v) == "reference"
 
 

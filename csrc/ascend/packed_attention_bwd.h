@@ -1,7 +1,8 @@
 // Packed causal attention backward as two Ascend C kernels, products on the cube unit through
 // the Matmul high-level API (issue 6).
 //
-// Inputs in GM: grad_out dO and out O [T, Hq, D], q [T, Hq, D], k/v [T, Hkv, D] (fp32 or bf16),
+// Inputs in GM: grad_out dO and out O [T, Hq, D], q [T, Hq, D], k/v [T, Hkv, D] (fp32, bf16 or
+// fp16: TIn float, bfloat16_t or half; the host picks by PackedAttentionBwdTiling::dtype),
 // lse [Hq, T] f32 (the forward's), cu_seqlens [B + 1] int32. Outputs grad_q [T, Hq, D] and
 // grad_k/grad_v [T, Hkv, D] in the input dtype: the gradients of packed_attention_reference
 // (causal, no window). Query head h reads kv head g = h / (Hq / Hkv); dK and dV of g sum over the
@@ -36,7 +37,10 @@
 // For bf16 inputs P and dS are rounded to bf16 before the second products (the Matmul needs A and
 // B of one type; flash-attention does the same), and each gradient is accumulated in f32 in the
 // workspace (IterateAll with enAtomic = 1 after the first product) and cast to bf16 once at the
-// end. For fp32 the products accumulate straight into grad_q / grad_k / grad_v. enAtomic is used
+// end. fp16 takes the bf16 path (half operands on the cube, f32 C and f32 vector math); its casts
+// of dS and of the gradients clamp to +-65504 first, which is what the hardware's saturating
+// float -> half Cast does and keeps the twin (whose Cast rounds to inf) in step; P lies in [0, 1].
+// For fp32 the products accumulate straight into grad_q / grad_k / grad_v. enAtomic is used
 // only on a block's own rows: no two blocks ever add into the same element.
 //
 // Not confirmed without a CANN install (the twin cannot tell):
@@ -73,10 +77,24 @@ class PackedAttentionBwdBase {
   using InB = MatmulType<TPosition::GM, CubeFormat::ND, TIn>;
   using OutF = MatmulType<TPosition::GM, CubeFormat::ND, float>;
   static constexpr bool kIsF32 = std::is_same_v<TIn, float>;
+  static_assert(std::is_same_v<TIn, float> || std::is_same_v<TIn, bfloat16_t> ||
+                    std::is_same_v<TIn, half>,
+                "q, k, v, grad_out, out are float, bfloat16_t or half (PackedAttentionDtype)");
 
  protected:
   // Stands in for -inf in the causal mask: scale * s - 1e30 - lse is -1e30 in f32, exp gives 0.
   static constexpr float kNegBig = -1.0e30f;
+  // The largest finite half.
+  static constexpr float kHalfMax = 65504.0f;
+
+  // f32 -> TIn (bf16 or half) of n elements; half saturates at +-65504 instead of rounding to inf.
+  __aicore__ inline void CastDown(LocalTensor<TIn>& dst, LocalTensor<float>& src, int32_t n) {
+    if constexpr (std::is_same_v<TIn, half>) {
+      Mins(src, src, kHalfMax, n);
+      Maxs(src, src, -kHalfMax, n);
+    }
+    Cast(dst, src, RoundMode::CAST_RINT, n);
+  }
 
   __aicore__ inline void InitCommon(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR lse,
                                     GM_ADDR cuSeqlens, GM_ADDR workspace,
@@ -226,7 +244,7 @@ class PackedAttentionBwdBase {
       Muls(dsOut, dp, t_.scale, n);
     } else {
       Muls(dp, dp, t_.scale, n);
-      Cast(dsOut, dp, RoundMode::CAST_RINT, n);
+      CastDown(dsOut, dp, n);
     }
     sQue_.FreeTensor(s);
     dpQue_.FreeTensor(dp);
@@ -261,7 +279,7 @@ class PackedAttentionBwdBase {
     DataCopyPad(dst, src, params);
   }
 
-  // bf16 only: the f32 accumulator [rows, D] in the workspace, cast once, to `rows` rows of
+  // bf16 / fp16 only: the f32 accumulator [rows, D] in the workspace, cast once, to `rows` rows of
   // head `head` of a [T, heads, D] gradient.
   __aicore__ inline void AccumulatorOut(const GlobalTensor<float>& acc,
                                         const GlobalTensor<TIn>& grad, uint32_t heads,
@@ -272,7 +290,7 @@ class PackedAttentionBwdBase {
     accQue_.EnQue(a);
     a = accQue_.template DeQue<float>();
     LocalTensor<TIn> g = gradQue_.template AllocTensor<TIn>();
-    Cast(g, a, RoundMode::CAST_RINT, static_cast<int32_t>(rows * D));
+    CastDown(g, a, static_cast<int32_t>(rows * D));
     accQue_.FreeTensor(a);
     gradQue_.EnQue(g);
     g = gradQue_.template DeQue<TIn>();
@@ -288,8 +306,8 @@ class PackedAttentionBwdBase {
   TQue<TPosition::VECIN, 1> sQue_;
   TQue<TPosition::VECIN, 1> dpQue_;
   TQue<TPosition::VECOUT, 2> outQue_;     // dS (and P): input dtype, pitch tile
-  TQue<TPosition::VECIN, 1> accQue_;      // bf16: f32 gradient accumulator rows
-  TQue<TPosition::VECOUT, 1> gradQue_;    // bf16: the same rows cast
+  TQue<TPosition::VECIN, 1> accQue_;      // bf16 / fp16: f32 gradient accumulator rows
+  TQue<TPosition::VECOUT, 1> gradQue_;    // bf16 / fp16: the same rows cast
   TBuf<TPosition::VECCALC> maskBuf_;      // causal mask [tile, tile] f32
   TBuf<TPosition::VECCALC> statsBuf_;     // lse [tile], delta [tile]
   GlobalTensor<TIn> doGm_, qGm_, kGm_, vGm_;

@@ -24,7 +24,7 @@
 //   [slotOffset + b * slotBytes, ...)      block b's private scratch; inside a slot, at the
 //                                          *Offset fields: S and dP [tile, tile] f32, P and dS
 //                                          [tile, tile] in the input dtype (what the cube reads
-//                                          back), and for bf16 the f32 gradient accumulators
+//                                          back), and for bf16 / fp16 the f32 gradient accumulators
 //                                          [tile, D] (dQ in the dQ pass; dK, dV in the other).
 // Blocks never share a slot, so no block waits for another and nothing needs atomics across
 // blocks; results do not depend on the block count.
@@ -34,7 +34,9 @@ struct PackedAttentionBwdTiling {
   uint32_t qHeads;       // Hq
   uint32_t kvHeads;      // Hkv; query head h reads kv head h / (Hq / Hkv)
   uint32_t headDim;      // D: a multiple of 16
-  uint32_t elemBytes;    // 4 (fp32) or 2 (bf16): the kernels' TIn
+  uint32_t elemBytes;    // 4 (fp32) or 2 (bf16 / fp16)
+  uint32_t dtype;        // PackedAttentionDtype of the inputs: the kernels' TIn, the launcher
+                         // picks the instantiation by it
   uint32_t tile;         // query rows = keys per tile: a multiple of 16, at most 128
   uint32_t dqItems;      // (document, query head, query tile) items of the dQ pass
   uint32_t dkvItems;     // (document, kv head, key tile) items of the dK/dV pass
@@ -52,8 +54,8 @@ struct PackedAttentionBwdTiling {
   uint64_t dpOffset;
   uint64_t pOffset;
   uint64_t dsOffset;
-  uint64_t accOffset;    // dQ (dQ pass) or dK (dK/dV pass) f32 accumulator, bf16 only
-  uint64_t acc2Offset;   // dV f32 accumulator (dK/dV pass), bf16 only
+  uint64_t accOffset;    // dQ (dQ pass) or dK (dK/dV pass) f32 accumulator, bf16 / fp16 only
+  uint64_t acc2Offset;   // dV f32 accumulator (dK/dV pass), bf16 / fp16 only
   AscendC::tiling::TCubeTiling scoreMm;
   AscendC::tiling::TCubeTiling dqMm;
   AscendC::tiling::TCubeTiling dkvMm;
@@ -120,12 +122,14 @@ namespace packed_attention_bwd_detail {
 
 // One Matmul's tiling: A [m, k] (stored transposed when transA), B [k, n] (stored [n, k] when
 // transB), C f32 in GM; org shape (orgM, orgN, orgKa, orgKb) as the kernel sets it at most.
-inline bool CubeTiling(const platform_ascendc::PlatformAscendC& platform, uint32_t elemBytes,
+inline bool CubeTiling(const platform_ascendc::PlatformAscendC& platform, uint32_t dtype,
                        bool transA, bool transB, int32_t m, int32_t n, int32_t k, int32_t orgM,
                        int32_t orgN, int32_t orgKa, int32_t orgKb,
                        AscendC::tiling::TCubeTiling& out) {
   namespace mt = matmul_tiling;
-  const mt::DataType in = elemBytes == 4u ? mt::DataType::DT_FLOAT : mt::DataType::DT_BF16;
+  const mt::DataType in = dtype == kPackedAttentionFloat32   ? mt::DataType::DT_FLOAT
+                          : dtype == kPackedAttentionFloat16 ? mt::DataType::DT_FLOAT16
+                                                             : mt::DataType::DT_BF16;
   mt::MatmulApiTiling tiling(platform);
   tiling.SetAType(mt::TPosition::GM, mt::CubeFormat::ND, in, transA);
   tiling.SetBType(mt::TPosition::GM, mt::CubeFormat::ND, in, transB);
@@ -154,10 +158,8 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
   using namespace packed_attention_bwd_detail;
   constexpr uint32_t kRowAlign = 16;  // the cube's fractal rows; bf16 tile rows fill 32 bytes
   constexpr uint32_t kMaxTile = 128;  // one baseM block of the score product
-  if (p.elemBytes != 2u && p.elemBytes != 4u) {
-    throw std::invalid_argument("elemBytes must be 2 (bf16) or 4 (fp32), got " +
-                                std::to_string(p.elemBytes));
-  }
+  // dtype and elemBytes agree (fp16 callers set dtype = kPackedAttentionFloat16, elemBytes = 2).
+  const uint32_t dtype = PackedAttentionProblemDtype(p);
   if (p.headDim == 0 || p.headDim % 16u != 0 || p.headDim > 512u) {
     throw std::invalid_argument("headDim must be a multiple of 16 in [16, 512], got " +
                                 std::to_string(p.headDim));
@@ -223,6 +225,7 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
   t.kvHeads = p.kvHeads;
   t.headDim = p.headDim;
   t.elemBytes = p.elemBytes;
+  t.dtype = dtype;
   t.tile = tile;
   t.scale = p.scale;
   t.dqUbBytes = uint32_t(PackedAttentionBwdDqUbBytes(tile, p.headDim, p.elemBytes));
@@ -231,14 +234,14 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
   const int32_t tl = int32_t(tile), d = int32_t(p.headDim);
   const int32_t qStride = int32_t(p.qHeads * p.headDim), kvStride = int32_t(p.kvHeads * p.headDim);
   // S / dP: q or dO rows (stride Hq * D) times k or v rows stored [keys, D] (stride Hkv * D).
-  const bool scoreOk = CubeTiling(platform, p.elemBytes, false, true, tl, tl, d, tl, tl, qStride,
+  const bool scoreOk = CubeTiling(platform, dtype, false, true, tl, tl, d, tl, tl, qStride,
                                   kvStride, t.scoreMm);
   // dQ: dS [rows, keys] (pitch tile) times k rows [keys, D] (stride Hkv * D).
   const bool dqOk =
-      CubeTiling(platform, p.elemBytes, false, false, tl, d, tl, tl, kvStride, tl, tl, t.dqMm);
+      CubeTiling(platform, dtype, false, false, tl, d, tl, tl, kvStride, tl, tl, t.dqMm);
   // dV / dK: P or dS stored [rows, keys] read transposed (pitch tile), times dO or q rows.
   const bool dkvOk =
-      CubeTiling(platform, p.elemBytes, true, false, tl, d, tl, tl, qStride, tl, tl, t.dkvMm);
+      CubeTiling(platform, dtype, true, false, tl, d, tl, tl, qStride, tl, tl, t.dkvMm);
   if (!scoreOk || !dqOk || !dkvOk) {
     throw std::invalid_argument("headDim = " + std::to_string(p.headDim) + " with tile " +
                                 std::to_string(tile) +

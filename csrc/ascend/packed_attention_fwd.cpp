@@ -1,7 +1,8 @@
 // Kernel entry points of the packed causal attention forward (packed_attention_fwd.h), one per
 // input dtype. ascendc_library (cmake/ascend.cmake) compiles this file for the NPU and generates
-// the host launchers aclrtlaunch_packed_attention_fwd_{fp32,bf16}; built against csrc/ascend/twin
-// the same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches it there).
+// the host launchers aclrtlaunch_packed_attention_fwd_{fp32,bf16,fp16}; built against
+// csrc/ascend/twin the same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches
+// it there).
 //
 // Every argument is a GM address, the tiling included, as for the sparse-KD epilogue
 // (sparse_kd_epilogue.cpp): a direct launch has no tiling-data mechanism, so the host copies the
@@ -43,7 +44,7 @@ __aicore__ inline void RunPackedAttentionFwd(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM
 
 }  // namespace
 
-// q [T, Hq, D], k and v [T, Hkv, D] (fp32 / bf16), cuSeqlens [B + 1] int32 (validated by the
+// q [T, Hq, D], k and v [T, Hkv, D] (fp32 / bf16 / fp16), cuSeqlens [B + 1] int32 (validated by the
 // host), out [T, Hq, D] in the input dtype, lse [Hq, T] f32, workspace of
 // PackedAttentionWorkspaceBytes(tiling) bytes, tiling: a PackedAttentionTiling in GM.
 extern "C" __global__ __aicore__ void packed_attention_fwd_fp32(GM_ADDR q, GM_ADDR k, GM_ADDR v,
@@ -58,4 +59,11 @@ extern "C" __global__ __aicore__ void packed_attention_fwd_bf16(GM_ADDR q, GM_AD
                                                                 GM_ADDR lse, GM_ADDR workspace,
                                                                 GM_ADDR tiling) {
   RunPackedAttentionFwd<bfloat16_t>(q, k, v, cuSeqlens, out, lse, workspace, tiling);
+}
+
+extern "C" __global__ __aicore__ void packed_attention_fwd_fp16(GM_ADDR q, GM_ADDR k, GM_ADDR v,
+                                                                GM_ADDR cuSeqlens, GM_ADDR out,
+                                                                GM_ADDR lse, GM_ADDR workspace,
+                                                                GM_ADDR tiling) {
+  RunPackedAttentionFwd<half>(q, k, v, cuSeqlens, out, lse, workspace, tiling);
 }

@@ -1,7 +1,8 @@
 // Kernel entry points of the sparse-KD / cross-entropy epilogue (sparse_kd_epilogue.h), one per
 // logits dtype. ascendc_library (cmake/ascend.cmake) compiles this file for the NPU and generates
-// the host launchers aclrtlaunch_sparse_kd_epilogue_{fp32,bf16}; built against csrc/ascend/twin
-// the same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches it there).
+// the host launchers aclrtlaunch_sparse_kd_epilogue_{fp32,bf16,fp16}; built against
+// csrc/ascend/twin the same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches
+// it there).
 //
 // Every argument is a GM address, the tiling included: a direct launch has no tiling-data
 // mechanism (GET_TILING_DATA and friends are documented as unsupported in kernel-launch
@@ -43,7 +44,7 @@ __aicore__ inline void RunSparseKdEpilogue(GM_ADDR logits, GM_ADDR labels, GM_AD
 
 }  // namespace
 
-// logits [N, V] (fp32 / bf16, overwritten by d(scale * loss)/d(logits)), labels [N] int32,
+// logits [N, V] (fp32 / bf16 / fp16, overwritten by d(scale * loss)/d(logits)), labels [N] int32,
 // ids [N, K] int32, teacherValues [N, K] f32, teacherLse [N] f32, labelLogit [N] f32,
 // loss [N] f32, stats [N, 6] f32, tiling: a SparseKdTiling in GM. The teacher pointers may be
 // null where the tiling says they are unused (see SparseKdEpilogue::Init).
@@ -59,4 +60,11 @@ extern "C" __global__ __aicore__ void sparse_kd_epilogue_bf16(
     GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats, GM_ADDR tiling) {
   RunSparseKdEpilogue<bfloat16_t>(logits, labels, ids, teacherValues, teacherLse, labelLogit,
                                   loss, stats, tiling);
+}
+
+extern "C" __global__ __aicore__ void sparse_kd_epilogue_fp16(
+    GM_ADDR logits, GM_ADDR labels, GM_ADDR ids, GM_ADDR teacherValues, GM_ADDR teacherLse,
+    GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats, GM_ADDR tiling) {
+  RunSparseKdEpilogue<half>(logits, labels, ids, teacherValues, teacherLse, labelLogit, loss,
+                            stats, tiling);
 }

@@ -121,17 +121,17 @@ def attention_route(
 
 
 def _ascend_kernel_takes(q: torch.Tensor, causal: bool, window: int | None) -> bool:
-    """Whether the Ascend C kernel covers this call: causal, no window, fp32/bf16, D % 16 == 0.
+    """Whether the Ascend C kernel covers this call: causal, no window, fp32/bf16/fp16, D % 16 == 0.
 
-    The kernel's tiling moves whole 32-byte blocks of a head row and the cube takes only float
-    and bf16 here; anything else goes to ``npu_fusion_attention`` or the reference instead of
-    failing inside the op.
+    The kernel's tiling moves whole 32-byte blocks of a head row and the cube takes float, bf16
+    and fp16 here (forward and backward); anything else goes to ``npu_fusion_attention`` or the
+    reference instead of failing inside the op.
     """
     head_dim = q.shape[-1]
     return (
         causal
         and window is None
-        and q.dtype in (torch.float32, torch.bfloat16)
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and head_dim % 16 == 0
         and 16 <= head_dim <= 512
     )

@@ -215,13 +215,17 @@ def sparse_kd_route(*tensors: torch.Tensor) -> SparseKDRoute:
 
     Returns:
         ``"cpu_kernel"`` for CPU (and fake/meta tensors while tracing), ``"npu_kernel"`` for
-        fp32/bf16 ``npu`` tensors when the Ascend C kernel is built (its epilogue takes only
-        those), else ``"reference"``.
+        fp32/bf16/fp16 ``npu`` tensors when the Ascend C kernel is built (its epilogue takes
+        only those), else ``"reference"``.
     """
     devices = {_device_type(t) for t in tensors}
     if native_available() and devices <= {"cpu", "meta"}:
         return "cpu_kernel"
-    npu_dtype_ok = bool(tensors) and tensors[0].dtype in (torch.float32, torch.bfloat16)
+    npu_dtype_ok = bool(tensors) and tensors[0].dtype in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    )
     if devices == {"npu"} and npu_dtype_ok and npu_kernel_available("sparse_kd_fused"):
         return "npu_kernel"
     return "reference"

@@ -3,7 +3,7 @@
 // with MakePackedAttentionBwdTiling for the chip, launches the dQ pass then the dK/dV pass on one
 // GM workspace of PackedAttentionBwdWorkspaceBytes, and writes the gradients.
 //
-// usage: packed_attention_bwd MODE f32|bf16 T B HQ HKV D SCALE 910b|310b MAX_BLOCKS MAX_TILE
+// usage: packed_attention_bwd MODE f32|bf16|f16 T B HQ HKV D SCALE 910b|310b MAX_BLOCKS MAX_TILE
 //                             IN_DIR OUT
 //   MODE run: the kernels as the host would launch them.
 //   MODE bad-cube-tiling: the score Matmul's tiling gets baseM = 8 (not a multiple of the cube's
@@ -12,7 +12,7 @@
 //   MODE short-score-k: the score Matmul's tiling claims singleCoreK = D - 1, so the first S
 //        product (K = D) must stop on the twin's matmul-shape rule: the products are made by
 //        that Matmul object, not by the vector unit.
-//   IN_DIR holds grad_out.bin, q.bin, out.bin (T*HQ*D), k.bin, v.bin (T*HKV*D) in f32 or bf16,
+//   IN_DIR holds grad_out.bin, q.bin, out.bin (T*HQ*D), k.bin, v.bin (T*HKV*D) in f32, bf16 or f16,
 //   lse.bin (HQ*T f32) and cu_seqlens.bin (B+1 int32). MAX_BLOCKS / MAX_TILE cap the tiling
 //   (0 = chip limit / UB budget). OUT gets grad_q [T, HQ, D], grad_k and grad_v [T, HKV, D] in
 //   the input dtype, then the workspace's delta [HQ, T] f32.
@@ -64,21 +64,22 @@ constexpr uint8_t kGuard = 0xa5;
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "budgets") return CheckBudgets();
   if (argc != 14) {
-    std::cerr << "usage: packed_attention_bwd run|bad-cube-tiling|short-score-k f32|bf16 T B HQ "
-                 "HKV D SCALE 910b|310b MAX_BLOCKS MAX_TILE IN_DIR OUT\n";
+    std::cerr << "usage: packed_attention_bwd run|bad-cube-tiling|short-score-k f32|bf16|f16 T B "
+                 "HQ HKV D SCALE 910b|310b MAX_BLOCKS MAX_TILE IN_DIR OUT\n";
     return 2;
   }
   const std::string mode = argv[1];
   const std::string dtype = argv[2];
   const std::string chipName = argv[9];
   const bool modeOk = mode == "run" || mode == "bad-cube-tiling" || mode == "short-score-k";
-  if (!modeOk || (dtype != "f32" && dtype != "bf16") ||
+  if (!modeOk || (dtype != "f32" && dtype != "bf16" && dtype != "f16") ||
       (chipName != "910b" && chipName != "310b")) {
-    std::cerr << "mode must be run, bad-cube-tiling or short-score-k, dtype f32 or bf16, chip "
+    std::cerr << "mode must be run, bad-cube-tiling or short-score-k, dtype f32, bf16 or f16, chip "
                  "910b or 310b\n";
     return 2;
   }
   const bool isF32 = dtype == "f32";
+  const bool isF16 = dtype == "f16";
   PackedAttentionProblem problem{};
   problem.tokens = static_cast<uint32_t>(std::stoul(argv[3]));
   problem.docs = static_cast<uint32_t>(std::stoul(argv[4]));
@@ -87,6 +88,9 @@ int main(int argc, char** argv) {
   problem.headDim = static_cast<uint32_t>(std::stoul(argv[7]));
   problem.scale = std::stof(argv[8]);
   problem.elemBytes = isF32 ? 4u : 2u;
+  // bf16 and fp16 are both 2 bytes: the dtype code tells the tiling (and the launch) which.
+  problem.dtype = isF32 ? kPackedAttentionFloat32
+                        : isF16 ? kPackedAttentionFloat16 : kPackedAttentionBFloat16;
   const uint32_t maxBlocks = static_cast<uint32_t>(std::stoul(argv[10]));
   const uint32_t maxTile = static_cast<uint32_t>(std::stoul(argv[11]));
   const std::string inDir = argv[12];
@@ -151,6 +155,9 @@ int main(int argc, char** argv) {
     if (isF32) {
       launch(pangu_fastkd_ascend::packed_attention_bwd_dq<float>,
              pangu_fastkd_ascend::packed_attention_bwd_dkv<float>);
+    } else if (isF16) {
+      launch(pangu_fastkd_ascend::packed_attention_bwd_dq<half>,
+             pangu_fastkd_ascend::packed_attention_bwd_dkv<half>);
     } else {
       launch(pangu_fastkd_ascend::packed_attention_bwd_dq<bfloat16_t>,
              pangu_fastkd_ascend::packed_attention_bwd_dkv<bfloat16_t>);

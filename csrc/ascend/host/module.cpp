@@ -49,5 +49,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("packed_attention_fwd_plan", &pangu_fastkd::ascend::packed_attention_fwd_plan_npu,
              "(tile, blockDim, work items, workspace bytes) the forward would launch for "
              "(q, k, v, cu_seqlens, scale)");
+  module.def("packed_attention_bwd", &pangu_fastkd::ascend::packed_attention_bwd_npu,
+             "torch.ops.pangu_fastkd.packed_attention_bwd through the two Ascend C kernels on the "
+             "CPU twin (arguments as the op schema in csrc/ops.cpp; causal, windowless only)");
+  module.def("packed_attention_bwd_plan", &pangu_fastkd::ascend::packed_attention_bwd_plan_npu,
+             "(tile, dQ blockDim, dK/dV blockDim, workspace bytes) the backward would launch for "
+             "(q, k, v, cu_seqlens, scale)");
 #endif
 }

@@ -131,4 +131,18 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> packed_attention_fwd_plan_npu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     double scale);
 
+// torch.ops.pangu_fastkd.packed_attention_bwd on the kernel device (same file): grad_q
+// [T, Hq, D], grad_k and grad_v [T, Hkv, D] in q's dtype, as the CPU kernel; causal and
+// windowless only. Two kernel launches (dQ pass, then dK/dV pass) on the current stream.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd_npu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, double scale,
+    bool causal, int64_t window);
+
+// What packed_attention_bwd_npu would launch: (tile, dQ blockDim, dK/dV blockDim, workspace
+// bytes) of its tiling. For tests and diagnostics; launches nothing.
+std::tuple<int64_t, int64_t, int64_t, int64_t> packed_attention_bwd_plan_npu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    double scale);
+
 }  // namespace pangu_fastkd::ascend

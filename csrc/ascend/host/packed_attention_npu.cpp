@@ -12,17 +12,31 @@
 //   3. MakePackedAttentionTiling on the platform of the chip the module was built for;
 //   4. the tiling struct (with its two TCubeTilings) and a workspace of
 //      PackedAttentionWorkspaceBytes bytes in device memory, then one launch of
-//      packed_attention_fwd_{fp32,bf16} on the current stream, with the device copy of cu_seqlens.
-// Only step 4 talks to the NPU runtime; steps 1-3 are shared with the backward's host code
-// (AttentionInputs, attention_tiling), which takes the same inputs and the same tiling shape.
+//      packed_attention_fwd_{fp32,bf16,fp16} on the current stream, with the device copy of
+//      cu_seqlens.
+// Only step 4 talks to the NPU runtime; steps 1-2 and the platform, budget and problem of step 3
+// are shared with the backward (torch.ops.pangu_fastkd.packed_attention_bwd, the kernels of
+// csrc/ascend/packed_attention_bwd.h), whose call differs only in its tiling
+// (MakePackedAttentionBwdTiling) and its two launches: packed_attention_bwd_dq_<dtype>, which
+// writes grad_q and the row sums delta into the workspace, then packed_attention_bwd_dkv_<dtype>
+// on the same stream with the same workspace and tiling, which reads delta and writes grad_k and
+// grad_v. The stream orders the two: the second launch starts after the first has finished.
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <tuple>
 
+#include "aclrtlaunch_packed_attention_bwd_dkv_bf16.h"
+#include "aclrtlaunch_packed_attention_bwd_dkv_fp16.h"
+#include "aclrtlaunch_packed_attention_bwd_dkv_fp32.h"
+#include "aclrtlaunch_packed_attention_bwd_dq_bf16.h"
+#include "aclrtlaunch_packed_attention_bwd_dq_fp16.h"
+#include "aclrtlaunch_packed_attention_bwd_dq_fp32.h"
 #include "aclrtlaunch_packed_attention_fwd_bf16.h"
+#include "aclrtlaunch_packed_attention_fwd_fp16.h"
 #include "aclrtlaunch_packed_attention_fwd_fp32.h"
+#include "ascend/packed_attention_bwd_tiling.h"
 #include "ascend/packed_attention_tiling.h"
 #include "npu_launch.h"
 
@@ -33,7 +47,7 @@ namespace {
 // Inputs: what the forward and backward kernels both read
 
 struct AttentionInputs {
-  at::Tensor q, k, v;     // contiguous, on the kernel device, fp32 or bf16
+  at::Tensor q, k, v;     // contiguous, on the kernel device, fp32, bf16 or fp16
   at::Tensor cu_host;     // [B + 1] int32 on the CPU, validated: what the tiling reads
   at::Tensor cu_device;   // the same values on the kernel device: what the kernel reads
   int64_t T, Hq, Hkv, D;  // tokens, query heads, kv heads, head dim
@@ -48,7 +62,8 @@ void check_device(const at::Tensor& t, const char* name, const at::Device& devic
 }
 
 // The CPU kernel's checks (check_inputs in csrc/cpu/packed_attention.cpp), in its order and with
-// its messages, plus what only the Ascend C kernel lacks: dtypes other than fp32/bf16, causal=False
+// its messages, plus what only the Ascend C kernels lack: dtypes other than fp32/bf16/fp16,
+// causal=False
 // and a window. cu_seqlens may come on the kernel device (the usual case) or on the CPU.
 AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& cu, bool causal,
@@ -63,9 +78,10 @@ AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
   }
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "packed_attention: q, k and v must share a dtype");
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-                   "packed_attention: the Ascend C kernel takes float32 or bfloat16 q, k and v, "
-                   "got ", q.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                       q.scalar_type() == at::kHalf,
+                   "packed_attention: the Ascend C kernel takes float32, bfloat16 or float16 q, k "
+                   "and v, got ", q.scalar_type());
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(),
                     "packed_attention: k and v must have the same shape, got ", k.sizes(), " and ",
                     v.sizes());
@@ -158,6 +174,11 @@ PackedAttentionProblem attention_problem(const AttentionInputs& in, double scale
   p.kvHeads = static_cast<uint32_t>(in.Hkv);
   p.headDim = static_cast<uint32_t>(in.D);
   p.elemBytes = static_cast<uint32_t>(in.q.element_size());
+  // bf16 and fp16 are both 2 bytes: the dtype code picks the cube's operand type and the kernel.
+  const at::ScalarType dtype = in.q.scalar_type();
+  p.dtype = dtype == at::kFloat  ? kPackedAttentionFloat32
+            : dtype == at::kHalf ? kPackedAttentionFloat16
+                                 : kPackedAttentionBFloat16;
   p.scale = static_cast<float>(scale);
   p.cuSeqlens = in.cu_host.data_ptr<int32_t>();
   return p;
@@ -186,17 +207,94 @@ void launch_fwd(const AttentionInputs& in, const PackedAttentionTiling& tiling,
   const aclrtStream stream = current_stream();
   void* args[] = {gm_addr(in.q), gm_addr(in.k), gm_addr(in.v),         gm_addr(in.cu_device),
                   gm_addr(out),  gm_addr(lse), gm_addr(workspace), gm_addr(tiling_gm)};
-  if (in.q.scalar_type() == at::kFloat) {
+  if (tiling.dtype == kPackedAttentionFloat32) {
     check_launch(ACLRT_LAUNCH_KERNEL(packed_attention_fwd_fp32)(
                      tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
                      args[5], args[6], args[7]),
                  "packed_attention_fwd_fp32");
+  } else if (tiling.dtype == kPackedAttentionFloat16) {
+    check_launch(ACLRT_LAUNCH_KERNEL(packed_attention_fwd_fp16)(
+                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
+                     args[5], args[6], args[7]),
+                 "packed_attention_fwd_fp16");
   } else {
     check_launch(ACLRT_LAUNCH_KERNEL(packed_attention_fwd_bf16)(
                      tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
                      args[5], args[6], args[7]),
                  "packed_attention_fwd_bf16");
   }
+}
+
+
+// The backward's tiling for the same problem; errors as for the forward.
+PackedAttentionBwdTiling attention_bwd_tiling(const AttentionInputs& in, double scale) {
+  try {
+    return MakePackedAttentionBwdTiling(attention_problem(in, scale), attention_budget(),
+                                        attention_platform());
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, "packed_attention: the Ascend C kernel cannot take this problem: ",
+                      e.what());
+  }
+  return {};  // not reached
+}
+
+// What the backward reads besides q, k, v and cu_seqlens: grad_out and out in the input dtype and
+// lse in f32, contiguous on the kernel device.
+struct BackwardInputs {
+  at::Tensor grad_out, out, lse;
+};
+
+// The CPU kernel's checks of grad_out, out and lse (packed_attention_bwd_cpu), with its messages,
+// and its conversions: grad_out and out to q's dtype, lse to f32.
+BackwardInputs check_backward_inputs(const AttentionInputs& in, const at::Tensor& grad_out,
+                                     const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == in.q.sizes() && out.sizes() == in.q.sizes(),
+                    "packed_attention: grad_out and out must have q's shape");
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({in.Hq, in.T}),
+                    "packed_attention: lse must be [Hq, T]");
+  const at::Device device = in.q.device();
+  check_device(grad_out, "grad_out", device);
+  check_device(out, "out", device);
+  check_device(lse, "lse", device);
+  const at::ScalarType dtype = in.q.scalar_type();
+  return {grad_out.to(dtype).contiguous(), out.to(dtype).contiguous(),
+          lse.to(at::kFloat).contiguous()};
+}
+
+// The two launches of the backward, in order on the current stream, with one tiling copy and one
+// workspace: the dK/dV pass reads the delta the dQ pass left in the workspace.
+void launch_bwd(const AttentionInputs& in, const BackwardInputs& b,
+                const PackedAttentionBwdTiling& tiling, const at::Tensor& grad_q,
+                const at::Tensor& grad_k, const at::Tensor& grad_v) {
+  const at::Device device = in.q.device();
+  const at::Tensor tiling_gm = tiling_on_device(tiling, device);
+  const at::Tensor workspace =
+      workspace_on_device(PackedAttentionBwdWorkspaceBytes(tiling), device);
+  const aclrtStream stream = current_stream();
+  void* dq[] = {gm_addr(b.grad_out),     gm_addr(in.q),   gm_addr(in.k),
+                gm_addr(in.v),           gm_addr(b.out),  gm_addr(b.lse),
+                gm_addr(in.cu_device),   gm_addr(grad_q), gm_addr(workspace),
+                gm_addr(tiling_gm)};
+  void* dkv[] = {gm_addr(b.grad_out),   gm_addr(in.q),     gm_addr(in.k),
+                 gm_addr(in.v),         gm_addr(b.lse),    gm_addr(in.cu_device),
+                 gm_addr(grad_k),       gm_addr(grad_v),   gm_addr(workspace),
+                 gm_addr(tiling_gm)};
+  // One macro per pass keeps the three dtypes' launches identical but for the kernel name.
+#define PANGU_FASTKD_LAUNCH_BWD(kernel, blocks, a)                                               \
+  check_launch(ACLRT_LAUNCH_KERNEL(kernel)(blocks, stream, a[0], a[1], a[2], a[3], a[4], a[5], \
+                                           a[6], a[7], a[8], a[9]),                             \
+               #kernel)
+  if (tiling.dtype == kPackedAttentionFloat32) {
+    PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dq_fp32, tiling.dqBlockDim, dq);
+    PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dkv_fp32, tiling.dkvBlockDim, dkv);
+  } else if (tiling.dtype == kPackedAttentionFloat16) {
+    PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dq_fp16, tiling.dqBlockDim, dq);
+    PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dkv_fp16, tiling.dkvBlockDim, dkv);
+  } else {
+    PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dq_bf16, tiling.dqBlockDim, dq);
+    PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dkv_bf16, tiling.dkvBlockDim, dkv);
+  }
+#undef PANGU_FASTKD_LAUNCH_BWD
 }
 
 }  // namespace
@@ -228,11 +326,36 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> packed_attention_fwd_plan_npu(
           int64_t(PackedAttentionWorkspaceBytes(tiling))};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd_npu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, double scale,
+    bool causal, int64_t window) {
+  const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens, causal, window);
+  const BackwardInputs b = check_backward_inputs(in, grad_out, out, lse);
+  const PackedAttentionBwdTiling tiling = attention_bwd_tiling(in, scale);
+  // Every element is written by the kernels (each token belongs to one document).
+  at::Tensor grad_q = at::empty({in.T, in.Hq, in.D}, in.q.options());
+  at::Tensor grad_k = at::empty({in.T, in.Hkv, in.D}, in.q.options());
+  at::Tensor grad_v = at::empty({in.T, in.Hkv, in.D}, in.q.options());
+  if (in.T > 0) launch_bwd(in, b, tiling, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<int64_t, int64_t, int64_t, int64_t> packed_attention_bwd_plan_npu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    double scale) {
+  const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens, true, -1);
+  const PackedAttentionBwdTiling tiling = attention_bwd_tiling(in, scale);
+  return {tiling.tile, tiling.dqBlockDim, tiling.dkvBlockDim,
+          int64_t(PackedAttentionBwdWorkspaceBytes(tiling))};
+}
+
 // The twin build registers nothing (see sparse_kd_npu.cpp for why); its module.cpp binds
-// packed_attention_fwd_npu directly.
+// packed_attention_fwd_npu and packed_attention_bwd_npu directly.
 #ifndef PANGU_FASTKD_ASCEND_TWIN
 TORCH_LIBRARY_IMPL(pangu_fastkd, PrivateUse1, m) {
   m.impl("packed_attention_fwd", &packed_attention_fwd_npu);
+  m.impl("packed_attention_bwd", &packed_attention_bwd_npu);
 }
 #endif
 

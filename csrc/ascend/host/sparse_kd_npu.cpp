@@ -5,7 +5,7 @@
 // The LM-head GEMMs stay torch_npu matmuls; only the epilogue is an Ascend C kernel
 // (csrc/ascend/sparse_kd_epilogue.h). Supervised rows are processed in chunks, as on CPU:
 //   1. logits[c, V] = H[c] W^T (+ b)          ATen GEMM into a reused buffer
-//   2. sparse_kd_epilogue_{fp32,bf16}          per-row loss and statistics; the buffer is
+//   2. sparse_kd_epilogue_{fp32,bf16,fp16}     per-row loss and statistics; the buffer is
 //                                              overwritten with d(scale * loss)/d(logits)
 //   3. grad_H[c] = dlogits W,  grad_W += dlogits^T H[c],  grad_b += colsum(dlogits)
 // Everything but the launch in step 2 is device-agnostic ATen code (run_chunks), which is why the
@@ -26,8 +26,10 @@
 #include <vector>
 
 #include "aclrtlaunch_sparse_kd_epilogue_bf16.h"
+#include "aclrtlaunch_sparse_kd_epilogue_fp16.h"
 #include "aclrtlaunch_sparse_kd_epilogue_fp32.h"
 #include "ascend/sparse_kd_tiling.h"
+#include "common/sparse_kd_chunks.h"
 #include "npu_launch.h"
 
 namespace pangu_fastkd::ascend {
@@ -37,7 +39,7 @@ constexpr int64_t kStatColumns = 6;  // KDStats: D, CE, Q_S, P_S, lse, correct
 
 // The rows one launch of the epilogue sees: views of contiguous tensors on the kernel device.
 struct EpilogueChunk {
-  at::Tensor logits;       // [n, V] fp32 / bf16: read, then overwritten by the gradient
+  at::Tensor logits;       // [n, V] fp32 / bf16 / fp16: read, then overwritten by the gradient
   at::Tensor labels;       // [n] int32, every one in [0, V)
   at::Tensor ids;          // [n, K] int32, -1 = empty slot (undefined when kd_weight == 0)
   at::Tensor values;       // [n, K] f32: teacher logits (top-K) or sample weights (sampled)
@@ -47,18 +49,24 @@ struct EpilogueChunk {
   at::Tensor stats;        // [n, 6] f32
 };
 
-// Step 2 for one chunk: the only code that talks to the NPU runtime directly.
+// Step 2 for one chunk: the only code that talks to the NPU runtime directly. The kernel
+// instantiation follows the tiling's dtype code (bf16 and fp16 share an element size).
 void launch_epilogue(const EpilogueChunk& c, const SparseKdTiling& tiling) {
   const at::Tensor tiling_gm = tiling_on_device(tiling, c.logits.device());
   const aclrtStream stream = current_stream();
   void* args[] = {gm_addr(c.logits),      gm_addr(c.labels),      gm_addr(c.ids),
                   gm_addr(c.values),      gm_addr(c.teacher_lse), gm_addr(c.label_logit),
                   gm_addr(c.loss),        gm_addr(c.stats),       gm_addr(tiling_gm)};
-  if (c.logits.scalar_type() == at::kFloat) {
+  if (tiling.dtype == kSparseKdFloat32) {
     check_launch(ACLRT_LAUNCH_KERNEL(sparse_kd_epilogue_fp32)(
                      tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
                      args[5], args[6], args[7], args[8]),
                  "sparse_kd_epilogue_fp32");
+  } else if (tiling.dtype == kSparseKdFloat16) {
+    check_launch(ACLRT_LAUNCH_KERNEL(sparse_kd_epilogue_fp16)(
+                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
+                     args[5], args[6], args[7], args[8]),
+                 "sparse_kd_epilogue_fp16");
   } else {
     check_launch(ACLRT_LAUNCH_KERNEL(sparse_kd_epilogue_bf16)(
                      tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
@@ -84,86 +92,9 @@ SparseKdTiling make_tiling(SparseKdProblem problem, uint32_t rows) {
   return {};  // not reached
 }
 
-int64_t chunk_budget_bytes() {
-  // PANGU_FASTKD_CHUNK_MB overrides the 128 MiB default for the logits buffer, as on CPU.
-  if (const char* env = std::getenv("PANGU_FASTKD_CHUNK_MB")) {
-    const long long mb = std::atoll(env);
-    if (mb > 0) return int64_t(mb) << 20;
-  }
-  return int64_t(128) << 20;
-}
-
-// Rows per chunk: the CPU kernel's policy (chunk_rows_for in csrc/cpu/sparse_kd.cpp), which is a
-// device-memory argument as much as a host one. The logits buffer gets the budget, and a bf16
-// batch whose whole buffer costs no more than budget + the fp32 grad_W accumulator it would
-// otherwise need runs as one chunk.
-int64_t chunk_rows_for(int64_t V, int64_t d, int64_t elem_size, bool half_accumulator,
-                       int64_t requested, int64_t n_rows) {
-  const int64_t all_rows = std::max<int64_t>(1, n_rows);
-  if (requested > 0) return std::min(requested, all_rows);
-  const int64_t budget = chunk_budget_bytes();
-  if (half_accumulator && n_rows * V * elem_size <= budget + 4 * V * d) return all_rows;
-  int64_t rows = budget / std::max<int64_t>(1, V * elem_size);
-  rows = std::max<int64_t>(16, rows / 16 * 16);  // full row blocks for the GEMM
-  return std::min(rows, all_rows);
-}
-
-// grad_W = sum over chunks of dlogits[c]^T H[c], grad_b = column sums of dlogits, in fp32 for
-// bf16 weights (the CPU kernel's GradWeightAccumulator, with the same rounding): one chunk is one
-// GEMM; several bf16 chunks go through a staging slice into an fp32 accumulator, so no second
-// V x d bf16 buffer is allocated.
-class GradWeightAccumulator {
- public:
-  GradWeightAccumulator(const at::Tensor& W, bool with_bias, int64_t n_chunks)
-      : n_chunks_(n_chunks), V_(W.size(0)), d_(W.size(1)) {
-    half_ = W.scalar_type() != at::kFloat;
-    out_ = n_chunks > 0 ? at::empty({V_, d_}, W.options()) : at::zeros({V_, d_}, W.options());
-    if (half_ && n_chunks > 1) {
-      acc_ = at::empty({V_, d_}, W.options().dtype(at::kFloat));
-      slice_ = std::min<int64_t>(V_, std::max<int64_t>(1024, (int64_t(16) << 20) / (2 * d_)));
-      stage_ = at::empty({slice_, d_}, W.options());
-    }
-    if (with_bias) bias_acc_ = at::zeros({V_}, W.options().dtype(at::kFloat));
-  }
-
-  void add_chunk(int64_t index, const at::Tensor& dlogits, const at::Tensor& Hc) {
-    const bool first = index == 0, last = index == n_chunks_ - 1;
-    if (bias_acc_.defined()) bias_acc_.add_(dlogits.sum(0, false, at::kFloat));
-    if (!half_) {
-      if (first) {
-        at::mm_out(out_, dlogits.t(), Hc);
-      } else {
-        out_.addmm_(dlogits.t(), Hc);
-      }
-      return;
-    }
-    if (n_chunks_ == 1) {
-      at::mm_out(out_, dlogits.t(), Hc);
-      return;
-    }
-    for (int64_t v0 = 0; v0 < V_; v0 += slice_) {
-      const int64_t vn = std::min(slice_, V_ - v0);
-      at::Tensor part = stage_.narrow(0, 0, vn);
-      at::mm_out(part, dlogits.narrow(1, v0, vn).t(), Hc);
-      at::Tensor acc = acc_.narrow(0, v0, vn);
-      if (first) {
-        acc.copy_(part);
-        continue;
-      }
-      acc.add_(part);
-      if (last) out_.narrow(0, v0, vn).copy_(acc);
-    }
-  }
-
-  at::Tensor grad_weight() const { return out_; }
-  at::Tensor grad_bias(at::ScalarType dtype) const { return bias_acc_.to(dtype); }
-
- private:
-  int64_t n_chunks_, V_, d_;
-  int64_t slice_ = 0;
-  bool half_ = false;
-  at::Tensor out_, acc_, stage_, bias_acc_;
-};
+// The row-chunk policy and grad_W accumulation are the CPU op's (csrc/common/sparse_kd_chunks.h).
+using chunks::chunk_rows_for;
+using chunks::GradWeightAccumulator;
 
 // ---------------------------------------------------------------------------------------------
 // Validation
@@ -433,9 +364,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
                    dtype);
   TORCH_CHECK_TYPE(weight.scalar_type() == dtype, "sparse_kd: weight dtype ", weight.scalar_type(),
                    " differs from hidden dtype ", dtype);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16,
-                   "sparse_kd: the Ascend C epilogue takes float32 or bfloat16 hidden states, got ",
-                   dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "sparse_kd: the Ascend C epilogue takes float32, bfloat16 or float16 hidden "
+                   "states, got ", dtype);
   const int64_t N = hidden.size(0), d = hidden.size(1), V = weight.size(0);
   TORCH_CHECK_VALUE(V > 0 && d > 0, "sparse_kd: empty vocabulary or hidden size");
   const at::Device device = hidden.device();
@@ -528,6 +459,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
                     "sparse_kd: V and K must fit in 32 bits for the Ascend C epilogue");
   problem.supportK = static_cast<uint32_t>(K);
   problem.elemBytes = static_cast<uint32_t>(hidden.element_size());
+  // bf16 and fp16 are both 2 bytes: the dtype code picks the kernel instantiation.
+  problem.dtype = dtype == at::kFloat  ? kSparseKdFloat32
+                  : dtype == at::kHalf ? kSparseKdFloat16
+                                       : kSparseKdBFloat16;
   problem.kdWeight = static_cast<float>(kd_weight);
   problem.temperature = static_cast<float>(temperature);
   problem.cacheTemperature = static_cast<float>(sampled ? temperature : cache_temperature);

@@ -15,9 +15,17 @@
 #include <string>
 #include <string_view>
 
+#include "aclrtlaunch_packed_attention_bwd_dkv_bf16.h"
+#include "aclrtlaunch_packed_attention_bwd_dkv_fp16.h"
+#include "aclrtlaunch_packed_attention_bwd_dkv_fp32.h"
+#include "aclrtlaunch_packed_attention_bwd_dq_bf16.h"
+#include "aclrtlaunch_packed_attention_bwd_dq_fp16.h"
+#include "aclrtlaunch_packed_attention_bwd_dq_fp32.h"
 #include "aclrtlaunch_packed_attention_fwd_bf16.h"
+#include "aclrtlaunch_packed_attention_fwd_fp16.h"
 #include "aclrtlaunch_packed_attention_fwd_fp32.h"
 #include "aclrtlaunch_sparse_kd_epilogue_bf16.h"
+#include "aclrtlaunch_sparse_kd_epilogue_fp16.h"
 #include "aclrtlaunch_sparse_kd_epilogue_fp32.h"
 
 #ifndef PANGU_FASTKD_SOC_VERSION
@@ -33,6 +41,10 @@ extern "C" void sparse_kd_epilogue_bf16(GM_ADDR logits, GM_ADDR labels, GM_ADDR 
                                         GM_ADDR teacherValues, GM_ADDR teacherLse,
                                         GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
                                         GM_ADDR tiling);
+extern "C" void sparse_kd_epilogue_fp16(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids,
+                                        GM_ADDR teacherValues, GM_ADDR teacherLse,
+                                        GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
+                                        GM_ADDR tiling);
 
 // Kernel entry points (csrc/ascend/packed_attention_fwd.cpp).
 extern "C" void packed_attention_fwd_fp32(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR cuSeqlens,
@@ -41,6 +53,29 @@ extern "C" void packed_attention_fwd_fp32(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_AD
 extern "C" void packed_attention_fwd_bf16(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR cuSeqlens,
                                           GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
                                           GM_ADDR tiling);
+extern "C" void packed_attention_fwd_fp16(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR cuSeqlens,
+                                          GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
+                                          GM_ADDR tiling);
+
+// Kernel entry points (csrc/ascend/packed_attention_bwd.cpp): the dQ and the dK/dV pass.
+extern "C" void packed_attention_bwd_dq_fp32(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v,
+                                             GM_ADDR out, GM_ADDR lse, GM_ADDR cuSeqlens,
+                                             GM_ADDR gradQ, GM_ADDR workspace, GM_ADDR tiling);
+extern "C" void packed_attention_bwd_dkv_fp32(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v,
+                                              GM_ADDR lse, GM_ADDR cuSeqlens, GM_ADDR gradK,
+                                              GM_ADDR gradV, GM_ADDR workspace, GM_ADDR tiling);
+extern "C" void packed_attention_bwd_dq_bf16(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v,
+                                             GM_ADDR out, GM_ADDR lse, GM_ADDR cuSeqlens,
+                                             GM_ADDR gradQ, GM_ADDR workspace, GM_ADDR tiling);
+extern "C" void packed_attention_bwd_dkv_bf16(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v,
+                                              GM_ADDR lse, GM_ADDR cuSeqlens, GM_ADDR gradK,
+                                              GM_ADDR gradV, GM_ADDR workspace, GM_ADDR tiling);
+extern "C" void packed_attention_bwd_dq_fp16(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v,
+                                             GM_ADDR out, GM_ADDR lse, GM_ADDR cuSeqlens,
+                                             GM_ADDR gradQ, GM_ADDR workspace, GM_ADDR tiling);
+extern "C" void packed_attention_bwd_dkv_fp16(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v,
+                                              GM_ADDR lse, GM_ADDR cuSeqlens, GM_ADDR gradK,
+                                              GM_ADDR gradV, GM_ADDR workspace, GM_ADDR tiling);
 
 namespace {
 
@@ -102,4 +137,75 @@ extern "C" uint32_t aclrtlaunch_packed_attention_fwd_bf16(uint32_t blockDim, acl
                                                        void* tiling) {
   return RunOnTwin(packed_attention_fwd_bf16, "packed_attention_fwd_bf16", blockDim, stream, q, k,
                    v, cuSeqlens, out, lse, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_fwd_fp16(uint32_t blockDim, aclrtStream stream,
+                                                          void* q, void* k, void* v,
+                                                          void* cuSeqlens, void* out, void* lse,
+                                                          void* workspace, void* tiling) {
+  return RunOnTwin(packed_attention_fwd_fp16, "packed_attention_fwd_fp16", blockDim, stream, q, k,
+                   v, cuSeqlens, out, lse, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_fp16(uint32_t blockDim, aclrtStream stream,
+                                                        void* logits, void* labels, void* ids,
+                                                        void* teacherValues, void* teacherLse,
+                                                        void* labelLogit, void* loss, void* stats,
+                                                        void* tiling) {
+  return RunOnTwin(sparse_kd_epilogue_fp16, "sparse_kd_epilogue_fp16", blockDim, stream, logits,
+                   labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_fp32(uint32_t blockDim, aclrtStream stream,
+                                                             void* gradOut, void* q, void* k,
+                                                             void* v, void* out, void* lse,
+                                                             void* cuSeqlens, void* gradQ,
+                                                             void* workspace, void* tiling) {
+  return RunOnTwin(packed_attention_bwd_dq_fp32, "packed_attention_bwd_dq_fp32", blockDim, stream,
+                   gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_fp32(uint32_t blockDim, aclrtStream stream,
+                                                              void* gradOut, void* q, void* k,
+                                                              void* v, void* lse, void* cuSeqlens,
+                                                              void* gradK, void* gradV,
+                                                              void* workspace, void* tiling) {
+  return RunOnTwin(packed_attention_bwd_dkv_fp32, "packed_attention_bwd_dkv_fp32", blockDim, stream,
+                   gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_bf16(uint32_t blockDim, aclrtStream stream,
+                                                             void* gradOut, void* q, void* k,
+                                                             void* v, void* out, void* lse,
+                                                             void* cuSeqlens, void* gradQ,
+                                                             void* workspace, void* tiling) {
+  return RunOnTwin(packed_attention_bwd_dq_bf16, "packed_attention_bwd_dq_bf16", blockDim, stream,
+                   gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_bf16(uint32_t blockDim, aclrtStream stream,
+                                                              void* gradOut, void* q, void* k,
+                                                              void* v, void* lse, void* cuSeqlens,
+                                                              void* gradK, void* gradV,
+                                                              void* workspace, void* tiling) {
+  return RunOnTwin(packed_attention_bwd_dkv_bf16, "packed_attention_bwd_dkv_bf16", blockDim, stream,
+                   gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_fp16(uint32_t blockDim, aclrtStream stream,
+                                                             void* gradOut, void* q, void* k,
+                                                             void* v, void* out, void* lse,
+                                                             void* cuSeqlens, void* gradQ,
+                                                             void* workspace, void* tiling) {
+  return RunOnTwin(packed_attention_bwd_dq_fp16, "packed_attention_bwd_dq_fp16", blockDim, stream,
+                   gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
+}
+
+extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_fp16(uint32_t blockDim, aclrtStream stream,
+                                                              void* gradOut, void* q, void* k,
+                                                              void* v, void* lse, void* cuSeqlens,
+                                                              void* gradK, void* gradV,
+                                                              void* workspace, void* tiling) {
+  return RunOnTwin(packed_attention_bwd_dkv_fp16, "packed_attention_bwd_dkv_fp16", blockDim, stream,
+                   gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
 }
