@@ -112,6 +112,8 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "tokenizers"],
         # Local Hugging Face tokenizer.json files (pangu_fastkd.data.HFTokenizer).
         "tokenizers": ["tokenizers>=0.20"],
+        # Hugging Face checkpoints and models (pangu_fastkd.hf); transformers needs no torch pin.
+        "hf": ["transformers>=5.0,<6", "tokenizers>=0.20"],
     },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithAscend.with_options(use_ninja=True)},
