@@ -7,5 +7,18 @@ Importing this package does not import transformers; each function that needs it
 from __future__ import annotations
 
 from ._require import HF_EXTRA_HINT, MissingHFExtraError, require_transformers
+from .attention import packed_attention_forward, packed_attention_mask, register_attention
+from .loss import LMHead, causal_lm_loss, lm_head_parts, shift_causal_labels
 
-__all__ = ["HF_EXTRA_HINT", "MissingHFExtraError", "require_transformers"]
+__all__ = [
+    "HF_EXTRA_HINT",
+    "LMHead",
+    "MissingHFExtraError",
+    "causal_lm_loss",
+    "lm_head_parts",
+    "packed_attention_forward",
+    "packed_attention_mask",
+    "register_attention",
+    "require_transformers",
+    "shift_causal_labels",
+]
