@@ -13,6 +13,7 @@ The path from a JSONL file to training batches::
 from .chat import (
     CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,
+    ChatRenderer,
     ChatTemplate,
     TokenizedExample,
     default_template,
@@ -37,6 +38,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "LLAMA3_TEMPLATE",
     "ByteTokenizer",
+    "ChatRenderer",
     "ChatTemplate",
     "Example",
     "HFTokenizer",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from .records import Example, Message
 from .tokenizer import Tokenizer
@@ -21,11 +22,31 @@ from .tokenizer import Tokenizer
 __all__ = [
     "CHATML_TEMPLATE",
     "LLAMA3_TEMPLATE",
+    "ChatRenderer",
     "ChatTemplate",
     "TokenizedExample",
     "default_template",
     "tokenize_example",
 ]
+
+
+@runtime_checkable
+class ChatRenderer(Protocol):
+    """What the pipeline, evaluation, rollouts and scoring call on a chat template."""
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Tokenizer,
+        *,
+        add_generation_prompt: bool = False,
+    ) -> tuple[list[int], list[bool]]:
+        """``(ids, supervised)``: supervised exactly on assistant content and its end token."""
+        ...
+
+    def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+        """Ids generation stops on."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -223,7 +244,7 @@ class TokenizedExample:
 
 
 def tokenize_example(
-    example: Example, tokenizer: Tokenizer, template: ChatTemplate
+    example: Example, tokenizer: Tokenizer, template: ChatRenderer
 ) -> TokenizedExample:
     """Render ``example.messages`` with ``template``: ids and the assistant-only mask."""
     ids, supervised = template.render(example.messages, tokenizer)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from ._require import HF_EXTRA_HINT, MissingHFExtraError, require_transformers
 from .attention import packed_attention_forward, packed_attention_mask, register_attention
+from .chat import ChatRenderer, HFChatTemplate, TemplatePrefixError, template_for
 from .loss import LMHead, causal_lm_loss, lm_head_parts, shift_causal_labels
 
 __all__ = [
     "HF_EXTRA_HINT",
+    "ChatRenderer",
+    "HFChatTemplate",
     "LMHead",
     "MissingHFExtraError",
+    "TemplatePrefixError",
     "causal_lm_loss",
     "lm_head_parts",
     "packed_attention_forward",
@@ -21,4 +25,5 @@ __all__ = [
     "register_attention",
     "require_transformers",
     "shift_causal_labels",
+    "template_for",
 ]
