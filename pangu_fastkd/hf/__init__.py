@@ -10,20 +10,34 @@ from ._require import HF_EXTRA_HINT, MissingHFExtraError, require_transformers
 from .attention import packed_attention_forward, packed_attention_mask, register_attention
 from .chat import ChatRenderer, HFChatTemplate, TemplatePrefixError, template_for
 from .loss import LMHead, causal_lm_loss, lm_head_parts, shift_causal_labels
+from .model import (
+    TOKENIZER_FILES,
+    HFCausalLM,
+    HFModelConfig,
+    generate_hf,
+    load_hf_causal_lm,
+    save_hf_student,
+)
 
 __all__ = [
     "HF_EXTRA_HINT",
+    "TOKENIZER_FILES",
     "ChatRenderer",
+    "HFCausalLM",
     "HFChatTemplate",
+    "HFModelConfig",
     "LMHead",
     "MissingHFExtraError",
     "TemplatePrefixError",
     "causal_lm_loss",
+    "generate_hf",
     "lm_head_parts",
+    "load_hf_causal_lm",
     "packed_attention_forward",
     "packed_attention_mask",
     "register_attention",
     "require_transformers",
+    "save_hf_student",
     "shift_causal_labels",
     "template_for",
 ]

@@ -18,6 +18,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from torch import Tensor
 from ..ops.packed_attention import packed_attention
 from ..ops.packed_attention_reference import cu_seqlens_from_lengths
 from .modeling import Attend, DecoderLM
+
+if TYPE_CHECKING:
+    from ..hf.model import HFCausalLM
 
 __all__ = ["Generation", "GenerationConfig", "generate"]
 
@@ -86,7 +90,7 @@ class Generation:
 
 @torch.no_grad()
 def generate(
-    model: DecoderLM,
+    model: DecoderLM | HFCausalLM,
     prompts: Sequence[Sequence[int]],
     config: GenerationConfig,
     *,
@@ -95,7 +99,8 @@ def generate(
     """Continue every prompt, ``batch_size`` prompts at a time.
 
     Args:
-        model: the decoder (any device and floating dtype; the cache uses its dtype).
+        model: the decoder (any device and floating dtype; the cache uses its dtype), or an
+            ``HFCausalLM``, decoded by transformers' ``generate`` (``hf.model.generate_hf``).
         prompts: non-empty token-id lists, ids in ``[0, vocab_size)``.
         config: sampling options.
         batch_size: prompts per prefill/decode batch; greedy results do not depend on it.
@@ -108,7 +113,15 @@ def generate(
             ``max_new_tokens`` exceeds the model's ``max_position_embeddings``.
     """
     if not isinstance(model, DecoderLM):
-        raise TypeError(f"model must be a DecoderLM, got {type(model).__name__}")
+        # Imported here: pangu_fastkd.hf imports this module (and never transformers at import).
+        from ..hf.model import HFCausalLM, generate_hf
+
+        if not isinstance(model, HFCausalLM):
+            raise TypeError(
+                f"model must be a DecoderLM or an HFCausalLM, got {type(model).__name__}"
+            )
+        # The checks below are shared (HFCausalLM.config has vocab_size and
+        # max_position_embeddings); then generate_hf decodes with transformers.
     if not isinstance(config, GenerationConfig):
         raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -135,6 +148,8 @@ def generate(
                 f"{config.max_new_tokens} it exceeds max_position_embeddings ({limit})"
             )
         checked.append(ids)
+    if not isinstance(model, DecoderLM):
+        return generate_hf(model, checked, config, batch_size=batch_size)
 
     results: list[Generation] = []
     for start in range(0, len(checked), batch_size):

@@ -1,0 +1,561 @@
+"""Hugging Face causal-LM models as teachers and students, and students transformers can load.
+
+``HFCausalLM`` wraps a transformers ``*ForCausalLM`` in the protocol the trainer, scoring,
+rollouts and eval use for the embedded ``DecoderLM``: ``hidden_states(input_ids [T],
+cu_seqlens [B + 1]) -> [T, d]`` on a packed row (through ``attn_implementation="pangu_fastkd"``,
+no logits built), ``output_weight [V, d]``, ``config.vocab_size`` /
+``max_position_embeddings`` / ``eos_token_ids``, ``weights_fingerprint()``; and
+``pangu_fastkd.model.generate`` accepts it (decoding runs transformers' ``generate`` with SDPA,
+since our attention refuses KV-cache decoding).
+
+``save_hf_student`` writes an embedded ``DecoderLM`` or an ``HFCausalLM`` as one Hugging Face
+directory (config, safetensors, generation config, tokenizer files), replacing the target
+atomically as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..model.checkpoint import save_pretrained
+from ..model.generation import Generation, GenerationConfig, _prompt_seed, _sample
+from ..model.modeling import DecoderLM, _check_position_ids, positions_from_cu_seqlens
+from ..ops import cu_seqlens_from_position_ids
+from ._require import require_transformers
+from .attention import DEFAULT_NAME, register_attention
+from .loss import lm_head_parts
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "HFCausalLM",
+    "HFModelConfig",
+    "generate_hf",
+    "load_hf_causal_lm",
+    "save_hf_student",
+]
+
+# Copied from ``tokenizer_dir`` when present: the fast tokenizer and its config, plus the
+# vocabulary files of slow / sentencepiece tokenizers (openPangu ships ``tokenizer.model``).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Decoding needs a KV cache, which pangu_fastkd attention refuses; SDPA is in every torch build.
+_DECODE_ATTENTION = "sdpa"
+# Config entries that say where a model came from or how it runs, not what it computes (plus
+# every ``_``-prefixed one, e.g. ``_name_or_path``); save_pretrained itself sets architectures.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "attn_implementation", "architectures"}
+
+
+@dataclass(frozen=True)
+class HFModelConfig:
+    """The part of a wrapped model's config the training code reads, like ``ModelConfig``'s.
+
+    Attributes:
+        vocab_size: rows ``V`` of the LM head (the logits' width).
+        hidden_size: width ``d`` of the final hidden states.
+        max_position_embeddings: longest document the model accepts.
+        eos_token_ids: end-of-sequence ids of the config and the generation config, in order.
+        model_type: transformers' ``model_type`` (``"llama"``, ``"qwen3"``, ...).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    model_type: str
+
+
+class HFCausalLM(torch.nn.Module):
+    """A transformers causal LM with the ``DecoderLM`` protocol over packed rows.
+
+    Construction registers ``attn_implementation="pangu_fastkd"`` and switches the wrapped
+    model to it (packed documents run through ``ops.packed_attention``); ``generate`` switches
+    to SDPA for the duration of a decode only.
+
+    Attributes:
+        hf_model: the wrapped ``PreTrainedModel`` (a submodule: ``.parameters()``, ``.to()``,
+            ``.train()`` reach it; parameter names are prefixed ``hf_model.``).
+        config: the ``HFModelConfig``.
+    """
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        super().__init__()
+        transformers = require_transformers()
+        if not isinstance(hf_model, transformers.PreTrainedModel):
+            raise TypeError(
+                f"hf_model must be a transformers PreTrainedModel, got {type(hf_model).__name__}"
+            )
+        base = getattr(hf_model, "base_model", None)
+        if base is None or base is hf_model:
+            raise ValueError(
+                f"{type(hf_model).__name__} has no separate base model to take hidden states "
+                "from; pass a *ForCausalLM model"
+            )
+        lm_head_parts(hf_model)  # refuses heads the fused loss cannot express, now not mid-run
+        register_attention()
+        hf_model.set_attn_implementation(DEFAULT_NAME)
+        self.hf_model = hf_model
+        self.config = _model_config(hf_model)
+        self.train(hf_model.training)  # a new Module starts in train mode; follow the model's
+
+    # -----------------------------------------------------------------------------------------
+    # The head
+
+    @property
+    def output_weight(self) -> Tensor:
+        """The LM head ``[V, d]`` with the model's logit scale folded in (as ``loss.py`` does)."""
+        head = lm_head_parts(self.hf_model)
+        if head.logit_scale is None:
+            return head.weight
+        return head.weight * head.logit_scale
+
+    @property
+    def output_bias(self) -> Tensor | None:
+        """The head's bias ``[V]`` (logit scale folded in), or None."""
+        head = lm_head_parts(self.hf_model)
+        if head.bias is None or head.logit_scale is None:
+            return head.bias
+        return head.bias * head.logit_scale
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """``c`` of the final-logit softcap ``c * tanh(z / c)``, or None."""
+        return lm_head_parts(self.hf_model).softcap
+
+    # -----------------------------------------------------------------------------------------
+    # Forward passes
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        cu_seqlens: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Final hidden states of one packed row, without the LM head.
+
+        Args:
+            input_ids: ``[T]`` int64 (or int32) token ids, ``T >= 1``.
+            cu_seqlens: ``[B + 1]`` int32 document boundaries (0, ..., T).
+            position_ids: ``[T]`` (or ``[1, T]``) positions restarting at 0 in each document.
+                Give at most one of ``cu_seqlens`` and ``position_ids``; neither means one
+                document.
+
+        Returns:
+            ``[T, d]`` in the model's dtype; the logits are
+            ``softcap(hidden @ output_weight.T + output_bias)``.
+        """
+        input_ids = self._check_input_ids(input_ids)
+        T = input_ids.shape[0]
+        if cu_seqlens is not None and position_ids is not None:
+            raise ValueError("give cu_seqlens or position_ids, not both")
+        if position_ids is not None:
+            positions = _check_position_ids(position_ids, T)
+            cu_seqlens = cu_seqlens_from_position_ids(positions)  # checks the restart pattern
+        else:
+            if cu_seqlens is None:
+                cu_seqlens = torch.tensor([0, T], dtype=torch.int32)
+            positions = positions_from_cu_seqlens(cu_seqlens, T)  # checks cu_seqlens
+        longest = int(positions.max()) + 1
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(
+                f"a document of {longest} tokens exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        if self.hf_model.config._attn_implementation != DEFAULT_NAME:
+            # Someone switched it (e.g. for their own generation); packed rows need ours.
+            self.hf_model.set_attn_implementation(DEFAULT_NAME)
+        device = input_ids.device
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        # use_cache=False: a cache would also make transformers' masking ignore the packed
+        # documents (see loss.py); the cu_seq_lens kwargs give our attention the boundaries
+        # directly, position_ids give RoPE its per-document positions.
+        out = self.hf_model.base_model(
+            input_ids=input_ids[None],
+            position_ids=positions.to(device)[None],
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_len,
+            max_length_k=max_len,
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[0]  # [T, d]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        cu_seqlens: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Logits ``[T, V]`` float32 of one packed row; arguments as ``hidden_states``."""
+        hidden = self.hidden_states(input_ids, cu_seqlens, position_ids)
+        logits = F.linear(hidden, self.output_weight, self.output_bias).float()
+        cap = self.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def weights_fingerprint(self) -> str:
+        """sha256 (hex) over the config and every tensor's name, dtype, shape and bytes.
+
+        As ``DecoderLM.weights_fingerprint``: stable across processes for the same weights in
+        the same dtype; the attention implementation, the path it was loaded from and the
+        transformers version do not enter it.
+        """
+        config = {
+            k: v
+            for k, v in self.hf_model.config.to_dict().items()
+            if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")
+        }
+        text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+        digest = hashlib.sha256(text.encode("utf-8"))
+        for name, tensor in sorted(self.hf_model.state_dict().items()):
+            tensor = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        return digest.hexdigest()
+
+    def _check_input_ids(self, input_ids: Tensor) -> Tensor:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        if input_ids.dim() != 1 or input_ids.numel() == 0:
+            raise ValueError(
+                "input_ids must be one non-empty packed row [T], "
+                f"got shape {tuple(input_ids.shape)}"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        embeddings = self.hf_model.get_input_embeddings().weight.shape[0]
+        limit = min(self.config.vocab_size, embeddings)
+        if low < 0 or high >= limit:
+            raise ValueError(f"input_ids must be in [0, {limit}), got values in [{low}, {high}]")
+        return input_ids.long()
+
+
+def _model_config(hf_model: torch.nn.Module) -> HFModelConfig:
+    """``HFModelConfig`` from the wrapped model's (text) config and generation config."""
+    config = hf_model.config.get_text_config()
+    weight = lm_head_parts(hf_model).weight
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(max_positions, int) or max_positions < 1:
+        raise ValueError(
+            f"{type(hf_model).__name__}'s config has no positive max_position_embeddings "
+            f"(got {max_positions!r})"
+        )
+    eos: list[int] = []
+    generation_config = getattr(hf_model, "generation_config", None)
+    for source in (config, generation_config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for token in [value] if isinstance(value, int) else list(value or ()):
+            if int(token) not in eos:
+                eos.append(int(token))
+    return HFModelConfig(
+        vocab_size=int(weight.shape[0]),
+        hidden_size=int(weight.shape[1]),
+        max_position_embeddings=max_positions,
+        eos_token_ids=tuple(eos),
+        model_type=str(getattr(config, "model_type", "")),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_hf_causal_lm(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> HFCausalLM:
+    """Load a local transformers causal-LM checkpoint as an ``HFCausalLM`` (nothing downloaded).
+
+    Args:
+        directory: holds ``config.json`` and the weights (safetensors, or ``pytorch_model.bin``,
+            single or sharded with an index).
+        dtype: floating dtype of the parameters.
+
+    Returns:
+        The wrapped model on the CPU, in eval mode, with ``attn_implementation="pangu_fastkd"``.
+
+    Raises:
+        FileNotFoundError: the directory, its ``config.json`` or its weights are missing.
+    """
+    transformers = require_transformers()
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json")
+    if not any((directory / name).is_file() for name in _WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"{directory} has no weights: expected one of {', '.join(_WEIGHT_FILES)}"
+        )
+    register_attention()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(directory), local_files_only=True, dtype=dtype, attn_implementation=DEFAULT_NAME
+    )
+    return HFCausalLM(hf_model.eval())
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_hf_student(
+    model: DecoderLM | HFCausalLM,
+    directory: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+) -> None:
+    """Write ``model`` as a directory ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Everything is written into a temporary directory beside the target and fsynced, then moved
+    into place by renames: an existing target is replaced as a whole (never mixed with new
+    files). An interrupted save leaves the old target or the new one; only a crash between the
+    two renames leaves the old one under a hidden ``.<name>.*.old`` beside the target.
+
+    Args:
+        model: a ``DecoderLM`` (written by ``model.save_pretrained``, plus a
+            ``generation_config.json`` holding its bos/eos/pad ids) or an ``HFCausalLM``
+            (written by transformers' ``save_pretrained``, safetensors).
+        directory: the target directory; its parent is created if missing.
+        tokenizer_dir: a directory whose tokenizer files (``TOKENIZER_FILES`` that exist there)
+            are copied; it must hold ``tokenizer.json`` or ``tokenizer_config.json``.
+
+    Raises:
+        TypeError: ``model`` is neither a ``DecoderLM`` nor an ``HFCausalLM``.
+        FileNotFoundError: ``tokenizer_dir`` does not exist.
+        ValueError: ``tokenizer_dir`` holds no tokenizer, or ``directory`` is an existing file.
+    """
+    if not isinstance(model, DecoderLM | HFCausalLM):
+        raise TypeError(f"model must be a DecoderLM or an HFCausalLM, got {type(model).__name__}")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory")
+    tokenizer_files = _tokenizer_files(tokenizer_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        # mkdtemp makes it private (0700); the result should look like any mkdir'd directory.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        if isinstance(model, DecoderLM):
+            save_pretrained(model, tmp)
+            generation = {
+                key: getattr(model.config, key)
+                for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if getattr(model.config, key) is not None
+            }
+            if generation:
+                (tmp / "generation_config.json").write_text(
+                    json.dumps(generation, indent=2, sort_keys=True) + "\n"
+                )
+        else:
+            _save_hf_model(model.hf_model, tmp)
+        for path in tokenizer_files:
+            shutil.copyfile(path, tmp / path.name)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_hf_model(hf_model: torch.nn.Module, directory: Path) -> None:
+    """transformers' ``save_pretrained`` (safetensors), with no trace of our attention name.
+
+    The config records no attention implementation today; the check keeps it that way, since a
+    ``config.json`` naming ``pangu_fastkd`` would not load where it is not registered.
+    """
+    hf_model.save_pretrained(str(directory))
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    runtime_keys = [k for k in ("_attn_implementation", "attn_implementation") if k in config]
+    if runtime_keys:
+        for key in runtime_keys:
+            del config[key]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if not any(directory.glob("*.safetensors")):
+        raise RuntimeError(f"transformers' save_pretrained wrote no safetensors into {directory}")
+
+
+def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
+    if tokenizer_dir is None:
+        return []
+    source = Path(tokenizer_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"tokenizer_dir {source} does not exist")
+    files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not any(p.name in ("tokenizer.json", "tokenizer_config.json") for p in files):
+        raise ValueError(f"tokenizer_dir {source} holds no tokenizer.json or tokenizer_config.json")
+    return files
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file in ``directory`` and the directory itself, so the rename is durable."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is set aside first, then deleted.
+
+    Two renames, not one: POSIX cannot rename a directory over a non-empty one. Between them
+    the old directory survives under a hidden name beside the target.
+    """
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        old.rmdir()  # only the unique name is wanted
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate_hf(
+    model: HFCausalLM,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    *,
+    batch_size: int = 16,
+) -> list[Generation]:
+    """``pangu_fastkd.model.generate`` for an ``HFCausalLM``, through transformers' ``generate``.
+
+    Called by ``generate`` after it has checked the prompts (non-empty, in the vocabulary,
+    within ``max_position_embeddings``). Each batch is left-padded and decoded with SDPA
+    attention (switched back to ``pangu_fastkd`` afterwards) and a neutral transformers
+    generation config, so the model's own ``generation_config.json`` (top-k, repetition
+    penalty, ...) does not leak in. Tokens are picked by transformers' greedy argmax; with
+    ``temperature > 0`` a logits processor first draws the token with ``generate``'s own
+    sampler and per-prompt generators, so a prompt's sample depends on the seed and its index,
+    not on ``batch_size``.
+
+    Returns:
+        One ``Generation`` per prompt, in order.
+    """
+    transformers = require_transformers()
+    hf_model = model.hf_model
+    device = hf_model.get_input_embeddings().weight.device
+    stop_ids = list(config.stop_token_ids)
+    # Any id will do for padding: padded positions are masked and the tokens after a stop are
+    # cut off below by position, never by value.
+    pad_id = stop_ids[0] if stop_ids else 0
+    hf_config = transformers.GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stop_ids or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+
+    saved_attention = hf_model.config._attn_implementation
+    saved_generation_config = hf_model.generation_config
+    results: list[Generation] = []
+    try:
+        hf_model.set_attn_implementation(_DECODE_ATTENTION)
+        hf_model.generation_config = transformers.GenerationConfig()
+        for start in range(0, len(prompts), batch_size):
+            batch = [list(p) for p in prompts[start : start + batch_size]]
+            processors = transformers.LogitsProcessorList()
+            if config.temperature > 0:
+                generators = [
+                    torch.Generator().manual_seed(_prompt_seed(config.seed, start + i))
+                    for i in range(len(batch))
+                ]
+                processors.append(_SampleProcessor(config, generators))
+            width = max(len(p) for p in batch)
+            # Left padding: every prompt's last token sits in the last column, where decoding
+            # continues; the mask hides the padding and transformers derives positions from it.
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.int64)
+            mask = torch.zeros((len(batch), width), dtype=torch.int64)
+            for row, prompt in enumerate(batch):
+                ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            out = hf_model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=hf_config,
+                logits_processor=processors,
+            )
+            new_tokens = out[:, width:].tolist()
+            results.extend(_as_generation(row, stop_ids) for row in new_tokens)
+    finally:
+        hf_model.generation_config = saved_generation_config
+        hf_model.set_attn_implementation(saved_attention)
+    return results
+
+
+def _as_generation(tokens: list[int], stop_ids: list[int]) -> Generation:
+    """Cut a row of generated ids after its first stop token (the rest is padding)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return Generation(tokens=tokens[: index + 1], stopped=True)
+    return Generation(tokens=tokens, stopped=False)
+
+
+class _SampleProcessor:
+    """A transformers logits processor that samples with ``generate``'s rules and generators.
+
+    Returns scores that are ``-inf`` except at the drawn token of each row, so transformers'
+    greedy argmax takes exactly that token. Row ``b`` of the batch is prompt ``b`` (transformers
+    keeps finished rows in the batch; their extra draws are discarded with their tokens).
+    """
+
+    def __init__(self, config: GenerationConfig, generators: list[torch.Generator]) -> None:
+        self.config = config
+        self.generators = generators
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        rows = list(range(scores.shape[0]))
+        chosen = _sample(scores.float(), self.config, self.generators, rows)
+        out = torch.full_like(scores, float("-inf"))
+        index = torch.tensor(chosen, device=scores.device)[:, None]
+        return out.scatter(1, index, 0.0)
