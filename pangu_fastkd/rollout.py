@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .data import ChatTemplate, Example, Message, Tokenizer, write_jsonl
+from .data import ChatRenderer, Example, Message, Tokenizer, write_jsonl
 from .model import DecoderLM, GenerationConfig, generate
+
+if TYPE_CHECKING:
+    from .hf.model import HFCausalLM
 
 __all__ = ["Rollout", "generate_rollouts", "rollout_record", "write_rollouts"]
 
@@ -36,9 +40,9 @@ class Rollout:
 
 
 def generate_rollouts(
-    model: DecoderLM,
+    model: DecoderLM | HFCausalLM,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: ChatRenderer,
     examples: Sequence[Example],
     generation: GenerationConfig,
     *,
@@ -48,7 +52,8 @@ def generate_rollouts(
     """The model's responses to the prompts of ``examples``.
 
     Args:
-        model: the student (generation runs without gradients, in eval mode).
+        model: the student, embedded or transformers (generation runs without gradients, in
+            eval mode).
         tokenizer, template: how prompts are rendered and responses decoded.
         examples: prompts are everything before each example's last assistant turn.
         generation: sampling settings; sample ``j`` of every prompt uses seed

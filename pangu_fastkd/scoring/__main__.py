@@ -3,7 +3,10 @@
     python -m pangu_fastkd.scoring --teacher runs/teacher --data data.jsonl --out cache/ --k 16
     torchrun --nproc_per_node 2 -m pangu_fastkd.scoring ...    (each rank scores its share)
 
-Re-running the same command on a killed run resumes it.
+Re-running the same command on a killed run resumes it. ``--backend`` picks how the teacher
+runs (``auto``: the embedded model for checkpoints it supports, else transformers through
+``pangu_fastkd.hf``); ``--chat-template auto`` renders with a tokenizer directory's own chat
+template when it has one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import torch
 from ..cache import CacheError
 from ..data import default_template, load_tokenizer, read_jsonl
 from ..distributed import init_distributed
-from ..model import load_pretrained
 from .run import ScoringConfig, score_to_cache
 from .sequences import DEFAULT_CONDITION_TEMPLATE
 
@@ -45,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=1 << 16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="teacher weights")
+    p.add_argument(
+        "--backend", choices=("auto", "embedded", "transformers"), default="auto",
+        help="the embedded DecoderLM or transformers (default: embedded when it supports the "
+        "checkpoint)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chat-template", choices=("auto", "default"), default="auto",
+        help="auto: the tokenizer directory's own chat template when it has one",
+    )  # fmt: skip
     return p
 
 
@@ -56,8 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         has_own = (args.teacher / "tokenizer.json").exists()
         tokenizer_spec = str(args.teacher) if has_own else "byte"
     try:
+        # Imported here: the trainer package imports this one.
+        from ..train.models import load_model_spec
+
         tokenizer = load_tokenizer(tokenizer_spec)
-        teacher = load_pretrained(args.teacher, dtype=DTYPES[args.dtype])
+        template = None
+        if args.chat_template == "auto" and Path(tokenizer_spec).is_dir():
+            from ..hf.chat import template_for
+
+            template = template_for(tokenizer_spec)
+        template = template or default_template(tokenizer)
+        teacher = load_model_spec(args.teacher, args.backend, DTYPES[args.dtype])
         examples = read_jsonl(args.data)
         config = ScoringConfig(
             k=args.k,
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         report = score_to_cache(
             teacher,
             tokenizer,
-            default_template(tokenizer),
+            template,
             examples,
             args.out,
             config,

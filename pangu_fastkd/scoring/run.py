@@ -13,16 +13,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..cache import CacheSpec, CacheWriter, Manifest, SequenceScores, finalize_cache
-from ..data import ChatTemplate, Example, Tokenizer, fingerprint_examples
+from ..data import ChatRenderer, Example, Tokenizer, fingerprint_examples
 from ..distributed import DistributedContext
 from ..model import DecoderLM
 from ..ops import cu_seqlens_from_lengths
 from .sequences import DEFAULT_CONDITION_TEMPLATE, TeacherSequence, teacher_sequence
 from .targets import RowTargets, rows_to_targets
+
+if TYPE_CHECKING:
+    from ..hf.model import HFCausalLM
 
 __all__ = ["ScoringConfig", "ScoringReport", "score_to_cache"]
 
@@ -109,20 +113,39 @@ def _batches(
         yield batch
 
 
+def head_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The model's exact fp32 logits ``[n, V]`` of ``hidden [n, d]``: ``weight [V, d]``, the
+    optional ``bias [V]`` and the optional final softcap ``c * tanh(z / c)``."""
+    logits = hidden.float() @ weight.float().T  # [n, V]
+    if bias is not None:
+        logits = logits + bias.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def _sequence_targets(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     config: ScoringConfig,
     generator: torch.Generator | None,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> RowTargets:
     """Targets of one sequence's rows: ``hidden [n, d]`` against the LM head ``weight [V, d]``
-    (fp32), in row chunks of at most ``logits_chunk_mb``."""
+    (fp32, with the head's ``bias [V]`` and ``softcap`` when it has them), in row chunks of at
+    most ``logits_chunk_mb``."""
     vocab = weight.shape[0]
     chunk = max(1, (config.logits_chunk_mb << 20) // (4 * vocab))
     parts = []
     for start in range(0, hidden.shape[0], chunk):
-        logits = hidden[start : start + chunk].float() @ weight.T  # [rows, V]
+        logits = head_logits(hidden[start : start + chunk], weight, bias, softcap)  # [rows, V]
         parts.append(
             rows_to_targets(
                 logits,
@@ -147,9 +170,9 @@ def _sequence_generator(seed: int, seq_index: int) -> torch.Generator:
 
 
 def score_to_cache(
-    teacher: DecoderLM,
+    teacher: DecoderLM | HFCausalLM,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: ChatRenderer,
     examples: Sequence[Example],
     directory: str | Path,
     config: ScoringConfig,
@@ -160,7 +183,8 @@ def score_to_cache(
     """Scores ``examples`` with ``teacher`` into the cache at ``directory`` (resuming it).
 
     Args:
-        teacher: the teacher model; its vocabulary is the cache's.
+        teacher: the teacher model (embedded or transformers); its vocabulary is the cache's.
+            Its logits include the head's bias and softcap when it has them.
         tokenizer: shared by teacher and student (its fingerprint goes into the manifest).
         template: chat template of the sequences.
         examples: the sequences in cache order (every rank passes the same list).
@@ -205,6 +229,9 @@ def score_to_cache(
     was_training = teacher.training
     teacher.eval()
     weight = teacher.output_weight.detach().float()
+    bias = getattr(teacher, "output_bias", None)
+    bias = None if bias is None else bias.detach().float()
+    softcap = getattr(teacher, "logit_softcap", None)
     try:
         with torch.inference_mode():
             for batch in _batches(seqs, todo, config.batch_tokens):
@@ -221,7 +248,9 @@ def score_to_cache(
                     generator = (
                         _sequence_generator(config.seed, i) if config.sampled_draws else None
                     )
-                    targets = _sequence_targets(hidden[rows], weight, labels, config, generator)
+                    targets = _sequence_targets(
+                        hidden[rows], weight, labels, config, generator, bias, softcap
+                    )
                     writer.add(
                         SequenceScores(
                             seq_index=i,

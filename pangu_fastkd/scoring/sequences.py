@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..data import ChatTemplate, Example, Message, Tokenizer, tokenize_example
+from ..data import ChatRenderer, Example, Message, Tokenizer, tokenize_example
 
 __all__ = [
     "DEFAULT_CONDITION_TEMPLATE",
@@ -67,7 +67,7 @@ def condition_on_answer(example: Example, template: str) -> Example:
 def teacher_sequence(
     example: Example,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: ChatRenderer,
     *,
     condition_template: str | None = None,
 ) -> TeacherSequence:

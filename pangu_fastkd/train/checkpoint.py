@@ -3,7 +3,8 @@
 A checkpoint is a directory written in full under a temporary name and then renamed into place,
 so a kill at any moment leaves either the previous checkpoint or the new one, never a mix::
 
-    <stage dir>/checkpoint/model/          config.json + model.safetensors
+    <stage dir>/checkpoint/model/          the student as a Hugging Face directory (config.json,
+                                           model.safetensors), on either backend
     <stage dir>/checkpoint/optimizer.pt    AdamW state
     <stage dir>/checkpoint/state.json      next step, total steps, RNG state, sha256 of the files
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import DecoderLM, load_pretrained, save_pretrained
+from .models import LMModel, load_model_dir, save_model_dir
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -58,7 +59,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     stage_dir: Path,
-    model: DecoderLM,
+    model: LMModel,
     optimizer_state: dict,
     *,
     next_step: int,
@@ -66,13 +67,14 @@ def save_checkpoint(
 ) -> Path:
     """Writes a checkpoint of a stage atomically; returns its directory.
 
-    ``model`` holds full (unsharded) weights; ``optimizer_state`` is the optimizer's state dict
+    ``model`` (a ``DecoderLM`` or an ``HFCausalLM``) holds full (unsharded) weights, written by
+    ``save_hf_student``; ``optimizer_state`` is the optimizer's state dict
     (for FSDP2, the full state dict keyed by parameter name)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage_dir / f"{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_pretrained(model, tmp / "model")
+    save_model_dir(model, tmp / "model")
     optimizer_path = tmp / "optimizer.pt"
     with open(optimizer_path, "wb") as f:
         torch.save(optimizer_state, f)
@@ -125,6 +127,6 @@ def load_checkpoint(stage_dir: Path) -> Checkpoint | None:
     )
 
 
-def load_model(model_dir: Path, dtype: torch.dtype) -> DecoderLM:
-    """A model directory written by a stage."""
-    return load_pretrained(model_dir, dtype=dtype)
+def load_model(model_dir: Path, dtype: torch.dtype, backend: str = "embedded") -> LMModel:
+    """A model directory written by a stage, on ``backend`` (``"embedded"``/``"transformers"``)."""
+    return load_model_dir(model_dir, backend, dtype)

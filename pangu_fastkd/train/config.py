@@ -8,6 +8,13 @@ SFT(R) -> SFT(F) -> rollout(F) -> score(F) -> KD(F) (``configs/default.toml``).
 
 Unknown keys are errors that name the key and where it is; so are references to a model, split
 or stage that does not exist, and stages whose inputs come later.
+
+Hugging Face checkpoints (``configs/hf_example.toml``): a model's ``path`` is a local directory;
+``backend`` picks how it runs (``"auto"``: the embedded ``DecoderLM`` when its loader supports
+the checkpoint, Llama / Qwen2 / Qwen3, else transformers through ``pangu_fastkd.hf``, which needs
+the ``hf`` extra). ``[data] tokenizer = "student"`` reads the tokenizer from the student's
+directory, and ``[data] chat_template = "auto"`` renders conversations with that directory's own
+chat template when it has one.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ __all__ = [
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DATA_SPLITS = ("train_reasoning", "train_fast")
 SCHEDULES = ("sorted", "bucketed", "shuffle", "none")
+BACKENDS = ("auto", "embedded", "transformers")
+CHAT_TEMPLATES = ("auto", "default")
+# [data] tokenizer = "student": the tokenizer files of the student's checkpoint directory.
+STUDENT_TOKENIZER = "student"
 
 
 class ConfigError(ValueError):
@@ -81,10 +92,19 @@ class TrainSpec:
 @dataclass
 class ModelSpec:
     """A model: an embedded preset (random init, optionally trained here first) or a local
-    HF-style directory."""
+    HF-style directory.
+
+    ``backend`` (``path`` models only): ``"embedded"`` loads the directory into the embedded
+    ``DecoderLM`` (Llama / Qwen2 / Qwen3 configs); ``"transformers"`` wraps transformers' own
+    ``*ForCausalLM`` (``pangu_fastkd.hf.load_hf_causal_lm``: packed ``pangu_fastkd`` attention and
+    the fused losses on its head, bias and softcap included; never its own logits); ``"auto"``
+    is the embedded model when the embedded loader supports the config, else transformers.
+    Students on the transformers backend train with DDP; ``fsdp = true`` is refused for them.
+    """
 
     preset: str | None = None
     path: str | None = None
+    backend: str = "auto"
     seed: int = 0
     dtype: str = "fp32"
     # Teachers from a preset are trained from scratch on these splits before the pipeline runs
@@ -102,7 +122,14 @@ class DataSpec:
     """The run's data: the generated arithmetic curriculum or JSONL files."""
 
     source: str = "demo"  # "demo" or "files"
+    # "byte", a directory holding tokenizer.json, a tokenizer.json file, or "student": the
+    # student's checkpoint directory (its `path`).
     tokenizer: str = "byte"
+    # "auto": the tokenizer directory's own chat template (transformers' Jinja template) when it
+    # has one, else the default ChatTemplate; "default": always the default ChatTemplate.
+    chat_template: str = "auto"
+    # Extra variables for a directory's own template, e.g. { enable_thinking = false } (Qwen3).
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # demo
     train_problems: int = 2000
     eval_problems: int = 100
@@ -265,6 +292,7 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
         "bool": (bool,),
         "str | None": (str, type(None)),
         "list[str]": (list,),
+        "dict[str, Any]": (dict,),
     }.get(annotation)
     if expected is not None:
         bad_bool = isinstance(value, bool) and annotation in ("int", "float")
@@ -335,6 +363,24 @@ def _validate_train(train: TrainSpec, where: str) -> None:
         raise ConfigError(f"{where}.optim: lr must be > 0 and warmup_steps >= 0")
 
 
+def _validate_data(config: PipelineConfig) -> None:
+    data = config.data
+    if data.tokenizer == STUDENT_TOKENIZER and config.student.path is None:
+        raise ConfigError(
+            f"data.tokenizer = {STUDENT_TOKENIZER!r} needs a student with a 'path' (a checkpoint "
+            "directory holding the tokenizer)"
+        )
+    if data.chat_template not in CHAT_TEMPLATES:
+        raise ConfigError(
+            f"data.chat_template: {data.chat_template!r} is not one of {CHAT_TEMPLATES}"
+        )
+    if data.chat_template_kwargs and data.chat_template != "auto":
+        raise ConfigError(
+            "data.chat_template_kwargs: only a directory's own template (chat_template = 'auto') "
+            "takes template variables"
+        )
+
+
 def validate(config: PipelineConfig) -> None:
     """Checks references between stages, models and data before anything runs."""
     if not config.stages:
@@ -344,6 +390,13 @@ def validate(config: PipelineConfig) -> None:
             raise ConfigError(f"model {name!r}: give exactly one of 'preset' and 'path'")
         if spec.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"model {name!r}: dtype must be 'fp32' or 'bf16'")
+        if spec.backend not in BACKENDS:
+            raise ConfigError(f"model {name!r}.backend: {spec.backend!r} is not one of {BACKENDS}")
+        if spec.preset is not None and spec.backend != "auto":
+            raise ConfigError(
+                f"model {name!r}.backend: presets are always embedded models; 'backend' applies "
+                "to 'path' models only"
+            )
         for split in spec.train_on:
             if split not in DATA_SPLITS:
                 raise ConfigError(f"model {name!r}: train_on {split!r} is not in {DATA_SPLITS}")
@@ -351,6 +404,16 @@ def validate(config: PipelineConfig) -> None:
             spec.train = TrainSpec()
         if spec.train is not None:
             _validate_train(spec.train, f"model {name!r}.train")
+    trained = [("student", config.student)] + [
+        (f"teachers.{name}", spec) for name, spec in config.teachers.items() if spec.train_on
+    ]
+    for where, spec in trained:
+        if config.fsdp and spec.backend == "transformers":
+            raise ConfigError(
+                f"fsdp = true: {where}.backend = 'transformers' trains with DDP only; set "
+                "fsdp = false"
+            )
+    _validate_data(config)
     if config.data.source not in ("demo", "files"):
         raise ConfigError("data.source must be 'demo' or 'files'")
     if config.data.source == "files" and not (
@@ -421,7 +484,8 @@ def load_config(
 
     Args:
         source: a TOML file, or the name of a shipped config (``default``, ``ablation``,
-            ``tiny``); None is ``default``.
+            ``tiny``, ``hf_example``: local HF checkpoints, paths to fill in); None is
+            ``default``.
         overrides: ``key.path=value`` strings applied before validation.
     """
     path = Path(source) if source is not None else CONFIG_DIR / "default.toml"

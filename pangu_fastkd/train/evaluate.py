@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data import ChatTemplate, Example, Tokenizer, pack_examples, tokenize_example
-from ..model import DecoderLM, GenerationConfig, generate
+from ..data import ChatRenderer, Example, Tokenizer, pack_examples, tokenize_example
+from ..model import GenerationConfig, generate
 from ..ops import fused_linear_cross_entropy
 from .config import EvalSpec
+from .models import LMModel, head_parts
 
 __all__ = ["answer_matches", "eval_loss", "evaluate", "exact_match_accuracy"]
 
@@ -27,9 +28,9 @@ def answer_matches(generated: str, answer: str) -> bool:
 
 @torch.no_grad()
 def eval_loss(
-    model: DecoderLM,
+    model: LMModel,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: ChatRenderer,
     examples: Sequence[Example],
     batch_tokens: int,
 ) -> float:
@@ -40,9 +41,14 @@ def eval_loss(
     for batch in pack_examples(tokenized, budget):
         hidden = model.hidden_states(batch.input_ids, batch.cu_seqlens)
         rows = batch.labels != -100
-        weight = model.output_weight
+        weight, bias, softcap = head_parts(model)
         loss = fused_linear_cross_entropy(
-            hidden[rows].to(weight.dtype), weight, batch.labels[rows], reduction="sum"
+            hidden[rows].to(weight.dtype),
+            weight,
+            batch.labels[rows],
+            bias=bias,
+            softcap=softcap,
+            reduction="sum",
         )
         total += float(loss)
         count += int(rows.sum())
@@ -51,9 +57,9 @@ def eval_loss(
 
 @torch.no_grad()
 def exact_match_accuracy(
-    model: DecoderLM,
+    model: LMModel,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: ChatRenderer,
     examples: Sequence[Example],
     spec: EvalSpec,
 ) -> float:
@@ -76,9 +82,9 @@ def exact_match_accuracy(
 
 
 def evaluate(
-    model: DecoderLM,
+    model: LMModel,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: ChatRenderer,
     eval_sets: dict[str, Sequence[Example]],
     spec: EvalSpec,
 ) -> dict[str, float | None]:

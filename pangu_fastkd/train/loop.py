@@ -25,9 +25,9 @@ import torch
 from ..cache import CacheReader
 from ..data import PackedBatch
 from ..distributed import DistributedContext
-from ..model import DecoderLM
 from ..ops import fused_linear_cross_entropy, fused_linear_sparse_kd
 from .config import KDStage, OptimSpec, TrainSpec
+from .models import LMModel, head_parts
 
 __all__ = ["LossModule", "StageRunner", "StepPlan", "lr_at", "make_optimizer"]
 
@@ -91,10 +91,12 @@ class LossModule(torch.nn.Module):
 
     ``forward(batch, target, num_items)`` returns the summed loss of the batch's supervised
     rows divided by ``num_items``: cross-entropy without a target (SFT), the sparse-KD loss of
-    ``docs/kd-losses.md`` with one.
+    ``docs/kd-losses.md`` with one. The student is a ``DecoderLM`` or an ``HFCausalLM``; its
+    head's bias and logit softcap (when it has them) go into the fused ops, so the loss is that
+    of the model's exact logits.
     """
 
-    def __init__(self, model: DecoderLM, kd: KDStage | None = None, autocast_bf16: bool = False):
+    def __init__(self, model: LMModel, kd: KDStage | None = None, autocast_bf16: bool = False):
         super().__init__()
         self.model = model
         self.kd = kd
@@ -105,18 +107,26 @@ class LossModule(torch.nn.Module):
             hidden = self.model.hidden_states(batch.input_ids, batch.cu_seqlens)  # [T, d]
         rows = batch.labels != -100
         hidden, labels = hidden[rows], batch.labels[rows]  # [N, d], [N]
-        weight = self.model.output_weight
+        weight, bias, softcap = head_parts(self.model)
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
         if self.kd is None:
             return fused_linear_cross_entropy(
-                hidden, weight, labels, reduction="sum", num_items=num_items
+                hidden,
+                weight,
+                labels,
+                bias=bias,
+                softcap=softcap,
+                reduction="sum",
+                num_items=num_items,
             )
         return fused_linear_sparse_kd(
             hidden,
             weight,
             labels,
             target,
+            bias=bias,
+            softcap=softcap,
             kd_weight=self.kd.kd_weight,
             divergence=self.kd.divergence,
             temperature=self.kd.temperature,

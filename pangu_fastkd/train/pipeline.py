@@ -11,6 +11,11 @@ Run directory::
 
 A stage with ``done.json`` is finished and skipped on resume; an unfinished training stage
 resumes from its last checkpoint. Rank 0 writes every shared file; other ranks train and score.
+
+Models run on the embedded ``DecoderLM`` or, for checkpoints it does not support (or
+``backend = "transformers"``), on transformers through ``pangu_fastkd.hf.HFCausalLM``; every
+model directory is written by ``save_hf_student`` (with the tokenizer files when the tokenizer
+is a directory), so each stage's ``model/`` loads in transformers as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from ..cache import CacheReader
 from ..data import (
+    ChatRenderer,
     Example,
     default_template,
     fingerprint_examples,
@@ -40,14 +46,7 @@ from ..data import (
     tokenize_example,
 )
 from ..distributed import DistributedContext
-from ..model import (
-    DecoderLM,
-    GenerationConfig,
-    ModelConfig,
-    init_weights,
-    load_pretrained,
-    save_pretrained,
-)
+from ..model import DecoderLM, GenerationConfig, ModelConfig, init_weights
 from ..rollout import generate_rollouts, write_rollouts
 from ..scoring import (
     DEFAULT_CONDITION_TEMPLATE,
@@ -57,6 +56,8 @@ from ..scoring import (
 )
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import (
+    STUDENT_TOKENIZER,
+    DataSpec,
     KDStage,
     ModelSpec,
     PipelineConfig,
@@ -67,6 +68,16 @@ from .config import (
 )
 from .evaluate import evaluate
 from .loop import LossModule, StageRunner, StepPlan, make_optimizer
+from .models import (
+    LMModel,
+    copy_model,
+    is_hf_model,
+    load_model_dir,
+    load_model_spec,
+    reload_like,
+    resolve_backend,
+    save_model_dir,
+)
 from .report import MetricsLog, Progress, plot_run, write_eval_table
 
 __all__ = ["Pipeline", "RunDirError"]
@@ -88,13 +99,30 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _save_model_dir(model: DecoderLM, directory: Path) -> None:
-    """An HF-style model directory, replaced atomically as a whole."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+def tokenizer_source(spec: DataSpec, student_path: str | None) -> str:
+    """The tokenizer spec ``load_tokenizer`` reads: ``"student"`` is the student's directory."""
+    if spec.tokenizer == STUDENT_TOKENIZER:
+        if student_path is None:
+            raise ValueError(f"data.tokenizer = {STUDENT_TOKENIZER!r} needs a student 'path'")
+        return student_path
+    return spec.tokenizer
+
+
+def chat_renderer(spec: DataSpec, tokenizer_spec: str, tokenizer) -> ChatRenderer:
+    """The template every conversation is rendered with: with ``chat_template = "auto"`` the
+    tokenizer directory's own template when it stores one, else ``default_template``."""
+    if spec.chat_template == "auto" and Path(tokenizer_spec).is_dir():
+        from ..hf.chat import template_for
+
+        own = template_for(tokenizer_spec, **spec.chat_template_kwargs)
+        if own is not None:
+            return own
+    if spec.chat_template_kwargs:
+        raise ValueError(
+            f"data.chat_template_kwargs is set but {tokenizer_spec!r} has no chat template of "
+            "its own to pass them to"
+        )
+    return default_template(tokenizer)
 
 
 class Pipeline:
@@ -179,19 +207,26 @@ class Pipeline:
             for mode in ("reasoning", "fast"):
                 path = getattr(spec, f"eval_{mode}")
                 self.eval_sets[mode] = read_jsonl(path) if path else []
-        self.tokenizer = load_tokenizer(spec.tokenizer)
-        self.template = default_template(self.tokenizer)
+        source = tokenizer_source(spec, self.config.student.path)
+        self.tokenizer = load_tokenizer(source)
+        self.template = chat_renderer(spec, source, self.tokenizer)
+        # Saved model directories carry the tokenizer when it is a directory.
+        self.tokenizer_dir = source if Path(source).is_dir() else None
+
+    def _save_model_dir(self, model: LMModel, directory: Path) -> None:
+        """A Hugging Face model directory (with the tokenizer files), replaced atomically."""
+        save_model_dir(model, directory, self.tokenizer_dir)
 
     # -----------------------------------------------------------------------------------------
     # Models
 
-    def _initial_student(self) -> DecoderLM:
+    def _initial_student(self) -> LMModel:
         return self._build_model(self.config.student, "student")
 
-    def _build_model(self, spec: ModelSpec, name: str) -> DecoderLM:
+    def _build_model(self, spec: ModelSpec, name: str) -> LMModel:
         dtype = DTYPES[spec.dtype]
         if spec.path is not None:
-            model = load_pretrained(spec.path, dtype=dtype)
+            model = load_model_spec(spec.path, spec.backend, dtype)
         else:
             model = DecoderLM(ModelConfig.preset(spec.preset, self.tokenizer.vocab_size))
             init_weights(model, seed=spec.seed)
@@ -203,7 +238,7 @@ class Pipeline:
             )
         return model
 
-    def _teacher(self, name: str) -> DecoderLM:
+    def _teacher(self, name: str) -> LMModel:
         spec = self.config.teachers[name]
         if not spec.train_on:
             return self._build_model(spec, name)
@@ -228,7 +263,8 @@ class Pipeline:
         if done.exists() and json.loads(done.read_text()).get("key") == key:
             print(f"teacher {name!r}: reusing {directory / 'model'}", file=self.out)
             self.eval_rows.append(json.loads(done.read_text())["eval"])
-            return load_pretrained(directory / "model", dtype=DTYPES[spec.dtype])
+            backend = "embedded" if spec.path is None else resolve_backend(spec.path, spec.backend)
+            return load_model_dir(directory / "model", backend, DTYPES[spec.dtype])
         if self.context.is_main and directory.exists():
             shutil.rmtree(directory)
         self.context.barrier()
@@ -239,7 +275,7 @@ class Pipeline:
         row = self._evaluate(model, label, f"teacher ({'+'.join(spec.train_on)})")
         self.eval_rows.append(row)
         if self.context.is_main:
-            _save_model_dir(model, directory / "model")
+            self._save_model_dir(model, directory / "model")
             _write_json(done, {"key": key, "eval": row})
         self.context.barrier()
         return model
@@ -267,21 +303,21 @@ class Pipeline:
 
     def _train(
         self,
-        model: DecoderLM,
+        model: LMModel,
         examples: Sequence[Example],
         train: TrainSpec,
         stage_dir: Path,
         stage_name: str,
         kd: KDStage | None,
         cache: CacheReader | None = None,
-    ) -> DecoderLM:
+    ) -> LMModel:
         tokenized = [tokenize_example(ex, self.tokenizer, self.template) for ex in examples]
         batches = pack_examples(tokenized, train.batch_tokens, order="keep")
         plan = StepPlan.build(len(batches), train, self.context.world_size)
         checkpoint = load_checkpoint(stage_dir)
         start = 0
         if checkpoint is not None:
-            model = load_pretrained(checkpoint.model_dir, dtype=next(model.parameters()).dtype)
+            model = reload_like(model, checkpoint.model_dir)
             start = checkpoint.next_step
             if checkpoint.total_steps != plan.total_steps:
                 raise ValueError(f"{stage_dir}: checkpoint is from a different plan")
@@ -349,6 +385,11 @@ class Pipeline:
         if not self.context.enabled:
             return module
         if self.config.fsdp:
+            if is_hf_model(module.model):
+                raise ValueError(
+                    "fsdp = true: a model on the transformers backend trains with DDP only; "
+                    "set fsdp = false"
+                )
             from torch.distributed.fsdp import fully_shard
 
             for layer in module.model.layers:
@@ -358,7 +399,7 @@ class Pipeline:
 
     def _checkpoint(
         self, stage_dir: Path, wrapped: torch.nn.Module, optimizer, next_step: int, total: int
-    ) -> DecoderLM:
+    ) -> LMModel:
         """Saves a checkpoint (rank 0 writes) and returns the student with full weights."""
         if self._sharded:
             # Every rank takes part in gathering the shards; every rank gets the full weights
@@ -396,7 +437,7 @@ class Pipeline:
             source = self.config.stage(source).data
         return f"{'SFT' if isinstance(stage, SFTStage) else 'KD'}({MODE_LETTER[source]})"
 
-    def _evaluate(self, model: DecoderLM, stage_name: str, schedule: str) -> dict:
+    def _evaluate(self, model: LMModel, stage_name: str, schedule: str) -> dict:
         row = {"stage": stage_name, "schedule": schedule}
         if self.context.is_main:
             row.update(
@@ -462,7 +503,7 @@ class Pipeline:
         initial_student = self._initial_student()
         self._preflight()
         # lineage: a trained student per training stage ("init" before any), with its schedule.
-        lineage: dict[str, tuple[DecoderLM, list[str]]] = {"init": (initial_student, [])}
+        lineage: dict[str, tuple[LMModel, list[str]]] = {"init": (initial_student, [])}
         latest = "init"
         init_done = self.run_dir / "stages" / "init.json"
         if init_done.exists():
@@ -473,7 +514,7 @@ class Pipeline:
             if self.context.is_main:
                 init_done.parent.mkdir(parents=True, exist_ok=True)
                 _write_json(init_done, row)
-        teachers: dict[str, DecoderLM] = {}
+        teachers: dict[str, LMModel] = {}
         for stage in self.config.stages:
             stage_dir = self._stage_dir(stage)
             done = stage_dir / "done.json"
@@ -486,7 +527,7 @@ class Pipeline:
                 if "eval" in record:
                     self.eval_rows.append(record["eval"])
                 if (stage_dir / "model").exists():
-                    trained = load_pretrained(stage_dir / "model", dtype=_dtype_of(student))
+                    trained = reload_like(student, stage_dir / "model")
                     lineage[stage.name] = (trained, schedule)
                     latest = stage.name
                 print(f"{stage.name}: done (skipped)", file=self.out)
@@ -507,12 +548,12 @@ class Pipeline:
                     examples = self._stage_examples(stage.data, stage.train, stage.train.mode)
                 kd = stage if isinstance(stage, KDStage) else None
                 # Train a copy: the base model may be the start of another branch.
-                model = load_pretrained_copy(student)
+                model = copy_model(student)
                 model = self._train(model, examples, stage.train, stage_dir, stage.name, kd, cache)
                 record["eval"] = self._evaluate(model, stage.name, " + ".join(schedule))
                 self.eval_rows.append(record["eval"])
                 if self.context.is_main:
-                    _save_model_dir(model, stage_dir / "model")
+                    self._save_model_dir(model, stage_dir / "model")
                 lineage[stage.name] = (model, schedule)
                 latest = stage.name
             elif isinstance(stage, RolloutStage):
@@ -531,7 +572,7 @@ class Pipeline:
         print(f"run finished in {seconds:.0f} s: {self.run_dir}", file=self.out)
         return self.eval_rows
 
-    def _rollout(self, stage: RolloutStage, student: DecoderLM, stage_dir: Path) -> None:
+    def _rollout(self, stage: RolloutStage, student: LMModel, stage_dir: Path) -> None:
         if self.context.is_main:
             examples = self._stage_examples(stage.data, None, stage.mode)
             config = GenerationConfig(
@@ -555,7 +596,7 @@ class Pipeline:
             print(f"{stage.name}: {len(rollouts)} responses, {stopped:.0%} ended", file=self.out)
         self.context.barrier()
 
-    def _score(self, stage: ScoreStage, teacher: DecoderLM, stage_dir: Path) -> None:
+    def _score(self, stage: ScoreStage, teacher: LMModel, stage_dir: Path) -> None:
         examples = self._stage_examples(stage.data, None, stage.mode)
         config = ScoringConfig(
             k=stage.k,
@@ -582,16 +623,5 @@ class Pipeline:
             )
 
 
-def _dtype_of(model: DecoderLM) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def _dtype_of_state(state: dict) -> torch.dtype:
     return next(v.dtype for v in state.values() if v.is_floating_point())
-
-
-def load_pretrained_copy(model: DecoderLM) -> DecoderLM:
-    """An independent copy of a model (same config and weights)."""
-    copy = DecoderLM(model.config).to(_dtype_of(model))
-    copy.load_state_dict(model.state_dict())
-    return copy
