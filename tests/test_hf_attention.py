@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -251,3 +252,15 @@ def test_function_level_bad_inputs_raise() -> None:
         packed_attention_forward(module, q, k, v, None, sliding_window=0)
     with pytest.raises(ValueError, match=r"\[B, H, L, D\]"):
         packed_attention_forward(module, q[0], k[0], v[0], None)
+
+
+def test_chunked_attention_is_refused() -> None:
+    # Llama4-style chunked attention draws a mask this kernel does not: refusing beats ignoring.
+    module = torch.nn.Module()
+    module.config = types.SimpleNamespace(attention_chunk_size=4)
+    q, k, v = _qkv(6)
+    with pytest.raises(ValueError, match="chunked attention"):
+        packed_attention_forward(module, q, k, v, None)
+    module.config = types.SimpleNamespace(attention_chunk_size=None)
+    out, _ = packed_attention_forward(module, q, k, v, None)
+    assert out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3])

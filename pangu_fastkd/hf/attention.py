@@ -136,6 +136,14 @@ def packed_attention_forward(
     for kwarg, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(kwarg) is not None:
             raise ValueError(f"pangu_fastkd attention does not support {what} ({kwarg}=...)")
+    chunk = getattr(getattr(module, "config", None), "attention_chunk_size", None)
+    if chunk is not None:
+        # Llama4-style chunked attention restricts keys to the query's chunk: a mask this kernel
+        # does not draw, and ignoring it would silently change the model.
+        raise ValueError(
+            f"pangu_fastkd attention does not support chunked attention (attention_chunk_size="
+            f"{chunk}); use another attn_implementation for this model"
+        )
     if attention_mask is not None:
         raise ValueError(
             "pangu_fastkd attention got an attention_mask with padded tokens (shape "
