@@ -655,5 +655,5 @@ def test_legal_neighbours_of_the_rejected_options_run(runs: dict[str, tuple[str,
 
 
 def test_chip_budgets_agree_with_the_twin(binary: Path) -> None:
-    result = subprocess.run([str(binary), "budgets"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([str(binary), "budgets"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "BUDGETS-AGREE", result.stdout

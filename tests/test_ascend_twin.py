@@ -31,7 +31,7 @@ def binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _run(binary: Path, *args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(binary), *map(str, args)], capture_output=True, text=True, timeout=30
+        [str(binary), *map(str, args)], capture_output=True, text=True, timeout=300
     )
 
 

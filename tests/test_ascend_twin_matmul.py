@@ -67,7 +67,7 @@ def _run(
         _raw(tensor).tofile(tmp_path / f"{name}.bin")
     args = [mode, dtype, m, n, k, lda, ldb, int(trans_b), int(bias), chip, block_dim, *fix]
     result = subprocess.run(
-        [str(binary), *map(str, args), str(tmp_path)], capture_output=True, text=True, timeout=60
+        [str(binary), *map(str, args), str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     if result.returncode == 0:
         cols = k if mode == "chain" else n

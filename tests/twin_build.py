@@ -31,6 +31,6 @@ def compile_program(name: str, out_dir: Path) -> Path:
     for include in INCLUDES:
         command += ["-I", str(include)]
     command += [str(source), "-o", str(binary)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"compiling {source.name} failed:\n{result.stderr}"
     return binary

@@ -40,9 +40,8 @@ __aicore__ inline void RunPackedAttentionBwdDq(GM_ADDR gradOut, GM_ADDR q, GM_AD
                                                GM_ADDR gradQ, GM_ADDR workspace,
                                                GM_ADDR tilingGm) {
   const PackedAttentionBwdTiling tiling = LoadPackedAttentionBwdTiling(tilingGm);
-  pangu_fastkd_ascend::PackedAttentionBwdDq<TIn> op;
-  op.Init(gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
-  op.Process();
+  pangu_fastkd_ascend::packed_attention_bwd_dq<TIn>(gradOut, q, k, v, out, lse, cuSeqlens, gradQ,
+                                                     workspace, tiling);
 }
 
 template <class TIn>
@@ -51,9 +50,8 @@ __aicore__ inline void RunPackedAttentionBwdDkv(GM_ADDR gradOut, GM_ADDR q, GM_A
                                                 GM_ADDR gradV, GM_ADDR workspace,
                                                 GM_ADDR tilingGm) {
   const PackedAttentionBwdTiling tiling = LoadPackedAttentionBwdTiling(tilingGm);
-  pangu_fastkd_ascend::PackedAttentionBwdDkv<TIn> op;
-  op.Init(gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
-  op.Process();
+  pangu_fastkd_ascend::packed_attention_bwd_dkv<TIn>(gradOut, q, k, v, lse, cuSeqlens, gradK,
+                                                      gradV, workspace, tiling);
 }
 
 }  // namespace

@@ -563,8 +563,10 @@ class PackedAttentionBwdDkv : public PackedAttentionBwdBase<TIn> {
 
 // grad_out, q, k, v, out [.., D] TIn; lse [Hq, T] f32; cu_seqlens [B + 1] int32 -> grad_q; the
 // workspace's delta for the dK/dV pass. Launch with tiling.dqBlockDim blocks.
+// A device function, not a kernel: the entry points in the .cpp beside this header are the
+// `extern "C" __global__` kernels (one per dtype); the twin test drivers launch this directly.
 template <class TIn>
-__global__ __aicore__ void packed_attention_bwd_dq(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k,
+__aicore__ inline void packed_attention_bwd_dq(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k,
                                                    GM_ADDR v, GM_ADDR out, GM_ADDR lse,
                                                    GM_ADDR cuSeqlens, GM_ADDR gradQ,
                                                    GM_ADDR workspace,
@@ -576,8 +578,10 @@ __global__ __aicore__ void packed_attention_bwd_dq(GM_ADDR gradOut, GM_ADDR q, G
 
 // After packed_attention_bwd_dq on the same workspace: -> grad_k, grad_v. Launch with
 // tiling.dkvBlockDim blocks.
+// A device function, not a kernel: the entry points in the .cpp beside this header are the
+// `extern "C" __global__` kernels (one per dtype); the twin test drivers launch this directly.
 template <class TIn>
-__global__ __aicore__ void packed_attention_bwd_dkv(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k,
+__aicore__ inline void packed_attention_bwd_dkv(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k,
                                                     GM_ADDR v, GM_ADDR lse, GM_ADDR cuSeqlens,
                                                     GM_ADDR gradK, GM_ADDR gradV,
                                                     GM_ADDR workspace,

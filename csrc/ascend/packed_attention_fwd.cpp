@@ -37,9 +37,8 @@ __aicore__ inline void RunPackedAttentionFwd(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM
                                              GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
                                              GM_ADDR tilingGm) {
   const PackedAttentionTiling tiling = LoadPackedAttentionTiling(tilingGm);
-  pangu_fastkd_ascend::PackedAttentionFwd<TIn> op;
-  op.Init(q, k, v, cuSeqlens, out, lse, workspace, tiling);
-  op.Process();
+  pangu_fastkd_ascend::packed_attention_fwd<TIn>(q, k, v, cuSeqlens, out, lse, workspace,
+                                                  tiling);
 }
 
 }  // namespace

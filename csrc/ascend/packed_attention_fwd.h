@@ -404,8 +404,10 @@ class PackedAttentionFwd {
   GlobalTensor<float> wsO_;  // PV [M, D]
 };
 
+// A device function, not a kernel: the entry points in the .cpp beside this header are the
+// `extern "C" __global__` kernels (one per dtype); the twin test drivers launch this directly.
 template <class TIn>
-__global__ __aicore__ void packed_attention_fwd(GM_ADDR q, GM_ADDR k, GM_ADDR v,
+__aicore__ inline void packed_attention_fwd(GM_ADDR q, GM_ADDR k, GM_ADDR v,
                                                 GM_ADDR cuSeqlens, GM_ADDR out, GM_ADDR lse,
                                                 GM_ADDR workspace, PackedAttentionTiling tiling) {
   PackedAttentionFwd<TIn> op;

@@ -37,9 +37,8 @@ __aicore__ inline void RunSparseKdEpilogue(GM_ADDR logits, GM_ADDR labels, GM_AD
                                            GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
                                            GM_ADDR tilingGm) {
   const SparseKdTiling tiling = LoadSparseKdTiling(tilingGm);
-  pangu_fastkd_ascend::SparseKdEpilogue<TIn> op;
-  op.Init(logits, labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
-  op.Process();
+  pangu_fastkd_ascend::sparse_kd_epilogue<TIn>(logits, labels, ids, teacherValues, teacherLse,
+                                                labelLogit, loss, stats, tiling);
 }
 
 }  // namespace

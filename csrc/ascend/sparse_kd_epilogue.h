@@ -731,8 +731,10 @@ class SparseKdEpilogue {
   float stats_[kStatCount] = {};
 };
 
+// A device function, not a kernel: the entry points in the .cpp beside this header are the
+// `extern "C" __global__` kernels (one per dtype); the twin test drivers launch this directly.
 template <class TIn>
-__global__ __aicore__ void sparse_kd_epilogue(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids,
+__aicore__ inline void sparse_kd_epilogue(GM_ADDR logits, GM_ADDR labels, GM_ADDR ids,
                                               GM_ADDR teacherValues, GM_ADDR teacherLse,
                                               GM_ADDR labelLogit, GM_ADDR loss, GM_ADDR stats,
                                               SparseKdTiling tiling) {
