@@ -30,7 +30,13 @@ from torch import Tensor
 
 from ..model.checkpoint import save_pretrained
 from ..model.generation import Generation, GenerationConfig, _prompt_seed, _sample
-from ..model.modeling import DecoderLM, _check_position_ids, positions_from_cu_seqlens
+from ..model.modeling import (
+    DecoderLM,
+    _check_position_ids,
+    check_packed_input_ids,
+    hash_tensors,
+    positions_from_cu_seqlens,
+)
 from ..ops import cu_seqlens_from_position_ids
 from ._require import require_transformers
 from .attention import DEFAULT_NAME, register_attention
@@ -232,28 +238,14 @@ class HFCausalLM(torch.nn.Module):
         }
         text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
         digest = hashlib.sha256(text.encode("utf-8"))
-        for name, tensor in sorted(self.hf_model.state_dict().items()):
-            tensor = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        hash_tensors(digest, self.hf_model.state_dict())
         return digest.hexdigest()
 
     def _check_input_ids(self, input_ids: Tensor) -> Tensor:
-        if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-        if input_ids.dim() != 1 or input_ids.numel() == 0:
-            raise ValueError(
-                "input_ids must be one non-empty packed row [T], "
-                f"got shape {tuple(input_ids.shape)}"
-            )
-        low, high = int(input_ids.min()), int(input_ids.max())
+        # Ids must fit both the head's V and the embedding table (they may differ when resized).
         embeddings = self.hf_model.get_input_embeddings().weight.shape[0]
         limit = min(self.config.vocab_size, embeddings)
-        if low < 0 or high >= limit:
-            raise ValueError(f"input_ids must be in [0, {limit}), got values in [{low}, {high}]")
-        return input_ids.long()
+        return check_packed_input_ids(input_ids, limit).long()
 
 
 def _model_config(hf_model: torch.nn.Module) -> HFModelConfig:

@@ -273,28 +273,44 @@ class DecoderLM(nn.Module):
         provenance of caches and rollouts.
         """
         digest = hashlib.sha256(self.config.fingerprint().encode("utf-8"))
-        for name, tensor in sorted(self.state_dict().items()):
-            tensor = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        hash_tensors(digest, self.state_dict())
         return digest.hexdigest()
 
     def _check_input_ids(self, input_ids: Tensor) -> Tensor:
-        if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
-        if input_ids.dim() != 1 or input_ids.numel() == 0:
-            raise ValueError(
-                "input_ids must be one non-empty packed row [T], "
-                f"got shape {tuple(input_ids.shape)}"
-            )
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]"
-            )
-        return input_ids
+        return check_packed_input_ids(input_ids, self.config.vocab_size)
+
+
+def hash_tensors(digest: hashlib._Hash, tensors: dict[str, Tensor]) -> None:
+    """Feeds every tensor's name, dtype, shape and bytes, in name order, into ``digest``.
+
+    The weights part of a model's fingerprint (``DecoderLM`` and ``hf.HFCausalLM``): stable across
+    processes and machines for the same weights in the same dtype.
+    """
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def check_packed_input_ids(input_ids: Tensor, vocab_size: int) -> Tensor:
+    """``input_ids`` checked to be one non-empty packed row ``[T]`` of ids in ``[0, vocab_size)``.
+
+    Raises:
+        TypeError: not an int64/int32 tensor.
+        ValueError: not one non-empty row, or an id outside the vocabulary.
+    """
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+    if input_ids.dim() != 1 or input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids must be one non-empty packed row [T], got shape {tuple(input_ids.shape)}"
+        )
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids must be in [0, {vocab_size}), got values in [{low}, {high}]")
+    return input_ids
 
 
 def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
