@@ -183,25 +183,7 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
     throw std::invalid_argument("maxTile must be 0 (no cap) or a positive multiple of 16, got " +
                                 std::to_string(maxTile));
   }
-  if (p.cuSeqlens == nullptr) throw std::invalid_argument("cuSeqlens must not be null");
-  if (p.cuSeqlens[0] != 0) {
-    throw std::invalid_argument("cu_seqlens[0] must be 0, got " + std::to_string(p.cuSeqlens[0]));
-  }
-  uint32_t maxLen = 0;
-  for (uint32_t b = 0; b < p.docs; ++b) {
-    if (p.cuSeqlens[b + 1] < p.cuSeqlens[b]) {
-      throw std::invalid_argument("cu_seqlens must be non-decreasing, but cu_seqlens[" +
-                                  std::to_string(b + 1) + "] = " +
-                                  std::to_string(p.cuSeqlens[b + 1]) + " < cu_seqlens[" +
-                                  std::to_string(b) + "] = " + std::to_string(p.cuSeqlens[b]));
-    }
-    const uint32_t len = uint32_t(p.cuSeqlens[b + 1] - p.cuSeqlens[b]);
-    maxLen = len > maxLen ? len : maxLen;
-  }
-  if (uint32_t(p.cuSeqlens[p.docs]) != p.tokens) {
-    throw std::invalid_argument("cu_seqlens[-1] must equal tokens = " + std::to_string(p.tokens) +
-                                ", got " + std::to_string(p.cuSeqlens[p.docs]));
-  }
+  const uint32_t maxLen = PackedAttentionLongestDocument(p);
   auto ubBytes = [&](uint32_t tile) {
     const uint64_t dq = PackedAttentionBwdDqUbBytes(tile, p.headDim, p.elemBytes);
     const uint64_t dkv = PackedAttentionBwdDkvUbBytes(tile, p.headDim, p.elemBytes);

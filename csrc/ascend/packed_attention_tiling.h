@@ -192,6 +192,31 @@ inline bool MakePackedAttentionCubeTilings(const PackedAttentionProblem& p, uint
   return make(true, n, d, n, d, kvRow, qk) && make(false, d, n, kvRow, n, n, pv);
 }
 
+// The longest document of cu_seqlens (host memory, docs + 1 values), which must run from 0 to
+// tokens without decreasing. Shared by the forward and backward tilings.
+inline uint32_t PackedAttentionLongestDocument(const PackedAttentionProblem& p) {
+  if (p.cuSeqlens == nullptr) throw std::invalid_argument("cuSeqlens must not be null");
+  if (p.cuSeqlens[0] != 0) {
+    throw std::invalid_argument("cu_seqlens[0] must be 0, got " + std::to_string(p.cuSeqlens[0]));
+  }
+  uint32_t maxLen = 0;
+  for (uint32_t b = 0; b < p.docs; ++b) {
+    if (p.cuSeqlens[b + 1] < p.cuSeqlens[b]) {
+      throw std::invalid_argument("cu_seqlens must be non-decreasing, but cu_seqlens[" +
+                                  std::to_string(b + 1) + "] = " +
+                                  std::to_string(p.cuSeqlens[b + 1]) + " < cu_seqlens[" +
+                                  std::to_string(b) + "] = " + std::to_string(p.cuSeqlens[b]));
+    }
+    const uint32_t len = uint32_t(p.cuSeqlens[b + 1] - p.cuSeqlens[b]);
+    maxLen = len > maxLen ? len : maxLen;
+  }
+  if (uint32_t(p.cuSeqlens[p.docs]) != p.tokens) {
+    throw std::invalid_argument("cu_seqlens[-1] must equal tokens = " + std::to_string(p.tokens) +
+                                ", got " + std::to_string(p.cuSeqlens[p.docs]));
+  }
+  return maxLen;
+}
+
 // Chooses the largest tile (a multiple of 8 rows, at most the longest document rounded up to 8
 // and at most `maxTile` when it is not 0) whose UB footprint fits `budget.ubBytes` and for which
 // the Matmul tiling API finds both cube tilings, and min(work items, cube cores, budget cores,
@@ -225,25 +250,7 @@ inline PackedAttentionTiling MakePackedAttentionTiling(
     throw std::invalid_argument("maxTile must be 0 (no cap) or a positive multiple of 8, got " +
                                 std::to_string(maxTile));
   }
-  if (p.cuSeqlens == nullptr) throw std::invalid_argument("cuSeqlens must not be null");
-  if (p.cuSeqlens[0] != 0) {
-    throw std::invalid_argument("cu_seqlens[0] must be 0, got " + std::to_string(p.cuSeqlens[0]));
-  }
-  uint32_t maxLen = 0;
-  for (uint32_t b = 0; b < p.docs; ++b) {
-    if (p.cuSeqlens[b + 1] < p.cuSeqlens[b]) {
-      throw std::invalid_argument("cu_seqlens must be non-decreasing, but cu_seqlens[" +
-                                  std::to_string(b + 1) + "] = " +
-                                  std::to_string(p.cuSeqlens[b + 1]) + " < cu_seqlens[" +
-                                  std::to_string(b) + "] = " + std::to_string(p.cuSeqlens[b]));
-    }
-    const uint32_t len = uint32_t(p.cuSeqlens[b + 1] - p.cuSeqlens[b]);
-    maxLen = len > maxLen ? len : maxLen;
-  }
-  if (uint32_t(p.cuSeqlens[p.docs]) != p.tokens) {
-    throw std::invalid_argument("cu_seqlens[-1] must equal tokens = " + std::to_string(p.tokens) +
-                                ", got " + std::to_string(p.cuSeqlens[p.docs]));
-  }
+  const uint32_t maxLen = PackedAttentionLongestDocument(p);
   const uint32_t group = p.qHeads / p.kvHeads;
   if (PackedAttentionUbBytes(group, kRowAlign, p.headDim, p.elemBytes) > budget.ubBytes) {
     throw std::invalid_argument("headDim = " + std::to_string(p.headDim) + " with a group of " +
