@@ -309,8 +309,8 @@ def test_chip_budgets_agree_with_the_twin(binary: Path) -> None:
     [
         ("910b", "bad-cube-tiling", "matmul-tiling", "baseM 8 "),
         ("310b", "bad-cube-tiling", "matmul-tiling", "baseM 8 "),
-        ("910b", "short-score-k", "matmul-shape", "single shape 16x16x16 outside"),
-        ("310b", "short-score-k", "matmul-shape", "single shape 16x16x16 outside"),
+        ("910b", "short-score-k", "matmul-shape", r"single shape (16|4)x16x16 outside"),
+        ("310b", "short-score-k", "matmul-shape", r"single shape (16|4)x16x16 outside"),
     ],
 )
 def test_products_go_through_the_matmul_api(
@@ -323,7 +323,10 @@ def test_products_go_through_the_matmul_api(
     case = _make_case(torch.float32, [20], 2, 1, 16)
     result, _ = _run_kernel(binary, tmp_path, case, chip, 0, 16, mode=mode)
     assert result.returncode == VIOLATION_EXIT_CODE, result.stdout + result.stderr
-    assert f"VIOLATION rule={rule}" in result.stdout and detail in result.stdout, result.stdout
+    # Blocks run concurrently and the first to fail is reported: with several blocks that may be
+    # the one holding the 4-row tail tile (20 tokens = 16 + 4), hence the two single-shape M.
+    assert f"VIOLATION rule={rule}" in result.stdout, result.stdout
+    assert re.search(detail, result.stdout), result.stdout
 
 
 @pytest.mark.parametrize(
