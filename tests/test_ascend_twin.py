@@ -6,7 +6,7 @@ Compiles the C++ programs in tests/ascend_twin/ with g++ and runs them:
   reference next to the error of torch's own float32 softmax;
 - rule_violations.cpp makes one deliberately wrong call per hardware rule ("bad") and the
   legal call next to it ("good"): the bad one must be reported as that rule's violation, the
-  good one must run clean. That includes the Matmul API's rules (lib/matmul_intf.h); its
+  good one must run clean. That includes the Matmul API's rules (lib/matmul/matmul_intf.h); its
   numerics are tested in test_ascend_twin_matmul.py.
 """
 
@@ -125,7 +125,7 @@ RULE_CASES = {
     "ub-bounds": ("ub-bounds", "elements [0, 72) outside a tensor of 64"),
     "gm-bounds": ("gm-bounds", "elements [0, 16) outside the global buffer of 8"),
     "syncall-divergence": ("syncall-divergence", "finished without reaching this SyncAll"),
-    # Matmul high-level API (lib/matmul_intf.h)
+    # Matmul high-level API (lib/matmul/matmul_intf.h)
     "matmul-dtype": ("matmul-dtype", "A half, B bfloat16_t, bias float, C float"),
     "matmul-before-regist": ("matmul-protocol", "Matmul used before REGIST_MATMUL_OBJ"),
     "matmul-iterate-before-set": ("matmul-protocol", "SetTensorB was not called since Init"),

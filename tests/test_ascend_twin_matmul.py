@@ -1,4 +1,4 @@
-"""The cube unit of the CPU twin: the Ascend C Matmul high-level API (lib/matmul_intf.h).
+"""The cube unit of the CPU twin: the Ascend C Matmul high-level API (lib/matmul/matmul_intf.h).
 
 Runs tests/ascend_twin/matmul_tiles.cpp, a kernel in which every block computes a band of rows
 of C = A @ op(B) (+ bias) through a Matmul object whose tiling comes from the host-side

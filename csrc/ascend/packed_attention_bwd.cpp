@@ -4,13 +4,12 @@
 // aclrtlaunch_packed_attention_bwd_{dq,dkv}_{fp32,bf16,fp16}; built against csrc/ascend/twin the
 // same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches it there).
 //
-// Every argument is a GM address, the tiling included, as for the forward
-// (packed_attention_fwd.cpp): a direct launch has no tiling-data mechanism, so the host copies the
-// PackedAttentionBwdTiling struct, with its three TCubeTilings, into device memory once and both
-// launches read it back into a local struct before anything else. The two passes share one
+// The tiling arrives as a GM address (kernel_entry.h says why), with its three TCubeTilings; it
+// is copied to device memory once and both launches read it back. The two passes share one
 // workspace: the dQ pass writes delta there, the dK/dV pass (launched after it on the same
 // stream) reads it.
 #include "kernel_operator.h"
+#include "kernel_entry.h"
 #include "packed_attention_bwd.h"
 
 #include <type_traits>
@@ -19,27 +18,14 @@ namespace {
 
 static_assert(std::is_trivially_copyable_v<PackedAttentionBwdTiling>,
               "the host memcpy's the tiling");
-static_assert(sizeof(PackedAttentionBwdTiling) % sizeof(uint32_t) == 0,
-              "the tiling is read back as 32-bit words");
-
-// Scalar reads of the tiling words from GM into a local struct, once per block (a few hundred
-// bytes: no UB buffer to budget for).
-__aicore__ inline PackedAttentionBwdTiling LoadPackedAttentionBwdTiling(GM_ADDR tilingGm) {
-  constexpr uint32_t kWords = sizeof(PackedAttentionBwdTiling) / sizeof(uint32_t);
-  AscendC::GlobalTensor<uint32_t> words;
-  words.SetGlobalBuffer(reinterpret_cast<__gm__ uint32_t*>(tilingGm), kWords);
-  PackedAttentionBwdTiling tiling;
-  uint32_t* out = reinterpret_cast<uint32_t*>(&tiling);
-  for (uint32_t i = 0; i < kWords; ++i) out[i] = words.GetValue(i);
-  return tiling;
-}
 
 template <class TIn>
 __aicore__ inline void RunPackedAttentionBwdDq(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v,
                                                GM_ADDR out, GM_ADDR lse, GM_ADDR cuSeqlens,
                                                GM_ADDR gradQ, GM_ADDR workspace,
                                                GM_ADDR tilingGm) {
-  const PackedAttentionBwdTiling tiling = LoadPackedAttentionBwdTiling(tilingGm);
+  const PackedAttentionBwdTiling tiling =
+      pangu_fastkd_ascend::LoadTiling<PackedAttentionBwdTiling>(tilingGm);
   pangu_fastkd_ascend::packed_attention_bwd_dq<TIn>(gradOut, q, k, v, out, lse, cuSeqlens, gradQ,
                                                      workspace, tiling);
 }
@@ -49,7 +35,8 @@ __aicore__ inline void RunPackedAttentionBwdDkv(GM_ADDR gradOut, GM_ADDR q, GM_A
                                                 GM_ADDR lse, GM_ADDR cuSeqlens, GM_ADDR gradK,
                                                 GM_ADDR gradV, GM_ADDR workspace,
                                                 GM_ADDR tilingGm) {
-  const PackedAttentionBwdTiling tiling = LoadPackedAttentionBwdTiling(tilingGm);
+  const PackedAttentionBwdTiling tiling =
+      pangu_fastkd_ascend::LoadTiling<PackedAttentionBwdTiling>(tilingGm);
   pangu_fastkd_ascend::packed_attention_bwd_dkv<TIn>(gradOut, q, k, v, lse, cuSeqlens, gradK,
                                                       gradV, workspace, tiling);
 }
@@ -80,9 +67,15 @@ __aicore__ inline void RunPackedAttentionBwdDkv(GM_ADDR gradOut, GM_ADDR q, GM_A
                                    tiling);                                                     \
   }
 
+#if PANGU_FASTKD_ENTRY_FP32
 PANGU_FASTKD_BWD_DQ_ENTRY(packed_attention_bwd_dq_fp32, float)
-PANGU_FASTKD_BWD_DQ_ENTRY(packed_attention_bwd_dq_bf16, bfloat16_t)
-PANGU_FASTKD_BWD_DQ_ENTRY(packed_attention_bwd_dq_fp16, half)
 PANGU_FASTKD_BWD_DKV_ENTRY(packed_attention_bwd_dkv_fp32, float)
+#endif
+#if PANGU_FASTKD_ENTRY_BF16
+PANGU_FASTKD_BWD_DQ_ENTRY(packed_attention_bwd_dq_bf16, bfloat16_t)
 PANGU_FASTKD_BWD_DKV_ENTRY(packed_attention_bwd_dkv_bf16, bfloat16_t)
+#endif
+#if PANGU_FASTKD_ENTRY_FP16
+PANGU_FASTKD_BWD_DQ_ENTRY(packed_attention_bwd_dq_fp16, half)
 PANGU_FASTKD_BWD_DKV_ENTRY(packed_attention_bwd_dkv_fp16, half)
+#endif

@@ -59,7 +59,8 @@
 #include <type_traits>
 
 #include "kernel_operator.h"
-#include "lib/matmul_intf.h"
+#include "kernel_copy.h"
+#include "lib/matmul/matmul_intf.h"
 #include "packed_attention_bwd_tiling.h"
 
 namespace pangu_fastkd_ascend {
@@ -98,8 +99,9 @@ class PackedAttentionBwdBase {
 
   __aicore__ inline void InitCommon(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR lse,
                                     GM_ADDR cuSeqlens, GM_ADDR workspace,
-                                    const PackedAttentionBwdTiling& tiling) {
+                                    const PackedAttentionBwdTiling& tiling, TPipe* pipe) {
     t_ = tiling;
+    pipe_ = pipe;
     const uint64_t T = t_.tokens;
     const uint32_t D = t_.headDim;
     doGm_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(gradOut), T * t_.qHeads * D);
@@ -128,14 +130,14 @@ class PackedAttentionBwdBase {
   __aicore__ inline void InitCommonBuffers(uint32_t outTiles) {
     const uint32_t tile = t_.tile;
     const uint32_t square = tile * tile;
-    pipe_.InitBuffer(sQue_, 1, square * sizeof(float));
-    pipe_.InitBuffer(dpQue_, 1, square * sizeof(float));
-    pipe_.InitBuffer(outQue_, outTiles, square * sizeof(TIn));
-    pipe_.InitBuffer(maskBuf_, square * sizeof(float));
-    pipe_.InitBuffer(statsBuf_, tile * 2u * sizeof(float));
+    pipe_->InitBuffer(sQue_, 1, square * sizeof(float));
+    pipe_->InitBuffer(dpQue_, 1, square * sizeof(float));
+    pipe_->InitBuffer(outQue_, outTiles, square * sizeof(TIn));
+    pipe_->InitBuffer(maskBuf_, square * sizeof(float));
+    pipe_->InitBuffer(statsBuf_, tile * 2u * sizeof(float));
     if constexpr (!kIsF32) {
-      pipe_.InitBuffer(accQue_, 1, tile * t_.headDim * sizeof(float));
-      pipe_.InitBuffer(gradQue_, 1, tile * t_.headDim * sizeof(TIn));
+      pipe_->InitBuffer(accQue_, 1, tile * t_.headDim * sizeof(float));
+      pipe_->InitBuffer(gradQue_, 1, tile * t_.headDim * sizeof(TIn));
     }
     // Additive causal mask of a diagonal tile: 0 where key j <= query i, kNegBig after. Built
     // once by the scalar unit; the vector unit adds it to the scores.
@@ -276,7 +278,7 @@ class PackedAttentionBwdBase {
     DataCopyExtParams params{static_cast<uint16_t>(rows), rowBytes,
                              (tile * static_cast<uint32_t>(sizeof(TIn)) - ubRow) / 32u,
                              (tile - keys) * static_cast<uint32_t>(sizeof(TIn)), 0};
-    DataCopyPad(dst, src, params);
+    DataCopyPadBits(dst, src, params);
   }
 
   // bf16 / fp16 only: the f32 accumulator [rows, D] in the workspace, cast once, to `rows` rows of
@@ -297,12 +299,12 @@ class PackedAttentionBwdBase {
     const uint32_t rowBytes = D * static_cast<uint32_t>(sizeof(TIn));
     DataCopyExtParams params{static_cast<uint16_t>(rows), rowBytes, 0, (heads - 1u) * rowBytes,
                              0};
-    DataCopyPad(grad[Row(token, heads, head)], g, params);
+    DataCopyPadBits(grad[Row(token, heads, head)], g, params);
     gradQue_.FreeTensor(g);
   }
 
   PackedAttentionBwdTiling t_{};
-  TPipe pipe_;
+  TPipe* pipe_ = nullptr;  // the kernel's, declared beside the op (and REGIST) by the entry
   TQue<TPosition::VECIN, 1> sQue_;
   TQue<TPosition::VECIN, 1> dpQue_;
   TQue<TPosition::VECOUT, 2> outQue_;     // dS (and P): input dtype, pitch tile
@@ -329,24 +331,25 @@ class PackedAttentionBwdDq : public PackedAttentionBwdBase<TIn> {
   using Base::t_;
 
  public:
+  // Public because REGIST_MATMUL_OBJ names them in the kernel's own scope, before Init
+  // (packed_attention_bwd_dq below).
+  Matmul<InA, InBT, OutF> scoreMm_;
+  Matmul<InA, InB, OutF> dqMm_;
+
   __aicore__ inline void Init(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR out,
                               GM_ADDR lse, GM_ADDR cuSeqlens, GM_ADDR gradQ, GM_ADDR workspace,
-                              const PackedAttentionBwdTiling& tiling) {
-    this->InitCommon(gradOut, q, k, v, lse, cuSeqlens, workspace, tiling);
+                              const PackedAttentionBwdTiling& tiling, TPipe* pipe) {
+    this->InitCommon(gradOut, q, k, v, lse, cuSeqlens, workspace, tiling, pipe);
     const uint64_t qElems = uint64_t(t_.tokens) * t_.qHeads * t_.headDim;
     oGm_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(out), qElems);
     gradQGm_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(gradQ), qElems);
-    // The cube is driven through the system workspace: set it, then register the Matmul objects
-    // before any InitBuffer (required on the separated 910B).
-    SetSysWorkspace(workspace);
-    REGIST_MATMUL_OBJ(&this->pipe_, GetSysWorkSpacePtr(), scoreMm_, &t_.scoreMm, dqMm_, &t_.dqMm);
     // Exactly what PackedAttentionBwdDqUbBytes counts.
     this->InitCommonBuffers(1u);
     const uint32_t rowTile = t_.tile * t_.headDim;
-    this->pipe_.InitBuffer(doQue_, 1, rowTile * sizeof(TIn));
-    this->pipe_.InitBuffer(oQue_, 1, rowTile * sizeof(TIn));
+    this->pipe_->InitBuffer(doQue_, 1, rowTile * sizeof(TIn));
+    this->pipe_->InitBuffer(oQue_, 1, rowTile * sizeof(TIn));
     const uint32_t products = kIsF32 ? 1u : 2u;
-    this->pipe_.InitBuffer(deltaBuf_, (products * rowTile + t_.tile * 8u + t_.headDim) *
+    this->pipe_->InitBuffer(deltaBuf_, (products * rowTile + t_.tile * 8u + t_.headDim) *
                                           static_cast<uint32_t>(sizeof(float)));
   }
 
@@ -410,12 +413,11 @@ class PackedAttentionBwdDq : public PackedAttentionBwdBase<TIn> {
     const uint32_t rowBytes = D * static_cast<uint32_t>(sizeof(TIn));
     DataCopyExtParams params{static_cast<uint16_t>(rows), rowBytes, (t_.qHeads - 1u) * rowBytes,
                              0, 0};
-    DataCopyPadExtParams<TIn> pad{false, 0, 0, TIn(0.0f)};
     LocalTensor<TIn> dO = doQue_.template AllocTensor<TIn>();
-    DataCopyPad(dO, this->doGm_[this->Row(q0, t_.qHeads, h)], params, pad);
+    DataCopyPadBits(dO, this->doGm_[this->Row(q0, t_.qHeads, h)], params);
     doQue_.EnQue(dO);
     LocalTensor<TIn> o = oQue_.template AllocTensor<TIn>();
-    DataCopyPad(o, oGm_[this->Row(q0, t_.qHeads, h)], params, pad);
+    DataCopyPadBits(o, oGm_[this->Row(q0, t_.qHeads, h)], params);
     oQue_.EnQue(o);
     dO = doQue_.template DeQue<TIn>();
     o = oQue_.template DeQue<TIn>();
@@ -449,8 +451,6 @@ class PackedAttentionBwdDq : public PackedAttentionBwdBase<TIn> {
     this->Mte3ToScalar();  // the next item rewrites the statistics
   }
 
-  Matmul<InA, InBT, OutF> scoreMm_;
-  Matmul<InA, InB, OutF> dqMm_;
   TQue<TPosition::VECIN, 1> doQue_;
   TQue<TPosition::VECIN, 1> oQue_;
   TBuf<TPosition::VECCALC> deltaBuf_;  // products [tile * D] (x2 for bf16), sums, work [D]
@@ -470,16 +470,18 @@ class PackedAttentionBwdDkv : public PackedAttentionBwdBase<TIn> {
   using Base::t_;
 
  public:
+  // Public because REGIST_MATMUL_OBJ names them in the kernel's own scope, before Init
+  // (packed_attention_bwd_dkv below).
+  Matmul<InA, InBT, OutF> scoreMm_;
+  Matmul<InAT, InB, OutF> dkvMm_;
+
   __aicore__ inline void Init(GM_ADDR gradOut, GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR lse,
                               GM_ADDR cuSeqlens, GM_ADDR gradK, GM_ADDR gradV, GM_ADDR workspace,
-                              const PackedAttentionBwdTiling& tiling) {
-    this->InitCommon(gradOut, q, k, v, lse, cuSeqlens, workspace, tiling);
+                              const PackedAttentionBwdTiling& tiling, TPipe* pipe) {
+    this->InitCommon(gradOut, q, k, v, lse, cuSeqlens, workspace, tiling, pipe);
     const uint64_t kvElems = uint64_t(t_.tokens) * t_.kvHeads * t_.headDim;
     gradKGm_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(gradK), kvElems);
     gradVGm_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(gradV), kvElems);
-    SetSysWorkspace(workspace);
-    REGIST_MATMUL_OBJ(&this->pipe_, GetSysWorkSpacePtr(), scoreMm_, &t_.scoreMm, dkvMm_,
-                      &t_.dkvMm);
     this->InitCommonBuffers(2u);  // exactly what PackedAttentionBwdDkvUbBytes counts
   }
 
@@ -556,8 +558,6 @@ class PackedAttentionBwdDkv : public PackedAttentionBwdBase<TIn> {
     dkvMm_.End();
   }
 
-  Matmul<InA, InBT, OutF> scoreMm_;
-  Matmul<InAT, InB, OutF> dkvMm_;
   GlobalTensor<TIn> gradKGm_, gradVGm_;
 };
 
@@ -571,8 +571,13 @@ __aicore__ inline void packed_attention_bwd_dq(GM_ADDR gradOut, GM_ADDR q, GM_AD
                                                    GM_ADDR cuSeqlens, GM_ADDR gradQ,
                                                    GM_ADDR workspace,
                                                    PackedAttentionBwdTiling tiling) {
+  TPipe pipe;
   PackedAttentionBwdDq<TIn> op;
-  op.Init(gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
+  // In the scope that owns the pipe and the op, as packed_attention_fwd explains.
+  SetSysWorkspace(workspace);
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.scoreMm_, &tiling.scoreMm, op.dqMm_,
+                    &tiling.dqMm);
+  op.Init(gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling, &pipe);
   op.Process();
 }
 
@@ -586,8 +591,13 @@ __aicore__ inline void packed_attention_bwd_dkv(GM_ADDR gradOut, GM_ADDR q, GM_A
                                                     GM_ADDR gradK, GM_ADDR gradV,
                                                     GM_ADDR workspace,
                                                     PackedAttentionBwdTiling tiling) {
+  TPipe pipe;
   PackedAttentionBwdDkv<TIn> op;
-  op.Init(gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
+  // In the scope that owns the pipe and the op, as packed_attention_fwd explains.
+  SetSysWorkspace(workspace);
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.scoreMm_, &tiling.scoreMm, op.dkvMm_,
+                    &tiling.dkvMm);
+  op.Init(gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling, &pipe);
   op.Process();
 }
 

@@ -43,13 +43,14 @@
 //
 // Workspace (GM argument `workspace`, size PackedAttentionWorkspaceBytes): the system workspace
 // the Matmul API uses (tiling.sysWorkspaceBytes, first), then tiling.blockDim per-block areas of
-// tiling.blockWorkspaceBytes laid out by PackedAttentionBlockWorkspace; no two blocks share one.
+// tiling.blockWorkspaceBytes laid out by PackedAttentionBlockWorkspace (offsets in the tiling); no two blocks share one.
 #pragma once
 
 #include <type_traits>
 
 #include "kernel_operator.h"
-#include "lib/matmul_intf.h"
+#include "kernel_copy.h"
+#include "lib/matmul/matmul_intf.h"
 #include "packed_attention_tiling.h"
 
 namespace pangu_fastkd_ascend {
@@ -68,9 +69,17 @@ class PackedAttentionFwd {
  public:
   // q [T, Hq, D] TIn (tiling.dtype names TIn); k, v [T, Hkv, D] TIn; cuSeqlens [B + 1] int32
   // (validated by the host); out [T, Hq, D] TIn; lse [Hq, T] f32; workspace as described above.
+  // The Matmul objects: public because REGIST_MATMUL_OBJ must name them in the kernel's own
+  // scope (packed_attention_fwd below), before Init.
+  matmul::Matmul<AType, KType, CType> qk_;  // S = Qstack K^T
+  matmul::Matmul<AType, AType, CType> pv_;  // PV = P V
+
+  // pipe: the kernel's TPipe, declared beside this object (and REGIST) in packed_attention_fwd.
   __aicore__ inline void Init(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR cuSeqlens, GM_ADDR out,
-                              GM_ADDR lse, GM_ADDR workspace, const PackedAttentionTiling& tiling) {
+                              GM_ADDR lse, GM_ADDR workspace, const PackedAttentionTiling& tiling,
+                              TPipe* pipe) {
     tiling_ = tiling;
+    pipe_ = pipe;
     const uint64_t T = tiling.tokens;
     const uint32_t D = tiling.headDim;
     const uint32_t tile = tiling.tile;
@@ -83,29 +92,25 @@ class PackedAttentionFwd {
     cuGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cuSeqlens), tiling.docs + 1u);
 
     // This block's scratch, after the system workspace.
-    const PackedAttentionWorkspaceLayout ws =
-        PackedAttentionBlockWorkspace(tiling.group, tile, D, sizeof(TIn));
     GM_ADDR mine = workspace + tiling.sysWorkspaceBytes +
                    uint64_t(GetBlockIdx()) * tiling.blockWorkspaceBytes;
-    wsQ_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(mine + ws.q), uint64_t(maxM) * D);
-    wsS_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(mine + ws.s), uint64_t(maxM) * tile);
-    wsP_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(mine + ws.p), uint64_t(maxM) * tile);
-    wsO_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(mine + ws.o), uint64_t(maxM) * D);
-
-    // The vector core drives the cube through the system workspace; on separated chips the
-    // objects must be registered before any InitBuffer.
-    SetSysWorkspace(workspace);
-    REGIST_MATMUL_OBJ(&pipe_, GetSysWorkSpacePtr(), qk_, &tiling_.qk, pv_, &tiling_.pv);
+    wsQ_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(mine + tiling.wsQOffset), uint64_t(maxM) * D);
+    wsS_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(mine + tiling.wsSOffset),
+                         uint64_t(maxM) * tile);
+    wsP_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(mine + tiling.wsPOffset),
+                         uint64_t(maxM) * tile);
+    wsO_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(mine + tiling.wsOOffset),
+                         uint64_t(maxM) * D);
 
     // Exactly the buffers PackedAttentionUbBytes counts, in its order.
-    pipe_.InitBuffer(sQueue_, 1, maxM * tile * sizeof(float));
-    pipe_.InitBuffer(pQueue_, 1, maxM * tile * sizeof(TIn));
-    pipe_.InitBuffer(pvQueue_, 1, maxM * D * sizeof(float));
-    pipe_.InitBuffer(outQueue_, 1, maxM * D * sizeof(TIn));
-    pipe_.InitBuffer(stageBuf_, maxM * D * sizeof(TIn));
-    pipe_.InitBuffer(accBuf_, maxM * D * sizeof(float));
-    pipe_.InitBuffer(maskBuf_, tile * tile / 8u);
-    pipe_.InitBuffer(statsBuf_, (maxM * 13u + tile) * sizeof(float));
+    pipe_->InitBuffer(sQueue_, 1, maxM * tile * sizeof(float));
+    pipe_->InitBuffer(pQueue_, 1, maxM * tile * sizeof(TIn));
+    pipe_->InitBuffer(pvQueue_, 1, maxM * D * sizeof(float));
+    pipe_->InitBuffer(outQueue_, 1, maxM * D * sizeof(TIn));
+    pipe_->InitBuffer(stageBuf_, maxM * D * sizeof(TIn));
+    pipe_->InitBuffer(accBuf_, maxM * D * sizeof(float));
+    pipe_->InitBuffer(maskBuf_, tile * tile / 8u);
+    pipe_->InitBuffer(statsBuf_, (maxM * 13u + tile) * sizeof(float));
     BuildCausalMask();
   }
 
@@ -187,10 +192,9 @@ class PackedAttentionFwd {
     LocalTensor<TIn> stage = stageBuf_.Get<TIn>();
     DataCopyExtParams params{static_cast<uint16_t>(rows), rowBytes,
                              (tiling_.qHeads - 1u) * rowBytes, 0, 0};
-    DataCopyPadExtParams<TIn> pad{false, 0, 0, TIn(0.0f)};
     for (uint32_t j = 0; j < G; ++j) {
-      DataCopyPad(stage[j * rows * D], qGm_[(uint64_t(q0) * tiling_.qHeads + g * G + j) * D],
-                  params, pad);
+      DataCopyPadBits(stage[j * rows * D],
+                      qGm_[(uint64_t(q0) * tiling_.qHeads + g * G + j) * D], params);
     }
     SetFlag<HardEvent::MTE2_MTE3>(EVENT_ID3);
     WaitFlag<HardEvent::MTE2_MTE3>(EVENT_ID3);
@@ -304,7 +308,7 @@ class PackedAttentionFwd {
     p = pQueue_.template DeQue<TIn>();
     // Byte exact: M * tile elements of 2 bytes need not be whole 32-byte blocks.
     DataCopyExtParams params{1, M * tile * static_cast<uint32_t>(sizeof(TIn)), 0, 0, 0};
-    DataCopyPad(wsP_, p, params);
+    DataCopyPadBits(wsP_, p, params);
     pQueue_.FreeTensor(p);
     Mte3ToCube();
   }
@@ -363,7 +367,7 @@ class PackedAttentionFwd {
     DataCopyExtParams params{static_cast<uint16_t>(rows), rowBytes, 0,
                              (tiling_.qHeads - 1u) * rowBytes, 0};
     for (uint32_t j = 0; j < G; ++j) {
-      DataCopyPad(outGm_[(uint64_t(q0) * tiling_.qHeads + g * G + j) * D], outLocal[j * rows * D],
+      DataCopyPadBits(outGm_[(uint64_t(q0) * tiling_.qHeads + g * G + j) * D], outLocal[j * rows * D],
                   params);
     }
     outQueue_.FreeTensor(outLocal);
@@ -381,9 +385,7 @@ class PackedAttentionFwd {
   }
 
   PackedAttentionTiling tiling_{};
-  TPipe pipe_;
-  matmul::Matmul<AType, KType, CType> qk_;  // S = Qstack K^T
-  matmul::Matmul<AType, AType, CType> pv_;  // PV = P V
+  TPipe* pipe_ = nullptr;
   TQue<TPosition::VECIN, 1> sQueue_;        // S [M, tile] f32 from the workspace
   TQue<TPosition::VECOUT, 1> pQueue_;       // P [M, tile] TIn to the workspace
   TQue<TPosition::VECIN, 1> pvQueue_;       // PV [M, D] f32 from the workspace
@@ -410,8 +412,15 @@ template <class TIn>
 __aicore__ inline void packed_attention_fwd(GM_ADDR q, GM_ADDR k, GM_ADDR v,
                                                 GM_ADDR cuSeqlens, GM_ADDR out, GM_ADDR lse,
                                                 GM_ADDR workspace, PackedAttentionTiling tiling) {
+  TPipe pipe;
   PackedAttentionFwd<TIn> op;
-  op.Init(q, k, v, cuSeqlens, out, lse, workspace, tiling);
+  // Registered here, in the scope that owns the pipe and the op, as CANN's Matmul samples do: on
+  // the 910B (MIX mode) the macro runs the cube core's server loop and returns from this function
+  // there, and on each vector core it declares the client object every later Matmul call goes
+  // through, so it must outlive Process(). The system workspace carries their messages.
+  SetSysWorkspace(workspace);
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.qk_, &tiling.qk, op.pv_, &tiling.pv);
+  op.Init(q, k, v, cuSeqlens, out, lse, workspace, tiling, &pipe);
   op.Process();
 }
 

@@ -55,6 +55,7 @@
 #pragma once
 
 #include "kernel_operator.h"
+#include "kernel_copy.h"
 #include "sparse_kd_tiling.h"
 
 namespace pangu_fastkd_ascend {
@@ -270,9 +271,8 @@ class SparseKdEpilogue {
   __aicore__ inline void CopyIn(uint32_t row, uint32_t c) {
     LocalTensor<TIn> xLocal = inQueue_.template AllocTensor<TIn>();
     DataCopyExtParams params{1, static_cast<uint32_t>(ChunkLen(c) * sizeof(TIn)), 0, 0, 0};
-    DataCopyPadExtParams<TIn> pad{false, 0, 0, TIn(0.0f)};
-    DataCopyPad(xLocal, logitsGm_[uint64_t(row) * tiling_.vocab + uint64_t(c) * tiling_.chunk],
-                params, pad);
+    DataCopyPadBits(xLocal, logitsGm_[uint64_t(row) * tiling_.vocab + uint64_t(c) * tiling_.chunk],
+                    params);
     inQueue_.EnQue(xLocal);
   }
 
@@ -684,8 +684,8 @@ class SparseKdEpilogue {
     outQueue_.EnQue(out);
     LocalTensor<TIn> outLocal = outQueue_.template DeQue<TIn>();
     DataCopyExtParams params{1, static_cast<uint32_t>(len * sizeof(TIn)), 0, 0, 0};
-    DataCopyPad(logitsGm_[uint64_t(row) * tiling_.vocab + uint64_t(c) * tiling_.chunk], outLocal,
-                params);
+    DataCopyPadBits(logitsGm_[uint64_t(row) * tiling_.vocab + uint64_t(c) * tiling_.chunk],
+                    outLocal, params);
     outQueue_.FreeTensor(outLocal);
   }
 

@@ -1,4 +1,4 @@
-// Sample kernel + driver for the twin's Matmul high-level API (lib/matmul_intf.h): each block
+// Sample kernel + driver for the twin's Matmul high-level API (lib/matmul/matmul_intf.h): each block
 // computes a band of rows of C = A * op(B) (+ bias) on the cube unit, with the tiling made on the
 // host by matmul_tiling::MatmulApiTiling. tests/test_ascend_twin_matmul.py compares the output
 // with torch.
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "kernel_operator.h"
-#include "lib/matmul_intf.h"
+#include "lib/matmul/matmul_intf.h"
 #include "tiling/tiling_api.h"
 
 using namespace AscendC;

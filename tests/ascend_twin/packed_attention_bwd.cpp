@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "packed_attention_bwd.h"
+#include "packed_attention_bwd_tiling_host.h"
 
 namespace {
 

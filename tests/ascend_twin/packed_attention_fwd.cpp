@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "packed_attention_fwd.h"
+#include "packed_attention_tiling_host.h"
 
 namespace {
 

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "kernel_operator.h"
-#include "lib/matmul_intf.h"
+#include "lib/matmul/matmul_intf.h"
 
 using namespace AscendC;
 

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "sparse_kd_epilogue.h"
+#include "sparse_kd_tiling_host.h"
 
 namespace {
 

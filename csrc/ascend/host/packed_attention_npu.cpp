@@ -36,8 +36,8 @@
 #include "aclrtlaunch_packed_attention_fwd_bf16.h"
 #include "aclrtlaunch_packed_attention_fwd_fp16.h"
 #include "aclrtlaunch_packed_attention_fwd_fp32.h"
-#include "ascend/packed_attention_bwd_tiling.h"
-#include "ascend/packed_attention_tiling.h"
+#include "ascend/packed_attention_bwd_tiling_host.h"
+#include "ascend/packed_attention_tiling_host.h"
 #include "npu_launch.h"
 
 namespace pangu_fastkd::ascend {

@@ -28,7 +28,7 @@
 #include "aclrtlaunch_sparse_kd_epilogue_bf16.h"
 #include "aclrtlaunch_sparse_kd_epilogue_fp16.h"
 #include "aclrtlaunch_sparse_kd_epilogue_fp32.h"
-#include "ascend/sparse_kd_tiling.h"
+#include "ascend/sparse_kd_tiling_host.h"
 #include "common/sparse_kd_chunks.h"
 #include "npu_launch.h"
 

@@ -210,7 +210,7 @@ struct BlockContext {
   Barrier* barrier = nullptr;
   // (HardEvent, event id) -> SetFlag calls not yet consumed by a WaitFlag.
   std::map<std::pair<int, int>, int> pending_flags;
-  // Matmul high-level API state (lib/matmul_intf.h): the system workspace set by
+  // Matmul high-level API state (lib/matmul/matmul_intf.h): the system workspace set by
   // SetSysWorkspace, the Matmul objects registered so far, and the object that computed last
   // and has not been End()ed (switching objects requires End in between).
   uint8_t* sys_workspace = nullptr;
@@ -392,7 +392,8 @@ class GlobalTensor {
     CheckRange(offset, 1, "GlobalTensor::GetValue");
     return data_[offset];
   }
-  void SetValue(uint64_t offset, T value) const {
+  // Non-const, as CANN declares it (GlobalTensor::SetValue(const uint64_t, PrimType)).
+  void SetValue(uint64_t offset, T value) {
     CheckRange(offset, 1, "GlobalTensor::SetValue");
     data_[offset] = value;
   }
@@ -404,7 +405,9 @@ class GlobalTensor {
     return sub;
   }
   uint64_t GetSize() const { return size_; }
-  __gm__ T* GetPhyAddr() const { return data_; }
+  // CANN: the no-argument form returns a pointer to const, the offset form a writable one.
+  const __gm__ T* GetPhyAddr() const { return data_; }
+  __gm__ T* GetPhyAddr(uint64_t offset) const { return data_ + offset; }
 
   // Twin internal: throws unless [offset, offset + count) lies inside the buffer.
   void CheckRange(uint64_t offset, uint64_t count, const char* call) const {
@@ -785,7 +788,7 @@ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, const uint3
   detail_copy::Check32<T>(count, call);
   dst.CheckRange(0, count, call);
   src.Check(0, count, twin::detail::Access::Read, twin::detail::Unit::MTE3, call, true);
-  std::memcpy(dst.GetPhyAddr(), src.TwinData(), size_t(count) * sizeof(T));
+  std::memcpy(dst.GetPhyAddr(0), src.TwinData(), size_t(count) * sizeof(T));
 }
 
 template <class T>
@@ -885,7 +888,7 @@ void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src,
   src.Check(0, ((p.blockCount - 1) * ub_pitch + p.blockLen) / sizeof(T),
             twin::detail::Access::Read, twin::detail::Unit::MTE3, call, true);
   const auto* ub = reinterpret_cast<const uint8_t*>(src.TwinData());
-  auto* gm = reinterpret_cast<uint8_t*>(dst.GetPhyAddr());
+  auto* gm = reinterpret_cast<uint8_t*>(dst.GetPhyAddr(0));
   for (uint64_t r = 0; r < p.blockCount; ++r) {
     std::memcpy(gm + r * gm_pitch, ub + r * ub_pitch, p.blockLen);
   }

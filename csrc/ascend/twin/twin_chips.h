@@ -1,4 +1,4 @@
-// Chip facts of the CPU twin, shared by the kernel side (kernel_operator.h, lib/matmul_intf.h)
+// Chip facts of the CPU twin, shared by the kernel side (kernel_operator.h, lib/matmul/matmul_intf.h)
 // and the host side (tiling/platform/platform_ascendc.h, tiling/tiling_api.h), so that the
 // tiling a host computes and the limits a kernel is checked against come from one table.
 // Not part of the Ascend C API. Sources for each figure are in README.md ("Uncertainties").

@@ -7,9 +7,9 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace AscendC {
-namespace tiling {
-
+// CANN 8.0-8.3 declare it at global scope; newer releases (asc-devkit) move it into
+// AscendC::tiling with a global using. The twin follows the older form, so that code naming the
+// namespace fails here as it would on 8.x, while `TCubeTiling` works on every release.
 struct TCubeTiling {
   int32_t usedCoreNum = 0;  // cube cores the tiling was made for, in [1, GetCoreNumAic()]
   int32_t M = 0;            // original A rows
@@ -63,8 +63,3 @@ struct TCubeTiling {
 };
 
 static_assert(std::is_trivially_copyable_v<TCubeTiling>, "tiling data is memcpy'd to kernels");
-
-}  // namespace tiling
-}  // namespace AscendC
-
-using TCubeTiling = AscendC::tiling::TCubeTiling;

@@ -2,7 +2,7 @@
 // the operand types and the shape into a TCubeTiling for the kernel-side Matmul object.
 //
 // Host code written against it compiles with CANN too, as long as it uses the calls below and
-// the GetTiling(AscendC::tiling::TCubeTiling&) overload (CANN's optiling::TCubeTiling, the
+// the GetTiling(TCubeTiling&) overload (CANN's optiling::TCubeTiling, the
 // TilingData class with set_/get_ accessors, is not emulated).
 //
 // How base blocks are chosen (CANN's exact heuristic is not documented; this one stays inside
@@ -34,7 +34,7 @@ enum class DataType {
   DT_INT8 = 2,
   DT_INT32 = 3,
   DT_BF16 = 27,
-  DT_BFLOAT16 = DT_BF16,
+  DT_BFLOAT16 = 33,  // a second bf16 code, distinct from DT_BF16 as in CANN's enum; both are bf16
 };
 
 class MatmulApiTiling {
@@ -108,7 +108,7 @@ class MatmulApiTiling {
     return 0;
   }
 
-  int64_t GetTiling(AscendC::tiling::TCubeTiling& tiling) {
+  int64_t GetTiling(TCubeTiling& tiling) {
     if (!a_.set || !b_.set || !c_.set) return -1;
     const Operand bias = bias_.set ? bias_ : Operand{true, TPosition::GM, CubeFormat::ND,
                                                      c_.type, false};
@@ -180,7 +180,7 @@ class MatmulApiTiling {
       }
     }
 
-    AscendC::tiling::TCubeTiling t{};
+    TCubeTiling t{};
     t.usedCoreNum = 1;
     t.M = org_m;
     t.N = org_n;
@@ -232,7 +232,8 @@ class MatmulApiTiling {
     switch (d) {
       case DataType::DT_FLOAT: out = twin::CubeDType::Float; return true;
       case DataType::DT_FLOAT16: out = twin::CubeDType::Half; return true;
-      case DataType::DT_BF16: out = twin::CubeDType::BFloat16; return true;
+      case DataType::DT_BF16:
+      case DataType::DT_BFLOAT16: out = twin::CubeDType::BFloat16; return true;
       default: return false;  // integer Matmul is not emulated
     }
   }

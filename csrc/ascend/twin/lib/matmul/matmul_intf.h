@@ -1,6 +1,6 @@
-// CPU twin of the Ascend C Matmul high-level API (CANN "lib/matmul_intf.h"): C = A * B (+ bias)
+// CPU twin of the Ascend C Matmul high-level API (CANN "lib/matmul/matmul_intf.h"): C = A * B (+ bias)
 // on the cube unit, driven from a kernel through a Matmul object. Kernels include it exactly as
-// in CANN, `#include "lib/matmul_intf.h"`, after kernel_operator.h.
+// in CANN, `#include "lib/matmul/matmul_intf.h"`, after kernel_operator.h.
 //
 // What is emulated (see README.md for the full list and the rules):
 // - MatmulType<POSITION, CubeFormat::ND, T, ISTRANS> for A/B/C/bias with T in float, half,
@@ -706,7 +706,7 @@ class Matmul {
   }
 
   void WriteBlockGm(const AscendC::GlobalTensor<DstT>& gm, uint8_t enAtomic) {
-    DstT* c = gm.GetPhyAddr() + BlockOffsetC();
+    DstT* c = gm.GetPhyAddr(0) + BlockOffsetC();
     std::unique_lock<std::mutex> lock(detail::AtomicMutex(), std::defer_lock);
     if (enAtomic != 0) lock.lock();
     for (int i = 0; i < cur_m_; ++i) {
