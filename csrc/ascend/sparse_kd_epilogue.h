@@ -72,6 +72,7 @@ enum SparseKdStat : uint32_t {
   kStatCorrect,
   kStatCount
 };
+static_assert(kStatCount == kSparseKdStatCount, "SparseKdUbBytes stages this many statistics");
 
 template <class TIn>
 class SparseKdEpilogue {
@@ -126,13 +127,25 @@ class SparseKdEpilogue {
       pipe_.InitBuffer(supportBuf_,
                        kSparseKdSupportVectors * tiling.supportSlots * sizeof(float));
     }
+    pipe_.InitBuffer(resultBuf_, kSparseKdResultRows * (1u + kStatCount) * sizeof(float));
   }
 
+  // Each block takes one contiguous range of rows (see kSparseKdResultRows for why not
+  // round-robin), in groups of kSparseKdResultRows whose results leave the UB together.
   __aicore__ inline void Process() {
     const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
-    for (uint32_t row = static_cast<uint32_t>(GetBlockIdx()); row < tiling_.rows;
-         row += blockNum) {
-      ProcessRow(row);
+    const uint32_t blockIdx = static_cast<uint32_t>(GetBlockIdx());
+    const uint32_t perBlock = (tiling_.rows + blockNum - 1u) / blockNum;
+    const uint64_t begin64 = uint64_t(blockIdx) * perBlock;
+    const uint32_t begin = begin64 < tiling_.rows ? static_cast<uint32_t>(begin64) : tiling_.rows;
+    const uint32_t end = tiling_.rows - begin < perBlock ? tiling_.rows : begin + perBlock;
+    for (uint32_t first = begin; first < end; first += kSparseKdResultRows) {
+      const uint32_t count = end - first < kSparseKdResultRows ? end - first : kSparseKdResultRows;
+      for (uint32_t i = 0; i < count; ++i) {
+        ProcessRow(first + i);
+        StageResult(i);
+      }
+      WriteResults(first, count);
     }
   }
 
@@ -150,7 +163,8 @@ class SparseKdEpilogue {
   static constexpr float kLogEps = -27.6310211f;  // log(1e-12)
   static constexpr float kTanhClamp = 20.0f;      // |z / c| beyond this: tanh is +-1 in fp32
   static constexpr float kHalfMax = 65504.0f;     // largest finite fp16 value
-  enum class Pass { MaxGather, Sums, Gradient };
+  enum class Pass : uint32_t { MaxGather = 0, Sums, Gradient };
+  static constexpr uint32_t kPassCount = 3;
 
   // What a divergence leaves for the gradient: D, and the coefficient of q_v for tokens outside
   // the support (before kd T); dD/du at the support slots is left in the kA vector.
@@ -211,8 +225,10 @@ class SparseKdEpilogue {
       sumRestT_ = 0.0f;
       zLabel_ = 0.0f;
     }
-    // An ignored row gets a zero gradient: only the write pass runs.
-    for (Pass pass : {Pass::MaxGather, Pass::Sums, Pass::Gradient}) {
+    // An ignored row gets a zero gradient: only the write pass runs. (A counted loop over the
+    // enum, not a braced list: that needs <initializer_list>, which device code does not have.)
+    for (uint32_t p = 0; p < kPassCount; ++p) {
+      const Pass pass = static_cast<Pass>(p);
       if (ignored_ && pass != Pass::Gradient) continue;
       if (pass == Pass::Gradient && !ignored_) FinishStatistics();
       CopyIn(row, 0);
@@ -221,11 +237,32 @@ class SparseKdEpilogue {
         Compute(pass, row, c);
       }
     }
-    lossGm_.SetValue(row, ignored_ ? 0.0f : rowLoss_);
-    const uint64_t base = uint64_t(row) * kStatCount;
+  }
+
+  // Row `slot` of the current group: its loss and statistics into the UB result buffer (loss at
+  // [slot], statistics at [kSparseKdResultRows + slot * kStatCount]).
+  __aicore__ inline void StageResult(uint32_t slot) {
+    LocalTensor<float> results = resultBuf_.Get<float>();
+    results.SetValue(slot, ignored_ ? 0.0f : rowLoss_);
+    const uint32_t base = kSparseKdResultRows + slot * kStatCount;
     for (uint32_t i = 0; i < kStatCount; ++i) {
-      statsGm_.SetValue(base + i, ignored_ ? 0.0f : stats_[i]);
+      results.SetValue(base + i, ignored_ ? 0.0f : stats_[i]);
     }
+  }
+
+  // The staged results of rows [first, first + count) to GM (MTE3, byte-exact), then wait for
+  // the copy before the scalar unit writes the next group into the same UB.
+  __aicore__ inline void WriteResults(uint32_t first, uint32_t count) {
+    LocalTensor<float> results = resultBuf_.Get<float>();
+    SetFlag<HardEvent::S_MTE3>(EVENT_ID2);
+    WaitFlag<HardEvent::S_MTE3>(EVENT_ID2);
+    DataCopyExtParams lossParams{1, count * static_cast<uint32_t>(sizeof(float)), 0, 0, 0};
+    DataCopyPad(lossGm_[first], results, lossParams);
+    DataCopyExtParams statParams{1, count * kStatCount * static_cast<uint32_t>(sizeof(float)), 0,
+                                 0, 0};
+    DataCopyPad(statsGm_[uint64_t(first) * kStatCount], results[kSparseKdResultRows], statParams);
+    SetFlag<HardEvent::MTE3_S>(EVENT_ID3);
+    WaitFlag<HardEvent::MTE3_S>(EVENT_ID3);
   }
 
   // Scalar reads of the row's target into the support vectors. Top-K: kLogP gets t / T (minus
@@ -698,6 +735,7 @@ class SparseKdEpilogue {
   TBuf<TPosition::VECCALC> workBuf_;
   TBuf<TPosition::VECCALC> scalarBuf_;
   TBuf<TPosition::VECCALC> supportBuf_;
+  TBuf<TPosition::VECCALC> resultBuf_;  // loss and statistics of up to kSparseKdResultRows rows
   GlobalTensor<TIn> logitsGm_;
   GlobalTensor<int32_t> labelsGm_;
   GlobalTensor<int32_t> idsGm_;

@@ -43,7 +43,7 @@ struct SparseKdTiling {
   uint32_t chunk;         // elements per UB chunk: a multiple of 64 (one 256-byte fp32 repeat)
   uint32_t supportK;      // K: stored teacher ids per row (0 when kdWeight == 0)
   uint32_t supportSlots;  // K (+ 1 label slot for top-K with includeLabel) rounded up to 8
-  uint32_t blockDim;      // blocks to launch; rows are dealt round-robin to them
+  uint32_t blockDim;      // blocks to launch; each takes one contiguous range of rows
   int32_t ignoreIndex;    // label value of unsupervised rows (-100)
   uint32_t targetKind;    // SparseKdTargetKind (meaningful only when kdWeight > 0)
   uint32_t divergence;    // SparseKdDivergence
@@ -63,6 +63,13 @@ struct SparseKdTiling {
 // logits, teacher log-probs or weights, student log-probs and probabilities, teacher
 // probabilities, two scratch vectors, a product scratch, the fixed gradient of the support).
 inline constexpr uint32_t kSparseKdSupportVectors = 10;
+
+// Per-row results (the loss and the six statistics) are staged in the UB for this many rows and
+// written to GM with DataCopyPad, never with scalar GM writes: GlobalTensor::SetValue goes through
+// the core's data cache, which writes back whole 64-byte lines, so two cores writing neighbouring
+// rows would overwrite each other's values. Each block owns one contiguous range of rows.
+inline constexpr uint32_t kSparseKdResultRows = 32;
+inline constexpr uint32_t kSparseKdStatCount = 6;
 
 // The kernel's UB footprint for a chunk of `chunk` elements of `elemBytes`-byte logits: two
 // input and two output queue buffers (double buffering), a float row for the chunk when the

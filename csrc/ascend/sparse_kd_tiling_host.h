@@ -20,6 +20,7 @@ inline uint64_t SparseKdUbBytes(uint32_t chunk, uint32_t elemBytes, uint32_t sup
   // (bf16 and fp16 take the same bytes: the footprint depends on the element size only.)
   total += 64u;                                  // scalars
   total += align32(uint64_t(supportSlots) * kSparseKdSupportVectors * 4u);
+  total += align32(uint64_t(kSparseKdResultRows) * (1u + kSparseKdStatCount) * 4u);  // results
   return total;
 }
 
