@@ -354,7 +354,8 @@ class PackedAttentionBwdDq : public PackedAttentionBwdBase<TIn> {
   }
 
   __aicore__ inline void Process() {
-    const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
+    // Items go to the vector cores: GetBlockNum() counts cube cores in MIX mode (see the fwd).
+    const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum() * GetTaskRation());
     const uint32_t blockIdx = static_cast<uint32_t>(GetBlockIdx());
     const uint32_t tile = t_.tile;
     uint32_t item = 0;
@@ -486,7 +487,8 @@ class PackedAttentionBwdDkv : public PackedAttentionBwdBase<TIn> {
   }
 
   __aicore__ inline void Process() {
-    const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
+    // Items go to the vector cores: GetBlockNum() counts cube cores in MIX mode (see the fwd).
+    const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum() * GetTaskRation());
     const uint32_t blockIdx = static_cast<uint32_t>(GetBlockIdx());
     const uint32_t tile = t_.tile;
     uint32_t item = 0;

@@ -208,8 +208,7 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
   t.acc2Offset = t.accOffset + accBytes;
   t.slotBytes = t.acc2Offset + accBytes;
   // In CANN's MIX mode a launch index is one cube core with its vector cores (two on the 910B),
-  // and each vector core is a block with its own GetBlockIdx: give every one a slot. The twin
-  // runs one block per launch index, so it uses the first blockDim slots.
+  // and each vector core is a block with its own GetBlockIdx: give every one a slot.
   const uint32_t aic = platform.GetCoreNumAic();
   const uint32_t vectorPerCube = aic == 0 ? 1u : platform.GetCoreNumAiv() / aic;
   const uint32_t launched = t.dqBlockDim > t.dkvBlockDim ? t.dqBlockDim : t.dkvBlockDim;

@@ -42,8 +42,9 @@
 // fenced with MTE3 -> S before the scalar unit issues the next Matmul call.
 //
 // Workspace (GM argument `workspace`, size PackedAttentionWorkspaceBytes): the system workspace
-// the Matmul API uses (tiling.sysWorkspaceBytes, first), then tiling.blockDim per-block areas of
-// tiling.blockWorkspaceBytes laid out by PackedAttentionBlockWorkspace (offsets in the tiling); no two blocks share one.
+// the Matmul API uses (tiling.sysWorkspaceBytes, first), then per-block areas of
+// tiling.blockWorkspaceBytes, one per vector core (tiling.blockSlots), laid out by
+// PackedAttentionBlockWorkspace (offsets in the tiling); no two vector cores share one.
 #pragma once
 
 #include <type_traits>
@@ -115,7 +116,9 @@ class PackedAttentionFwd {
   }
 
   __aicore__ inline void Process() {
-    const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
+    // Work goes to the vector cores: in MIX mode GetBlockNum() counts cube cores and each drives
+    // GetTaskRation() vector cores, whose GetBlockIdx() runs over all of them.
+    const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum() * GetTaskRation());
     const uint32_t blockIdx = static_cast<uint32_t>(GetBlockIdx());
     const uint32_t tile = tiling_.tile;
     // Items in (document, kv head, query tile) order; this block takes every blockNum-th one.

@@ -42,6 +42,9 @@ struct PackedAttentionTiling {
   uint32_t ubBytes;    // UB bytes the kernel's InitBuffer calls take with this tiling
   uint32_t sysWorkspaceBytes;    // system workspace (Matmul messages) at the start of workspace
   uint32_t blockWorkspaceBytes;  // per-block scratch after it, block b at sys + b * this
+  // Scratch areas: one per vector core, which in the 910B's MIX mode is blockDim * 2 (each cube
+  // core drives two vector cores, each with its own GetBlockIdx), blockDim on the 310B.
+  uint32_t blockSlots;
   // Byte offsets inside one block's scratch (PackedAttentionBlockWorkspace, computed on the host
   // so that the kernel calls no host helper): stacked Q, S, P and PV.
   uint32_t wsQOffset;

@@ -58,7 +58,7 @@ inline PackedAttentionWorkspaceLayout PackedAttentionBlockWorkspace(uint32_t gro
 // Bytes of the `workspace` GM argument: the system workspace the Matmul API needs (first), then
 // blockDim per-block scratch areas. The launch code must allocate at least this much.
 inline uint64_t PackedAttentionWorkspaceBytes(const PackedAttentionTiling& t) {
-  return uint64_t(t.sysWorkspaceBytes) + uint64_t(t.blockDim) * t.blockWorkspaceBytes;
+  return uint64_t(t.sysWorkspaceBytes) + uint64_t(t.blockSlots) * t.blockWorkspaceBytes;
 }
 
 #include <cmath>
@@ -257,6 +257,11 @@ inline PackedAttentionTiling MakePackedAttentionTiling(
   t.tile = tile;
   t.workItems = uint32_t(items);
   t.blockDim = blocks;
+  // MIX mode: a launch index is one cube core and its vector cores (GetCoreNumAiv / GetCoreNumAic
+  // of them: 2 on the 910B, 1 on the 310B), and the work is split over the vector cores.
+  const uint32_t aic = platform.GetCoreNumAic();
+  const uint32_t vectorPerCube = aic == 0 ? 1u : platform.GetCoreNumAiv() / aic;
+  t.blockSlots = blocks * (vectorPerCube == 0 ? 1u : vectorPerCube);
   t.scale = p.scale;
   t.ubBytes = uint32_t(PackedAttentionUbBytes(group, tile, p.headDim, p.elemBytes));
   t.sysWorkspaceBytes = platform.GetLibApiWorkSpaceSize();
