@@ -127,11 +127,12 @@ def _run_kernel(
     )
     assert tiling is not None, result.stdout
     ws = re.search(
-        r"WORKSPACE total=(\d+) sys=(\d+) block=(\d+) q=(\d+) s=(\d+) p=(\d+) o=(\d+)",
+        r"WORKSPACE total=(\d+) sys=(\d+) block=(\d+) slots=(\d+) q=(\d+) s=(\d+) p=(\d+) "
+        r"o=(\d+)",
         result.stdout,
     )
     assert ws is not None, result.stdout
-    keys = ["total", "sys", "block", "q", "s", "p", "o"]
+    keys = ["total", "sys", "block", "slots", "q", "s", "p", "o"]
     workspace = dict(zip(keys, map(int, ws.groups()), strict=True))
     raw_out = out_path.read_bytes()
     out_bytes = case.q.numel() * case.q.element_size()
@@ -215,8 +216,9 @@ def test_forward_matches_reference(binary: Path, tmp_path: Path, name: str) -> N
     # One item per (document, kv head, query tile): the group's query heads are stacked.
     items = kv_heads * sum(-(-length // tile) for length in lengths)
     assert run.items == items
-    # Each block drives its own Matmul objects: at most the 24 cube cores of the 910B.
-    expected_blocks = 1 if chip == "310b" else min(items, max_blocks or 24)
+    # A 910B block is one cube core driving two vector cores, which take the items: as many
+    # blocks as the items need, at most the 24 cube cores.
+    expected_blocks = 1 if chip == "310b" else min(-(-items // 2), max_blocks or 24)
     assert run.block_dim == expected_blocks
     assert run.ub_bytes <= run.budget
     _check_against_reference(case, run)
@@ -330,8 +332,9 @@ def test_cube_forward_groups_dims_and_chips(binary: Path, tmp_path: Path, name: 
     layout = _block_workspace(group, run.tile, head_dim, elem)
     assert {k: run.workspace[k] for k in layout} == layout
     # One scratch area per vector core: in the 910B's MIX mode each cube block drives two.
-    vector_cores = run.block_dim * (2 if chip == "910b" else 1)
-    assert run.workspace["total"] == run.workspace["sys"] + vector_cores * layout["block"]
+    assert run.workspace["slots"] == run.block_dim * (2 if chip == "910b" else 1)
+    total = run.workspace["sys"] + run.workspace["slots"] * layout["block"]
+    assert run.workspace["total"] == total
     _check_against_reference(case, run)
 
 
@@ -342,10 +345,11 @@ def test_cube_forward_groups_dims_and_chips(binary: Path, tmp_path: Path, name: 
 def test_products_come_from_the_cube_workspace(
     binary: Path, tmp_path: Path, chip: str, dtype: torch.dtype
 ) -> None:
-    # One block, one document of 13 tokens, group of 2: the block's last item is kv head 1 with
-    # query heads 2 and 3 stacked (M = 26 rows) and a single, diagonal key tile of 13 keys. The
-    # workspace (poisoned with NaN by the driver) must then hold what the cube wrote: S = Qstack
-    # K^T with row pitch `tile` and PV = P V, with P the kernel's own probabilities.
+    # One block, one document of 13 tokens, group of 2: the last vector core's last item (the
+    # 910B's second vector core, or the 310B's only core after kv head 0) is kv head 1 with
+    # query heads 2 and 3 stacked (M = 26 rows) and a single, diagonal key tile of 13 keys. Its
+    # workspace area (poisoned with NaN by the driver) must then hold what the cube wrote:
+    # S = Qstack K^T with row pitch `tile` and PV = P V, with P the kernel's own probabilities.
     case = _make_case(dtype, [13], 4, 2, 16, seed=5)
     ws_path = tmp_path / "ws.bin"
     result, run = _run_kernel(binary, tmp_path, case, chip, 1, 16, workspace_out=ws_path)

@@ -47,13 +47,14 @@
 // - that the synchronous IterateAll returns only once C is visible in GM to the vector core's
 //   MTE2, and that MTE3 -> S (SetFlag/WaitFlag) before the next Matmul call is enough for the
 //   cube to read P/dS the vector core just wrote (the cross-core order of GM writes);
-// - SetSysWorkspace on the 310B: the CANN 9.0 page lists Atlas 200I/500 A2 as not supporting it,
-//   while the Matmul pages pass a workspace to REGIST_MATMUL_OBJ there too; the twin accepts it;
-// - the user part of the workspace is found at tiling.sysWorkspaceBytes rather than through
-//   GetUserWorkspace (not emulated by the twin);
-// - in CANN's MIX mode each launch index has two vector blocks on the 910B; the round-robin over
-//   GetBlockNum() and the per-GetBlockIdx() workspace slots (sized for that) are written for it,
-//   but the twin runs one block per index, so the two-AIV split itself was never executed.
+// - the system workspace on the 310B: the CANN 9.0 SetSysWorkspace page lists Atlas 200I/500 A2
+//   as not supporting it, while the generated wrapper calls SetSysWorkspaceForce on every chip
+//   and the Matmul pages pass a workspace to REGIST_MATMUL_OBJ there too.
+//
+// Workspace: the kernels are built with HAVE_WORKSPACE HAVE_TILING (cmake/ascend.cmake), so the
+// launch wrapper CANN generates has set the system workspace (SetSysWorkspaceForce on the buffer
+// the host passed) and hands the kernel the user part after it (GetUserWorkspace): `workspace`
+// here is that user part, and the tiling's offsets are relative to it.
 #pragma once
 
 #include <type_traits>
@@ -112,7 +113,7 @@ class PackedAttentionBwdBase {
     cuGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cuSeqlens), t_.docs + 1u);
     deltaGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(workspace + t_.deltaOffset),
                              T * t_.qHeads);
-    // This block's slot: sized exactly, so a stray access trips the twin's gm-bounds rule.
+    // This vector core's slot: sized exactly, so a stray access trips the twin's gm-bounds rule.
     GM_ADDR slot = workspace + t_.slotOffset + uint64_t(GetBlockIdx()) * t_.slotBytes;
     const uint64_t square = uint64_t(t_.tile) * t_.tile;
     const uint64_t rowTile = uint64_t(t_.tile) * D;
@@ -576,7 +577,6 @@ __aicore__ inline void packed_attention_bwd_dq(GM_ADDR gradOut, GM_ADDR q, GM_AD
   TPipe pipe;
   PackedAttentionBwdDq<TIn> op;
   // In the scope that owns the pipe and the op, as packed_attention_fwd explains.
-  SetSysWorkspace(workspace);
   REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.scoreMm_, &tiling.scoreMm, op.dqMm_,
                     &tiling.dqMm);
   op.Init(gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling, &pipe);
@@ -596,7 +596,6 @@ __aicore__ inline void packed_attention_bwd_dkv(GM_ADDR gradOut, GM_ADDR q, GM_A
   TPipe pipe;
   PackedAttentionBwdDkv<TIn> op;
   // In the scope that owns the pipe and the op, as packed_attention_fwd explains.
-  SetSysWorkspace(workspace);
   REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.scoreMm_, &tiling.scoreMm, op.dkvMm_,
                     &tiling.dkvMm);
   op.Init(gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling, &pipe);

@@ -18,8 +18,9 @@
 
 #include "kernel_tiling/kernel_tiling.h"
 
-// GM workspace layout, in bytes from the workspace pointer both kernels receive:
-//   [0, sysWorkspaceBytes)                 the Matmul API's system workspace (SetSysWorkspace)
+// GM workspace layout. The host passes sysWorkspaceBytes of system workspace (the Matmul API's,
+// set by the launch wrapper) followed by the user part, which is what both kernels receive as
+// `workspace` (GetUserWorkspace); the offsets below are from the start of that user part:
 //   [deltaOffset, + Hq * T * 4)            delta = rowsum(dO * O) [Hq, T] f32: the dQ pass
 //                                          writes it, the dK/dV pass reads it
 //   [slotOffset + b * slotBytes, ...)      block b's private scratch; inside a slot, at the

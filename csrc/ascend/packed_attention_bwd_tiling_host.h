@@ -51,7 +51,7 @@ inline uint64_t PackedAttentionBwdDkvUbBytes(uint32_t tile, uint32_t headDim, ui
 // Bytes of GM workspace both launches need (the same buffer for both: the dK/dV pass reads the
 // delta the dQ pass wrote).
 inline uint64_t PackedAttentionBwdWorkspaceBytes(const PackedAttentionBwdTiling& t) {
-  return t.slotOffset + uint64_t(t.slotCount) * t.slotBytes;
+  return t.sysWorkspaceBytes + t.slotOffset + uint64_t(t.slotCount) * t.slotBytes;
 }
 
 #include <cmath>
@@ -188,8 +188,14 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
   uint32_t blocks = platform.GetCoreNumAic();
   if (budget.coreNum < blocks) blocks = budget.coreNum;
   if (maxBlocks != 0 && maxBlocks < blocks) blocks = maxBlocks;
-  auto blocksFor = [blocks](uint32_t items) {
-    const uint32_t n = items < blocks ? items : blocks;
+  // Each block brings GetCoreNumAiv / GetCoreNumAic vector cores (2 on the 910B), which take
+  // the items: launch no more blocks than that many items need.
+  const uint32_t aic = platform.GetCoreNumAic();
+  const uint32_t vectorPerCube =
+      aic == 0 || platform.GetCoreNumAiv() < aic ? 1u : platform.GetCoreNumAiv() / aic;
+  auto blocksFor = [blocks, vectorPerCube](uint32_t items) {
+    const uint32_t needed = (items + vectorPerCube - 1u) / vectorPerCube;
+    const uint32_t n = needed < blocks ? needed : blocks;
     return n == 0 ? 1u : n;  // an empty batch still launches one block, which does nothing
   };
   t.dqBlockDim = blocksFor(t.dqItems);
@@ -197,8 +203,10 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
 
   const uint64_t square = uint64_t(tile) * tile;
   const uint64_t accBytes = p.elemBytes == 4u ? 0u : Align512(uint64_t(tile) * p.headDim * 4u);
-  t.sysWorkspaceBytes = Align512(platform.GetLibApiWorkSpaceSize());
-  t.deltaOffset = t.sysWorkspaceBytes;
+  // Exactly what the wrapper reserves: the kernels find their part GetLibApiWorkSpaceSize() bytes
+  // after the buffer's start, so this must not be rounded.
+  t.sysWorkspaceBytes = platform.GetLibApiWorkSpaceSize();
+  t.deltaOffset = 0;
   t.slotOffset = t.deltaOffset + Align512(uint64_t(p.qHeads) * p.tokens * 4u);
   t.sOffset = 0;
   t.dpOffset = t.sOffset + Align512(square * 4u);
@@ -209,9 +217,7 @@ inline PackedAttentionBwdTiling MakePackedAttentionBwdTiling(
   t.slotBytes = t.acc2Offset + accBytes;
   // In CANN's MIX mode a launch index is one cube core with its vector cores (two on the 910B),
   // and each vector core is a block with its own GetBlockIdx: give every one a slot.
-  const uint32_t aic = platform.GetCoreNumAic();
-  const uint32_t vectorPerCube = aic == 0 ? 1u : platform.GetCoreNumAiv() / aic;
   const uint32_t launched = t.dqBlockDim > t.dkvBlockDim ? t.dqBlockDim : t.dkvBlockDim;
-  t.slotCount = launched * (vectorPerCube == 0 ? 1u : vectorPerCube);
+  t.slotCount = launched * vectorPerCube;
   return t;
 }

@@ -41,9 +41,12 @@
 // reads S/PV after it returns; data the vector side writes to GM for the cube (stacked Q, P) is
 // fenced with MTE3 -> S before the scalar unit issues the next Matmul call.
 //
-// Workspace (GM argument `workspace`, size PackedAttentionWorkspaceBytes): the system workspace
-// the Matmul API uses (tiling.sysWorkspaceBytes, first), then per-block areas of
-// tiling.blockWorkspaceBytes, one per vector core (tiling.blockSlots), laid out by
+// Workspace: the host passes PackedAttentionWorkspaceBytes bytes, the system workspace the Matmul
+// API uses (tiling.sysWorkspaceBytes, first), then the user part. The kernels are built with
+// HAVE_WORKSPACE HAVE_TILING (cmake/ascend.cmake), so the launch wrapper CANN generates sets the
+// system workspace (SetSysWorkspaceForce) and hands the kernel the user part (GetUserWorkspace:
+// RESERVED_WORKSPACE, 16 MB, further on): `workspace` below is that user part. It holds one area of
+// tiling.blockWorkspaceBytes per vector core (tiling.blockSlots), laid out by
 // PackedAttentionBlockWorkspace (offsets in the tiling); no two vector cores share one.
 #pragma once
 
@@ -93,8 +96,7 @@ class PackedAttentionFwd {
     cuGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cuSeqlens), tiling.docs + 1u);
 
     // This block's scratch, after the system workspace.
-    GM_ADDR mine = workspace + tiling.sysWorkspaceBytes +
-                   uint64_t(GetBlockIdx()) * tiling.blockWorkspaceBytes;
+    GM_ADDR mine = workspace + uint64_t(GetBlockIdx()) * tiling.blockWorkspaceBytes;
     wsQ_.SetGlobalBuffer(reinterpret_cast<__gm__ TIn*>(mine + tiling.wsQOffset), uint64_t(maxM) * D);
     wsS_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(mine + tiling.wsSOffset),
                          uint64_t(maxM) * tile);
@@ -420,8 +422,8 @@ __aicore__ inline void packed_attention_fwd(GM_ADDR q, GM_ADDR k, GM_ADDR v,
   // Registered here, in the scope that owns the pipe and the op, as CANN's Matmul samples do: on
   // the 910B (MIX mode) the macro runs the cube core's server loop and returns from this function
   // there, and on each vector core it declares the client object every later Matmul call goes
-  // through, so it must outlive Process(). The system workspace carries their messages.
-  SetSysWorkspace(workspace);
+  // through, so it must outlive Process(). The system workspace that carries their messages was
+  // set by the launch wrapper (see the workspace note at the top).
   REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), op.qk_, &tiling.qk, op.pv_, &tiling.pv);
   op.Init(q, k, v, cuSeqlens, out, lse, workspace, tiling, &pipe);
   op.Process();

@@ -40,8 +40,8 @@ struct PackedAttentionTiling {
   uint32_t blockDim;   // blocks to launch
   float scale;         // softmax scale applied to q . k
   uint32_t ubBytes;    // UB bytes the kernel's InitBuffer calls take with this tiling
-  uint32_t sysWorkspaceBytes;    // system workspace (Matmul messages) at the start of workspace
-  uint32_t blockWorkspaceBytes;  // per-block scratch after it, block b at sys + b * this
+  uint32_t sysWorkspaceBytes;    // system workspace (Matmul messages) before the user part
+  uint32_t blockWorkspaceBytes;  // per-core scratch in the user part, core b at b * this
   // Scratch areas: one per vector core, which in the 910B's MIX mode is blockDim * 2 (each cube
   // core drives two vector cores, each with its own GetBlockIdx), blockDim on the 310B.
   uint32_t blockSlots;

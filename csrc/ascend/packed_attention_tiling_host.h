@@ -56,7 +56,7 @@ inline PackedAttentionWorkspaceLayout PackedAttentionBlockWorkspace(uint32_t gro
 }
 
 // Bytes of the `workspace` GM argument: the system workspace the Matmul API needs (first), then
-// blockDim per-block scratch areas. The launch code must allocate at least this much.
+// one scratch area per vector core. The launch code must allocate at least this much.
 inline uint64_t PackedAttentionWorkspaceBytes(const PackedAttentionTiling& t) {
   return uint64_t(t.sysWorkspaceBytes) + uint64_t(t.blockSlots) * t.blockWorkspaceBytes;
 }
@@ -243,7 +243,13 @@ inline PackedAttentionTiling MakePackedAttentionTiling(
   uint32_t blocks = platform.GetCoreNumAic();
   if (budget.coreNum < blocks) blocks = budget.coreNum;
   if (maxBlocks != 0 && maxBlocks < blocks) blocks = maxBlocks;
-  if (items < blocks) blocks = uint32_t(items);
+  // Each block brings GetCoreNumAiv / GetCoreNumAic vector cores (2 on the 910B), which take
+  // the items: launch no more blocks than that many items need.
+  const uint32_t aic = platform.GetCoreNumAic();
+  const uint32_t vectorPerCube =
+      aic == 0 || platform.GetCoreNumAiv() < aic ? 1u : platform.GetCoreNumAiv() / aic;
+  const uint64_t needed = (items + vectorPerCube - 1) / vectorPerCube;
+  if (needed < blocks) blocks = uint32_t(needed);
   if (blocks == 0) blocks = 1;  // an empty batch still launches one block, which does nothing
   const PackedAttentionWorkspaceLayout ws =
       PackedAttentionBlockWorkspace(group, tile, p.headDim, p.elemBytes);
@@ -257,11 +263,8 @@ inline PackedAttentionTiling MakePackedAttentionTiling(
   t.tile = tile;
   t.workItems = uint32_t(items);
   t.blockDim = blocks;
-  // MIX mode: a launch index is one cube core and its vector cores (GetCoreNumAiv / GetCoreNumAic
-  // of them: 2 on the 910B, 1 on the 310B), and the work is split over the vector cores.
-  const uint32_t aic = platform.GetCoreNumAic();
-  const uint32_t vectorPerCube = aic == 0 ? 1u : platform.GetCoreNumAiv() / aic;
-  t.blockSlots = blocks * (vectorPerCube == 0 ? 1u : vectorPerCube);
+  // MIX mode: the work is split over the vector cores, each with its own scratch area.
+  t.blockSlots = blocks * vectorPerCube;
   t.scale = p.scale;
   t.ubBytes = uint32_t(PackedAttentionUbBytes(group, tile, p.headDim, p.elemBytes));
   t.sysWorkspaceBytes = platform.GetLibApiWorkSpaceSize();

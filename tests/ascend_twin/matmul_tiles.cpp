@@ -56,7 +56,7 @@ __global__ __aicore__ void matmul_rows(GM_ADDR a, GM_ADDR b, GM_ADDR bias, GM_AD
   SetSysWorkspace(workspace);
   TPipe pipe;
   Matmul<AType, BType, CType, BiasType> mm;
-  // On 910B REGIST_MATMUL_OBJ must come before any InitBuffer.
+  // In the kernel's own scope: the cube core serves here and returns.
   REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
 
   const int32_t m0 = static_cast<int32_t>(GetBlockIdx()) * p.rows;
@@ -216,6 +216,9 @@ bool MakeTiling(const platform_ascendc::PlatformAscendC& platform, matmul_tiling
 template <class T, bool TRANS_B>
 int Run(const Problem& p, twin::Chip chip, uint32_t block_dim, const int32_t fix[3],
         const std::string& dir) {
+  // block_dim vector blocks split the rows; a 910B MIX kernel has two per cube block.
+  const twin::LaunchOptions mix{twin::KernelType::Mix};
+  const uint32_t cube_blocks = chip == twin::Chip::Ascend910B ? (block_dim + 1) / 2 : block_dim;
   auto* platform = platform_ascendc::PlatformAscendCManager::GetInstance(
       chip == twin::Chip::Ascend910B ? "Ascend910B1" : "Ascend310B1");
   using HostPos = matmul_tiling::TPosition;
@@ -243,18 +246,18 @@ int Run(const Problem& p, twin::Chip chip, uint32_t block_dim, const int32_t fix
     if (p.mode == "chain") {
       std::vector<char> d = ReadFile(dir + "/d.bin");
       std::vector<float> o(size_t(p.m) * p.k, -12345.0f);
-      twin::Launch(block_dim, chip, matmul_chain<T, TRANS_B>, gm(a), gm(b), gm(d), gm(c), gm(o),
-                   gm(workspace), p, t1, t2);
+      twin::Launch(cube_blocks, chip, mix, matmul_chain<T, TRANS_B>, gm(a), gm(b), gm(d), gm(c),
+                   gm(o), gm(workspace), p, t1, t2);
       c.swap(o);
     } else if (ub_a) {
-      twin::Launch(block_dim, chip, matmul_rows<T, TPosition::VECOUT, TPosition::GM, TRANS_B>,
-                   gm(a), gm(b), gm(bias), gm(c), gm(workspace), p, t1);
+      twin::Launch(cube_blocks, chip, mix,
+                   matmul_rows<T, TPosition::VECOUT, TPosition::GM, TRANS_B>, gm(a), gm(b), gm(bias), gm(c), gm(workspace), p, t1);
     } else if (ub_c) {
-      twin::Launch(block_dim, chip, matmul_rows<T, TPosition::GM, TPosition::VECIN, TRANS_B>,
-                   gm(a), gm(b), gm(bias), gm(c), gm(workspace), p, t1);
+      twin::Launch(cube_blocks, chip, mix,
+                   matmul_rows<T, TPosition::GM, TPosition::VECIN, TRANS_B>, gm(a), gm(b), gm(bias), gm(c), gm(workspace), p, t1);
     } else {
-      twin::Launch(block_dim, chip, matmul_rows<T, TPosition::GM, TPosition::GM, TRANS_B>, gm(a),
-                   gm(b), gm(bias), gm(c), gm(workspace), p, t1);
+      twin::Launch(cube_blocks, chip, mix, matmul_rows<T, TPosition::GM, TPosition::GM, TRANS_B>,
+                   gm(a), gm(b), gm(bias), gm(c), gm(workspace), p, t1);
     }
   } catch (const twin::HardwareRuleViolation& e) {
     std::cout << "VIOLATION rule=" << e.rule() << " what=" << e.what() << std::endl;

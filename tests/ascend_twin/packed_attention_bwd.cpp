@@ -147,10 +147,16 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> workspace(wsBytes + kGuardBytes, 0xff);
   std::memset(workspace.data() + wsBytes, kGuard, kGuardBytes);
   try {
+    // A MIX kernel built with HAVE_WORKSPACE HAVE_TILING, as cmake/ascend.cmake builds it: the
+    // twin plays the generated wrapper (system workspace set, the kernel gets the user part).
+    twin::LaunchOptions mix;
+    mix.type = twin::KernelType::Mix;
+    mix.have_workspace_and_tiling = true;
+    mix.wrapper_user_workspace = true;
     auto launch = [&](auto dq, auto dkv) {
-      twin::Launch(tiling.dqBlockDim, chip, dq, dO.data(), q.data(), k.data(), v.data(),
+      twin::Launch(tiling.dqBlockDim, chip, mix, dq, dO.data(), q.data(), k.data(), v.data(),
                    out.data(), lse.data(), cu.data(), gradQ.data(), workspace.data(), tiling);
-      twin::Launch(tiling.dkvBlockDim, chip, dkv, dO.data(), q.data(), k.data(), v.data(),
+      twin::Launch(tiling.dkvBlockDim, chip, mix, dkv, dO.data(), q.data(), k.data(), v.data(),
                    lse.data(), cu.data(), gradK.data(), gradV.data(), workspace.data(), tiling);
     };
     if (isF32) {
@@ -177,7 +183,9 @@ int main(int argc, char** argv) {
   file.write(reinterpret_cast<const char*>(gradQ.data()), std::streamsize(qBytes));
   file.write(reinterpret_cast<const char*>(gradK.data()), std::streamsize(kvBytes));
   file.write(reinterpret_cast<const char*>(gradV.data()), std::streamsize(kvBytes));
-  file.write(reinterpret_cast<const char*>(workspace.data() + tiling.deltaOffset),
+  // delta sits in the user part, after the system workspace.
+  file.write(reinterpret_cast<const char*>(workspace.data() + tiling.sysWorkspaceBytes +
+                                           tiling.deltaOffset),
              std::streamsize(lseBytes));
   return file ? 0 : 2;
 }

@@ -123,7 +123,8 @@ int main(int argc, char** argv) {
       PackedAttentionBlockWorkspace(tiling.group, tiling.tile, problem.headDim, problem.elemBytes);
   const uint64_t wsBytes = PackedAttentionWorkspaceBytes(tiling);
   std::cout << "WORKSPACE total=" << wsBytes << " sys=" << tiling.sysWorkspaceBytes
-            << " block=" << tiling.blockWorkspaceBytes << " q=" << layout.q << " s=" << layout.s
+            << " block=" << tiling.blockWorkspaceBytes << " slots=" << tiling.blockSlots
+            << " q=" << layout.q << " s=" << layout.s
             << " p=" << layout.p << " o=" << layout.o << std::endl;
   auto cube = [](const TCubeTiling& c) {
     return std::to_string(c.singleCoreM) + "x" + std::to_string(c.singleCoreN) + "x" +
@@ -138,8 +139,14 @@ int main(int argc, char** argv) {
   // Poisoned workspace (NaN for floats): scratch the kernel reads before writing shows up.
   std::vector<uint8_t> workspace(wsBytes, 0xff);
   try {
+    // A MIX kernel built with HAVE_WORKSPACE HAVE_TILING, as cmake/ascend.cmake builds it: the
+    // twin plays the generated wrapper (system workspace set, the kernel gets the user part).
+    twin::LaunchOptions mix;
+    mix.type = twin::KernelType::Mix;
+    mix.have_workspace_and_tiling = true;
+    mix.wrapper_user_workspace = true;
     auto launch = [&](auto kernel) {
-      twin::Launch(tiling.blockDim, chip, kernel, q.data(), k.data(), v.data(), cu.data(),
+      twin::Launch(tiling.blockDim, chip, mix, kernel, q.data(), k.data(), v.data(), cu.data(),
                    out.data(), reinterpret_cast<GM_ADDR>(lse.data()), workspace.data(), tiling);
     };
     // The tiling names the input type; bf16 and fp16 have the same size, so only it can tell.
@@ -156,7 +163,9 @@ int main(int argc, char** argv) {
   }
   if (argc == 14) {
     std::ofstream ws(argv[13], std::ios::binary);
-    ws.write(reinterpret_cast<const char*>(workspace.data() + tiling.sysWorkspaceBytes),
+    // The last vector core's scratch area, in the user part after the system workspace.
+    const uint64_t last = uint64_t(tiling.blockSlots - 1u) * tiling.blockWorkspaceBytes;
+    ws.write(reinterpret_cast<const char*>(workspace.data() + tiling.sysWorkspaceBytes + last),
              std::streamsize(tiling.blockWorkspaceBytes));
     if (!ws) return 2;
   }

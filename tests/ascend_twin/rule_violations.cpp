@@ -225,7 +225,11 @@ __global__ __aicore__ void matmul_before_regist(GM_ADDR gm) {
   TPipe pipe;
   TCubeTiling tiling = SmallTiling();
   MatmulF32 mm;
-  if (!g_bad) REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  if (g_bad) {
+    mm.SetTensorA(Gm<float>(gm, 0, 1024));
+    return;
+  }
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
   mm.SetTensorA(Gm<float>(gm, 0, 1024));
 }
 
@@ -292,16 +296,125 @@ __global__ __aicore__ void matmul_switch_without_end(GM_ADDR gm) {
   mm2.End();
 }
 
-// On 910B (separated cube/vector cores) REGIST_MATMUL_OBJ must precede InitBuffer.
-__global__ __aicore__ void matmul_regist_after_initbuffer(GM_ADDR) {
+// Legal either way (CANN's REGIST only binds the pipe; the kfc client/server do not look at
+// the UB allocation): InitBuffer before REGIST_MATMUL_OBJ is accepted. Used with "good" only.
+__global__ __aicore__ void matmul_initbuffer_then_regist(GM_ADDR gm) {
   SetSysWorkspace(g_workspace.data());
   TPipe pipe;
   TBuf<TPosition::VECCALC> buf;
   TCubeTiling tiling = SmallTiling();
   MatmulF32 mm;
-  if (g_bad) pipe.InitBuffer(buf, 256);
+  pipe.InitBuffer(buf, 256);
   REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
-  if (!g_bad) pipe.InitBuffer(buf, 256);
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.IterateAll(Gm<float>(gm, 2048 + 1024 * GetSubBlockIdx(), 1024));
+  mm.End();
+}
+
+// CANN's MAX_MATMUL_OBJ is 8: nine objects are one too many, eight are fine.
+__global__ __aicore__ void matmul_objects(GM_ADDR) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling t = SmallTiling();
+  MatmulF32 m0, m1, m2, m3, m4, m5, m6, m7, m8;
+  if (g_bad) {
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), m0, &t, m1, &t, m2, &t, m3, &t, m4, &t, m5,
+                      &t, m6, &t, m7, &t, m8, &t);
+  } else {
+    REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), m0, &t, m1, &t, m2, &t, m3, &t, m4, &t, m5,
+                      &t, m6, &t, m7, &t);
+  }
+}
+
+// ---- MIX kernels on the 910B: one AIC and two AIVs per block ----
+
+// Computes one 32x32x32 product per vector core into its own part of gm (AIV k -> C slot k).
+template <class MM>
+void OneProduct(MM& mm, GM_ADDR gm) {
+  mm.SetTensorA(Gm<float>(gm, 0, 1024));
+  mm.SetTensorB(Gm<float>(gm, 1024, 1024));
+  mm.IterateAll(Gm<float>(gm, 2048 + 1024 * uint64_t(GetBlockIdx() % 2), 1024));
+  mm.End();
+}
+
+// REGIST in a helper: its client object dies when the helper returns, so the vector core's
+// later Matmul calls reach no server (the cube core already quit and returned from the helper).
+void RegistInHelper(TPipe* pipe, MatmulF32& mm, TCubeTiling* tiling) {
+  REGIST_MATMUL_OBJ(pipe, GetSysWorkSpacePtr(), mm, tiling);
+}
+__global__ __aicore__ void regist_scope(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  if (g_bad) {
+    RegistInHelper(&pipe, mm, &tiling);
+    if (GetTaskRation() == 2 && GetSubBlockIdx() == 0) OneProduct(mm, gm);  // one AIV
+    return;
+  }
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  OneProduct(mm, gm);
+}
+
+// REGIST in Init(): the cube core returns from Init, not from the kernel, and then runs
+// Process(), whose DataCopy is a vector instruction it does not have.
+class RegistInInit {
+ public:
+  void Init(GM_ADDR gm, TCubeTiling* tiling) {
+    gm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(gm), 4096);
+    pipe_.InitBuffer(buf_, 256);
+    REGIST_MATMUL_OBJ(&pipe_, GetSysWorkSpacePtr(), mm_, tiling);
+  }
+  void Process() {
+    LocalTensor<float> x = buf_.Get<float>();
+    DataCopy(x, gm_, 8);
+  }
+  MatmulF32 mm_;
+
+ private:
+  TPipe pipe_;
+  TBuf<TPosition::VECCALC> buf_;
+  GlobalTensor<float> gm_;
+};
+__global__ __aicore__ void cube_core_vector(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TCubeTiling tiling = SmallTiling();
+  if (g_bad) {
+    RegistInInit op;
+    op.Init(gm, &tiling);
+    op.Process();
+    return;
+  }
+  TPipe pipe;
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);  // the AIC returns here
+  TBuf<TPosition::VECCALC> buf;
+  pipe.InitBuffer(buf, 256);
+  GlobalTensor<float> g = Gm<float>(gm, 0, 1024);
+  DataCopy(buf.Get<float>(), g, 8);
+}
+
+// Vector core 1 of the block leaves before REGIST: the cube core's server waits for its quit.
+__global__ __aicore__ void mix_deadlock(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  if (g_bad && GetSubBlockIdx() == 1) return;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  OneProduct(mm, gm);
+}
+
+// Matmul with kernel type AivOnly (bad) or Mix (good); also launched without the
+// HAVE_WORKSPACE/HAVE_TILING wrapper event (workspace-sync).
+__global__ __aicore__ void mix_regist(GM_ADDR gm) {
+  SetSysWorkspace(g_workspace.data());
+  TPipe pipe;
+  TCubeTiling tiling = SmallTiling();
+  MatmulF32 mm;
+  REGIST_MATMUL_OBJ(&pipe, GetSysWorkSpacePtr(), mm, &tiling);
+  OneProduct(mm, gm);
 }
 
 // No system workspace on 910B: the vector core has nowhere to post its requests to the cube.
@@ -488,7 +601,13 @@ struct Case {
   twin::Chip bad_chip;
   twin::Chip good_chip;
   uint32_t block_dim;
+  // Matmul cases run as 910B MIX kernels (one AIC + two AIVs per block), the rest as AIV-only.
+  twin::KernelType bad_type = twin::KernelType::AivOnly;
+  twin::KernelType good_type = twin::KernelType::AivOnly;
+  bool bad_wrapper_event = true;  // LaunchOptions::have_workspace_and_tiling in the bad run
 };
+
+constexpr auto kMix = twin::KernelType::Mix;
 
 const std::map<std::string, Case>& Cases() {
   using twin::Chip;
@@ -508,30 +627,46 @@ const std::map<std::string, Case>& Cases() {
       {"ub-bounds", {ub_bounds, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"gm-bounds", {gm_bounds, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"syncall-divergence", {syncall_divergence, Chip::Ascend910B, Chip::Ascend910B, 4}},
-      {"matmul-dtype", {matmul_dtype, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-before-regist", {matmul_before_regist, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"matmul-dtype", {matmul_dtype, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-before-regist",
+       {matmul_before_regist, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
       {"matmul-iterate-before-set",
-       {matmul_iterate_before_set, Chip::Ascend910B, Chip::Ascend910B, 1}},
+       {matmul_iterate_before_set, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
       {"matmul-gettensorc-without-iterate",
-       {matmul_gettensorc_without_iterate, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-use-after-end", {matmul_use_after_end, Chip::Ascend910B, Chip::Ascend910B, 1}},
+       {matmul_gettensorc_without_iterate, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-use-after-end",
+       {matmul_use_after_end, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
       {"matmul-switch-without-end",
-       {matmul_switch_without_end, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-regist-after-initbuffer",
-       {matmul_regist_after_initbuffer, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-workspace", {matmul_workspace, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-org-shape", {matmul_org_shape, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-single-shape", {matmul_single_shape, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-gm-bounds", {matmul_gm_bounds, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-ub-c-size", {matmul_ub_c_size, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-ub-c-alignment", {matmul_ub_c_alignment, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-tiling-l0c", {matmul_tiling_l0c, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-tiling-l1", {matmul_tiling_l1, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-tiling-fractal", {matmul_tiling_fractal, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-tiling-basek", {matmul_tiling_basek, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-position-local", {matmul_position_local, Chip::Ascend910B, Chip::Ascend910B, 1}},
-      {"matmul-position-chip", {matmul_position_chip, Chip::Ascend310B, Chip::Ascend910B, 1}},
-      {"matmul-transpose", {matmul_transpose, Chip::Ascend910B, Chip::Ascend910B, 1}},
+       {matmul_switch_without_end, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-initbuffer-then-regist",
+       {matmul_initbuffer_then_regist, Chip::Ascend910B, Chip::Ascend910B, 2, kMix, kMix}},
+      {"matmul-objects", {matmul_objects, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"regist-scope", {regist_scope, Chip::Ascend910B, Chip::Ascend910B, 2, kMix, kMix}},
+      {"cube-core-vector", {cube_core_vector, Chip::Ascend910B, Chip::Ascend910B, 2, kMix, kMix}},
+      {"mix-deadlock", {mix_deadlock, Chip::Ascend910B, Chip::Ascend910B, 2, kMix, kMix}},
+      {"kernel-type",
+       {mix_regist, Chip::Ascend910B, Chip::Ascend910B, 2, twin::KernelType::AivOnly, kMix}},
+      {"workspace-sync",
+       {mix_regist, Chip::Ascend910B, Chip::Ascend910B, 2, kMix, kMix, /*event=*/false}},
+      {"matmul-workspace", {matmul_workspace, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-org-shape", {matmul_org_shape, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-single-shape",
+       {matmul_single_shape, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-gm-bounds", {matmul_gm_bounds, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-ub-c-size", {matmul_ub_c_size, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-ub-c-alignment",
+       {matmul_ub_c_alignment, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-tiling-l0c", {matmul_tiling_l0c, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-tiling-l1", {matmul_tiling_l1, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-tiling-fractal",
+       {matmul_tiling_fractal, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-tiling-basek",
+       {matmul_tiling_basek, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-position-local",
+       {matmul_position_local, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-position-chip",
+       {matmul_position_chip, Chip::Ascend310B, Chip::Ascend910B, 1, kMix, kMix}},
+      {"matmul-transpose", {matmul_transpose, Chip::Ascend910B, Chip::Ascend910B, 1, kMix, kMix}},
   };
   return cases;
 }
@@ -553,7 +688,10 @@ int main(int argc, char** argv) {
   g_bad = std::string(argv[2]) == "bad";
   const Case& c = it->second;
   try {
-    twin::Launch(c.block_dim, g_bad ? c.bad_chip : c.good_chip, c.kernel, GmBase());
+    twin::LaunchOptions options;
+    options.type = g_bad ? c.bad_type : c.good_type;
+    options.have_workspace_and_tiling = !g_bad || c.bad_wrapper_event;
+    twin::Launch(c.block_dim, g_bad ? c.bad_chip : c.good_chip, options, c.kernel, GmBase());
   } catch (const twin::HardwareRuleViolation& e) {
     std::cout << "VIOLATION rule=" << e.rule() << " what=" << e.what() << std::endl;
     return 3;

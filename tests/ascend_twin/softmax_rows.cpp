@@ -43,6 +43,7 @@ class KernelSoftmaxRows {
     pipe_.InitBuffer(floatBuf_, tiling.chunk * sizeof(float));
     pipe_.InitBuffer(workBuf_, tiling.chunk * sizeof(float));
     pipe_.InitBuffer(scalarBuf_, 32);
+    pipe_.InitBuffer(lseBuf_, 32);
   }
 
   __aicore__ inline void Process() {
@@ -81,7 +82,16 @@ class KernelSoftmaxRows {
         Compute(pass, row, c);
       }
     }
-    lseGm_.SetValue(row, rowLse_);
+    // Not lseGm_.SetValue: a scalar GM store goes through this core's data cache and its whole
+    // 64-byte line is written back later, clobbering the neighbouring rows of other blocks.
+    // MTE3 writes exactly these 4 bytes.
+    LocalTensor<float> lse = lseBuf_.Get<float>();
+    lse.SetValue(0, rowLse_);
+    SetFlag<HardEvent::S_MTE3>(EVENT_ID0);
+    WaitFlag<HardEvent::S_MTE3>(EVENT_ID0);
+    DataCopyPad(lseGm_[row], lse, DataCopyExtParams{1, sizeof(float), 0, 0, 0});
+    SetFlag<HardEvent::MTE3_S>(EVENT_ID0);  // the next row's SetValue reuses the buffer
+    WaitFlag<HardEvent::MTE3_S>(EVENT_ID0);
   }
 
   __aicore__ inline void CopyIn(uint32_t row, uint32_t c) {
@@ -157,6 +167,7 @@ class KernelSoftmaxRows {
   TBuf<TPosition::VECCALC> floatBuf_;
   TBuf<TPosition::VECCALC> workBuf_;
   TBuf<TPosition::VECCALC> scalarBuf_;
+  TBuf<TPosition::VECCALC> lseBuf_;
   GlobalTensor<TIn> xGm_;
   GlobalTensor<float> yGm_;
   GlobalTensor<float> lseGm_;

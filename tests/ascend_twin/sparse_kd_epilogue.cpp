@@ -141,7 +141,9 @@ std::string RunCase(const std::string& dir) {
         if (exactUb) twin::detail::Block("driver").chip.ub_bytes = uint32_t(ubLimit);
         kernel(args...);
       };
-      twin::Launch(tiling.blockDim, chip, limited, logits.data(), labels.data(), ids.data(),
+      const twin::LaunchOptions aivOnly{twin::KernelType::AivOnly};
+      twin::Launch(tiling.blockDim, chip, aivOnly, limited, logits.data(), labels.data(),
+                   ids.data(),
                    teacher.data(), teacherLse.data(), labelLogit.data(),
                    reinterpret_cast<GM_ADDR>(loss.data()), reinterpret_cast<GM_ADDR>(stats.data()),
                    tiling);

@@ -17,7 +17,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <chrono>
 #include <exception>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -26,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -203,9 +206,69 @@ class Barrier {
   bool aborted_ = false;
 };
 
+// Which core a twin thread plays. On the 910B (dav_c220) cube (AIC) and vector (AIV) cores are
+// separate: a MIX kernel runs its function on one AIC and two AIVs per block, an AIV-only kernel
+// on one AIV per block. The 310B (dav_m300) has one coupled AI core per block.
+enum class Core { AiCore, Aiv, Aic };
+
+inline const char* CoreName(Core c) {
+  switch (c) {
+    case Core::AiCore: return "AI core";
+    case Core::Aiv: return "vector core (AIV)";
+    case Core::Aic: return "cube core (AIC)";
+  }
+  return "?";
+}
+
+struct BlockContext;
+
+// One Matmul call a vector core's client posts to its cube core (lib/matmul/matmul_intf.h).
+struct CubeRequest {
+  std::function<void()> work;
+  BlockContext* client = nullptr;
+  bool taken = false;  // the cube core is executing it: the poster must wait for done
+  bool done = false;
+  std::exception_ptr error;
+};
+
+// The AIC and the two AIVs of one block of a 910B MIX kernel: the message channel the Matmul
+// client/server use (CANN: KfcCommClient / KfcServer over the system workspace), the workspace
+// event the generated launch wrapper sets, and who has quit.
+struct MixPair {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool workspace_event = false;  // WaitEvent(WORKSPACE_SYNC_ID) returns only when set
+  bool client_seen[2] = {false, false};
+  bool client_quit[2] = {false, false};
+  bool aiv_ended[2] = {false, false};
+  bool server_ended = false;  // the AIC thread returned from the kernel
+  bool aborted = false;       // another block failed: everyone waiting here drops out
+  std::deque<CubeRequest*> requests;
+};
+
+// One 64-byte line of a core's data cache, as GlobalTensor::SetValue leaves it: the bytes the core
+// loaded at its first touch of each byte (stale by the time it is written back) and its own
+// stores. Only bytes inside the GlobalTensor's buffer are ever loaded or written back, so the
+// twin never touches memory outside a host allocation.
+constexpr uintptr_t kDcacheLine = 64;
+struct DcacheLine {
+  uint8_t bytes[kDcacheLine] = {};
+  bool valid[kDcacheLine] = {};
+  bool dirty = false;
+};
+using Dcache = std::map<uintptr_t, DcacheLine>;  // line address -> line
+
 struct BlockContext {
-  int64_t block_idx = 0;
-  int64_t block_dim = 1;
+  Core core = Core::AiCore;
+  bool model_dcache = false;  // LaunchOptions::model_data_cache
+  Dcache dcache;
+  MixPair* pair = nullptr;  // 910B MIX kernels only
+  bool kfc_client_alive = false;  // an AIV's REGIST_MATMUL_OBJ client object is in scope
+  int64_t block_idx = 0;    // what GetBlockIdx returns (on an AIV of a MIX kernel: block * 2 + sub)
+  int64_t block_dim = 1;    // what GetBlockNum returns: the launch's blockDim
+  int64_t task_ration = 1;  // GetTaskRation: 2 on the AIVs of a 910B MIX kernel, else 1
+  int64_t subblock_idx = 0; // GetSubBlockIdx: 0/1 on the AIVs of a 910B MIX kernel, else 0
+  int kernel_type = 0;      // twin::KernelType of the launch, as its integer value
   ChipInfo chip{};
   Barrier* barrier = nullptr;
   // (HardEvent, event id) -> SetFlag calls not yet consumed by a WaitFlag.
@@ -216,8 +279,6 @@ struct BlockContext {
   uint8_t* sys_workspace = nullptr;
   int matmul_objects = 0;
   const void* active_matmul = nullptr;
-  // Set by the first TPipe::InitBuffer: on separated chips REGIST_MATMUL_OBJ must come first.
-  bool buffers_initialised = false;
 };
 
 inline thread_local BlockContext* current_block = nullptr;
@@ -235,6 +296,21 @@ inline BlockContext& Block(const char* call) {
   throw HardwareRuleViolation(rule, "[" + rule + "] " + call + ": " + detail);
 }
 
+// The vector unit, the UB and MTE2/MTE3 belong to the AIV: a cube core has none of them (CANN's
+// dav_c220 vector and UB copy implementations are compiled out on the AIC). Reached when the AIC
+// runs kernel code past the point where REGIST_MATMUL_OBJ should have kept it serving.
+inline void RequireVectorCore(const std::string& call) {
+  if (current_block != nullptr && current_block->core == Core::Aic) {
+    throw HardwareRuleViolation(
+        "cube-core-vector",
+        "[cube-core-vector] " + call + ": vector instruction on a cube core (block " +
+            std::to_string(current_block->block_idx) +
+            "): the AIC runs the kernel function too and must stay in REGIST_MATMUL_OBJ's "
+            "server loop, which returns from the enclosing function; put REGIST_MATMUL_OBJ in "
+            "the kernel's own scope, not in a member function such as Init()");
+  }
+}
+
 template <class... Parts>
 std::string Str(const Parts&... parts) {
   std::ostringstream out;
@@ -243,6 +319,30 @@ std::string Str(const Parts&... parts) {
 }
 
 inline uint64_t AlignUp32(uint64_t bytes) { return (bytes + 31u) / 32u * 32u; }
+
+// A scalar store to GM goes into the core's data cache: the whole 64-byte line is loaded (the
+// part inside [lo, hi), the tensor's buffer) and later written back whole.
+inline DcacheLine& DcacheLoad(BlockContext& block, const uint8_t* addr, size_t bytes,
+                              const uint8_t* lo, const uint8_t* hi) {
+  const uintptr_t line = reinterpret_cast<uintptr_t>(addr) & ~(kDcacheLine - 1);
+  DcacheLine& entry = block.dcache[line];
+  for (uintptr_t i = 0; i < kDcacheLine; ++i) {
+    const auto* p = reinterpret_cast<const uint8_t*>(line + i);
+    if (!entry.valid[i] && p >= lo && p < hi) {
+      entry.bytes[i] = *p;
+      entry.valid[i] = true;
+    }
+  }
+  (void)bytes;
+  return entry;
+}
+
+inline void DcacheWriteBack(uintptr_t line, const DcacheLine& entry) {
+  if (!entry.dirty) return;
+  for (uintptr_t i = 0; i < kDcacheLine; ++i) {
+    if (entry.valid[i]) *reinterpret_cast<uint8_t*>(line + i) = entry.bytes[i];
+  }
+}
 
 // Which unit touches a buffer; decides whether a queue tensor read is synchronised.
 enum class Unit { None, MTE2, V, MTE3, S, Cube };
@@ -323,8 +423,25 @@ enum class RoundMode { CAST_NONE = 0, CAST_RINT, CAST_FLOOR, CAST_CEIL, CAST_ROU
 enum class CMPMODE { LT = 0, GT, EQ, LE, GE, NE };
 enum class SELMODE { VSEL_CMPMASK_SPR = 0, VSEL_TENSOR_SCALAR_MODE, VSEL_TENSOR_TENSOR_MODE };
 
+// g_coreType of CANN's kernel_utils_macros.h: AIC/AIV on the 910B's cube/vector cores, MIX on
+// the 310B's coupled core (where neither ASCEND_IS_AIC nor ASCEND_IS_AIV holds).
+constexpr int32_t MIX = 0;
+constexpr int32_t AIC = 1;
+constexpr int32_t AIV = 2;
+inline int32_t TwinCoreType() {
+  const auto* block = twin::detail::current_block;
+  if (block == nullptr || block->core == twin::detail::Core::AiCore) return MIX;
+  return block->core == twin::detail::Core::Aic ? AIC : AIV;
+}
+#define ASCEND_IS_AIV (::AscendC::TwinCoreType() == ::AscendC::AIV)
+#define ASCEND_IS_AIC (::AscendC::TwinCoreType() == ::AscendC::AIC)
+#define ASCEND_IS_NOT_AIV (::AscendC::TwinCoreType() != ::AscendC::AIV)
+#define ASCEND_IS_NOT_AIC (::AscendC::TwinCoreType() != ::AscendC::AIC)
+
 inline int64_t GetBlockIdx() { return twin::detail::Block("GetBlockIdx").block_idx; }
 inline int64_t GetBlockNum() { return twin::detail::Block("GetBlockNum").block_dim; }
+inline int64_t GetSubBlockIdx() { return twin::detail::Block("GetSubBlockIdx").subblock_idx; }
+inline int64_t GetTaskRation() { return twin::detail::Block("GetTaskRation").task_ration; }
 
 // The system workspace (GM) the high-level APIs use; on separated chips the Matmul API keeps the
 // messages between the vector and the cube core there. Host side: GetLibApiWorkSpaceSize().
@@ -342,11 +459,19 @@ inline void PipeBarrier() {}
 template <bool isAIVOnly = true>
 inline void SyncAll() {
   auto& block = twin::detail::Block("SyncAll");
-  if (block.block_dim > static_cast<int64_t>(block.chip.core_num)) {
+  static_assert(isAIVOnly, "the twin emulates SyncAll<true> (all vector cores) only");
+  twin::detail::RequireVectorCore("SyncAll");
+  // The barrier is over every vector core of the launch: 2 * blockDim in a 910B MIX kernel.
+  const int64_t cores = block.block_dim * block.task_ration;
+  if (cores > static_cast<int64_t>(block.chip.core_num)) {
     twin::detail::Violate(
         "syncall-block-dim", "SyncAll",
-        twin::detail::Str("blockDim ", block.block_dim, " exceeds the ", block.chip.core_num,
-                          " cores of ", block.chip.name,
+        twin::detail::Str("blockDim ", block.block_dim,
+                          block.task_ration > 1
+                              ? twin::detail::Str(" x ", block.task_ration,
+                                                  " vector cores per block = ", cores)
+                              : std::string(),
+                          " exceeds the ", block.chip.core_num, " cores of ", block.chip.name,
                           "; blocks not resident at the same time never meet (deadlock)"));
   }
   block.barrier->Wait();
@@ -383,23 +508,54 @@ class GlobalTensor {
   void SetGlobalBuffer(__gm__ T* buffer, uint64_t bufferSize) {
     data_ = buffer;
     size_ = bufferSize;
+    lo_ = reinterpret_cast<const uint8_t*>(buffer);
+    hi_ = reinterpret_cast<const uint8_t*>(buffer + bufferSize);
   }
   void SetGlobalBuffer(__gm__ T* buffer) {
     data_ = buffer;
     size_ = std::numeric_limits<uint64_t>::max();
+    lo_ = hi_ = nullptr;  // extent unknown: the data cache model covers only the element itself
   }
+  // A scalar load sees the core's own cached stores (the data cache), else GM.
   T GetValue(uint64_t offset) const {
     CheckRange(offset, 1, "GlobalTensor::GetValue");
+    auto* block = twin::detail::current_block;
+    if (block != nullptr && block->model_dcache) {
+      const auto* addr = reinterpret_cast<const uint8_t*>(data_ + offset);
+      const uintptr_t line = reinterpret_cast<uintptr_t>(addr) & ~(twin::detail::kDcacheLine - 1);
+      auto it = block->dcache.find(line);
+      if (it != block->dcache.end() && it->second.valid[reinterpret_cast<uintptr_t>(addr) - line]) {
+        T value;
+        std::memcpy(&value, it->second.bytes + (reinterpret_cast<uintptr_t>(addr) - line),
+                    sizeof(T));
+        return value;
+      }
+    }
     return data_[offset];
   }
-  // Non-const, as CANN declares it (GlobalTensor::SetValue(const uint64_t, PrimType)).
+  // Non-const, as CANN declares it (GlobalTensor::SetValue(const uint64_t, PrimType)). A plain
+  // scalar store: on the chip it goes through the core's data cache, whose 64-byte line is
+  // written back whole at kernel end or DataCacheCleanAndInvalid (see README "data cache").
   void SetValue(uint64_t offset, T value) {
     CheckRange(offset, 1, "GlobalTensor::SetValue");
-    data_[offset] = value;
+    auto* block = twin::detail::current_block;
+    if (block == nullptr || !block->model_dcache) {
+      data_[offset] = value;
+      return;
+    }
+    auto* addr = reinterpret_cast<const uint8_t*>(data_ + offset);
+    const uint8_t* lo = lo_ != nullptr ? lo_ : addr;
+    const uint8_t* hi = hi_ != nullptr ? hi_ : addr + sizeof(T);
+    auto& line = twin::detail::DcacheLoad(*block, addr, sizeof(T), lo, hi);
+    std::memcpy(line.bytes + (reinterpret_cast<uintptr_t>(addr) % twin::detail::kDcacheLine),
+                &value, sizeof(T));
+    line.dirty = true;
   }
   GlobalTensor operator[](uint64_t offset) const {
     if (offset > size_) CheckRange(offset, 0, "GlobalTensor::operator[]");
     GlobalTensor sub;
+    sub.lo_ = lo_;
+    sub.hi_ = hi_;
     sub.data_ = data_ + offset;
     sub.size_ = size_ == std::numeric_limits<uint64_t>::max() ? size_ : size_ - offset;
     return sub;
@@ -425,7 +581,30 @@ class GlobalTensor {
  private:
   T* data_ = nullptr;
   uint64_t size_ = 0;
+  const uint8_t* lo_ = nullptr;  // bytes of the SetGlobalBuffer buffer (the data cache's bounds)
+  const uint8_t* hi_ = nullptr;
 };
+
+enum class CacheLine : uint64_t { SINGLE_CACHE_LINE = 0, ENTIRE_DATA_CACHE };
+enum class DcciDst : uint64_t { CACHELINE_ALL = 0, CACHELINE_UB, CACHELINE_OUT, CACHELINE_ATOMIC };
+
+// Writes the data cache's dirty line holding the tensor's first element (or every line) back to
+// GM and drops it, so other cores and MTE2 see the scalar stores.
+template <class T, CacheLine entireType, DcciDst dcciDst = DcciDst::CACHELINE_OUT>
+inline void DataCacheCleanAndInvalid(const GlobalTensor<T>& dstTensor) {
+  auto& block = twin::detail::Block("DataCacheCleanAndInvalid");
+  if (entireType == CacheLine::ENTIRE_DATA_CACHE) {
+    for (const auto& [line, entry] : block.dcache) twin::detail::DcacheWriteBack(line, entry);
+    block.dcache.clear();
+    return;
+  }
+  const uintptr_t line =
+      reinterpret_cast<uintptr_t>(dstTensor.GetPhyAddr()) & ~(twin::detail::kDcacheLine - 1);
+  auto it = block.dcache.find(line);
+  if (it == block.dcache.end()) return;
+  twin::detail::DcacheWriteBack(line, it->second);
+  block.dcache.erase(it);
+}
 
 template <class T>
 class LocalTensor {
@@ -475,6 +654,7 @@ class LocalTensor {
   void Check(uint64_t offset, uint64_t count, twin::detail::Access access, twin::detail::Unit unit,
              const std::string& call, bool vector_operand) const {
     using namespace twin::detail;
+    RequireVectorCore(call);
     if (slot_ == nullptr) {
       Violate("ub-bounds", call, "tensor is not bound to a buffer (AllocTensor/Get not called)");
     }
@@ -732,7 +912,6 @@ class TPipe {
     }
     if (is_queue) count += num;
     buffers_total_ += num;
-    twin::detail::Block("TPipe::InitBuffer").buffers_initialised = true;
   }
   twin::detail::Slot* Carve(TPosition pos, uint32_t len, twin::detail::SlotState state,
                             const void* owner, std::string name) {
@@ -1197,6 +1376,8 @@ void Select(const LocalTensor<T>& dst, const LocalTensor<U>& selMask, const Loca
 
 using AscendC::GetBlockIdx;
 using AscendC::GetBlockNum;
+using AscendC::GetSubBlockIdx;
+using AscendC::GetTaskRation;
 using AscendC::GetSysWorkSpacePtr;
 using AscendC::SetSysWorkspace;
 
@@ -1205,55 +1386,168 @@ using AscendC::SetSysWorkspace;
 // ------------------------------------------------------------------------------------------
 namespace twin {
 
-// Runs kernel(args...) once per block, each block on its own thread with its own UB and flag
-// state. Returns when every block has finished; rethrows the first failure (a
-// HardwareRuleViolation, or whatever else a block threw) in the calling thread.
+// How the kernel runs on a chip with separated cores (910B). CANN decides it at compile time
+// (KERNEL_TASK_TYPE_DEFAULT, or the compiler seeing cube code); the twin is told at launch.
+enum class KernelType {
+  // Pre-issue-12 model, kept while launchers migrate: one thread per block that owns its Matmul
+  // objects, GetTaskRation() == 1. Not faithful for Matmul kernels on the 910B.
+  Unspecified,
+  AivOnly,  // KERNEL_TYPE_AIV_ONLY: blockDim vector cores, GetBlockIdx 0..blockDim-1
+  Mix,      // KERNEL_TYPE_MIX_AIC_1_2: blockDim cube cores + 2 * blockDim vector cores
+};
+
+struct LaunchOptions {
+  KernelType type = KernelType::Unspecified;
+  // The launch wrapper CANN generates (extract_host_stub.py) sets the system workspace and, in a
+  // MIX kernel, clears it on the AIC and sets WORKSPACE_SYNC_ID only when the kernel library is
+  // compiled with HAVE_WORKSPACE (and HAVE_TILING when the tiling is the last argument). The
+  // vector side of REGIST_MATMUL_OBJ waits for that event. true = built with both defines.
+  bool have_workspace_and_tiling = true;
+  // What that wrapper then does to the arguments, for kernels shaped like ours, whose last two
+  // arguments are (workspace, tiling): SetSysWorkspaceForce(workspace) on every core and the
+  // kernel receives GetUserWorkspace(workspace) = workspace + RESERVED_WORKSPACE (16 MB on the
+  // 910B and the 310B, kernel_utils_constants.h) in its place, with a MIX kernel returning at
+  // once on a null workspace. The twin's own sample kernels pass their workspace elsewhere and
+  // set it themselves, so this is off by default.
+  bool wrapper_user_workspace = false;
+  // GlobalTensor::SetValue through a per-core 64-byte-line data cache, written back whole at
+  // kernel end in core order (so neighbouring values of two cores in one line clobber each other).
+  bool model_data_cache = true;
+};
+
+namespace detail {
+
+inline void AbortPairs(std::vector<std::unique_ptr<MixPair>>& pairs) {
+  for (auto& pair : pairs) {
+    std::lock_guard<std::mutex> lock(pair->mutex);
+    pair->aborted = true;
+    pair->cv.notify_all();
+  }
+}
+
+}  // namespace detail
+
+// Runs kernel(args...) on every core of the launch, each on its own thread with its own UB and
+// flag state: on a 910B MIX kernel one AIC and two AIV threads per block, otherwise one thread
+// per block. Returns when every core has finished; rethrows the first failure (a
+// HardwareRuleViolation, or whatever else a core threw) in the calling thread.
 template <class Kernel, class... Args>
-void Launch(uint32_t blockDim, Chip chip, Kernel&& kernel, Args... args) {
+void Launch(uint32_t blockDim, Chip chip, LaunchOptions options, Kernel&& kernel, Args... args) {
   if (blockDim == 0 || blockDim > 65535u) {
     throw std::invalid_argument(detail::Str("twin::Launch: blockDim must be in [1, 65535], got ",
                                             blockDim));
   }
+  // The wrapper's rewrite of the workspace argument (LaunchOptions::wrapper_user_workspace).
+  constexpr size_t kArgs = sizeof...(Args);
+  uint8_t* wrapper_workspace = nullptr;
+  std::tuple<Args...> kernel_args(args...);
+  if (options.wrapper_user_workspace) {
+    if constexpr (kArgs >= 2) {
+      using Workspace = std::tuple_element_t<kArgs - 2, std::tuple<Args...>>;
+      if constexpr (std::is_same_v<Workspace, uint8_t*>) {
+        wrapper_workspace = std::get<kArgs - 2>(kernel_args);
+        if (wrapper_workspace == nullptr && options.type == KernelType::Mix) return;
+        if (wrapper_workspace == nullptr) {
+          throw std::invalid_argument("twin::Launch: workspace can not be nullptr");
+        }
+        std::get<kArgs - 2>(kernel_args) = wrapper_workspace + kReservedWorkspaceBytes;
+      } else {
+        throw std::invalid_argument(
+            "twin::Launch: wrapper_user_workspace needs a GM_ADDR workspace as the kernel's "
+            "second-to-last argument (the tiling last)");
+      }
+    } else {
+      throw std::invalid_argument("twin::Launch: wrapper_user_workspace needs (workspace, tiling)");
+    }
+  }
   const ChipInfo info = GetChipInfo(chip);
-  detail::Barrier barrier(blockDim);
+  const bool mix = info.separated && options.type == KernelType::Mix;
+  const uint32_t ratio = mix ? 2u : 1u;  // vector cores per block (get_subblockdim on an AIV)
+  detail::Barrier barrier(blockDim * ratio);
+  std::vector<std::unique_ptr<detail::MixPair>> pairs;
+  for (uint32_t b = 0; mix && b < blockDim; ++b) {
+    pairs.push_back(std::make_unique<detail::MixPair>());
+    pairs.back()->workspace_event = options.have_workspace_and_tiling;
+  }
   std::mutex failure_mutex;
   std::exception_ptr first_failure;
   std::vector<std::thread> threads;
-  threads.reserve(blockDim);
-  for (uint32_t b = 0; b < blockDim; ++b) {
-    threads.emplace_back([&, b] {
-      detail::BlockContext block;
-      block.block_idx = b;
-      block.block_dim = blockDim;
-      block.chip = info;
-      block.barrier = &barrier;
-      detail::current_block = &block;
-      try {
-        kernel(args...);
-        if (!block.pending_flags.empty()) {
-          const auto& [key, count] = *block.pending_flags.begin();
-          detail::Violate("flag-pairing", "kernel end",
-                          detail::Str("block ", b, ": ", count, " SetFlag of HardEvent::",
-                                      AscendC::HardEventName(
-                                          static_cast<AscendC::HardEvent>(key.first)),
-                                      " event id ", key.second,
-                                      " never consumed by a WaitFlag"));
-        }
-        barrier.Exit();
-      } catch (const detail::BlockAborted&) {
-        // Another block failed first; its error is the one reported.
-      } catch (...) {
-        {
-          std::lock_guard<std::mutex> lock(failure_mutex);
-          if (!first_failure) first_failure = std::current_exception();
-        }
-        barrier.Abort();
+  threads.reserve(blockDim * (mix ? 3u : 1u));
+  // Dirty data-cache lines of each core at its end, written back after all cores finished in
+  // launch order (block 0 first): a later core's stale bytes win, deterministically.
+  std::vector<detail::Dcache> writebacks(blockDim * (mix ? 3u : 1u));
+  auto run = [&](detail::Core core, uint32_t b, uint32_t sub, size_t thread) {
+    detail::BlockContext block;
+    block.core = core;
+    block.pair = mix ? pairs[b].get() : nullptr;
+    // CANN dav_c220 GetBlockIdxImpl: block * GetTaskRation() + subblock on an AIV, the block on
+    // the AIC; GetBlockNum is get_block_num(), the launch's blockDim, on both.
+    block.block_idx = core == detail::Core::Aiv ? int64_t(b) * ratio + sub : b;
+    block.block_dim = blockDim;
+    block.task_ration = core == detail::Core::Aiv ? ratio : 1;
+    block.subblock_idx = core == detail::Core::Aiv ? sub : 0;
+    block.chip = info;
+    block.kernel_type = static_cast<int>(options.type);
+    block.model_dcache = options.model_data_cache;
+    block.barrier = &barrier;
+    if (wrapper_workspace != nullptr) block.sys_workspace = wrapper_workspace;
+    detail::current_block = &block;
+    const bool vector = core != detail::Core::Aic;
+    try {
+      std::apply(kernel, kernel_args);
+      if (!block.pending_flags.empty()) {
+        const auto& [key, count] = *block.pending_flags.begin();
+        detail::Violate("flag-pairing", "kernel end",
+                        detail::Str(detail::CoreName(core), " of block ", b, ": ", count,
+                                    " SetFlag of HardEvent::",
+                                    AscendC::HardEventName(
+                                        static_cast<AscendC::HardEvent>(key.first)),
+                                    " event id ", key.second, " never consumed by a WaitFlag"));
       }
-      detail::current_block = nullptr;
-    });
+      // The lines stay dirty until the launch ends; written back below in core order.
+      writebacks[thread] = std::move(block.dcache);
+      if (vector) barrier.Exit();
+    } catch (const detail::BlockAborted&) {
+      // Another core failed first; its error is the one reported.
+    } catch (...) {
+      {
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        if (!first_failure) first_failure = std::current_exception();
+      }
+      barrier.Abort();
+      detail::AbortPairs(pairs);
+    }
+    if (block.pair != nullptr) {
+      std::lock_guard<std::mutex> lock(block.pair->mutex);
+      if (core == detail::Core::Aic) block.pair->server_ended = true;
+      else block.pair->aiv_ended[sub] = true;
+      block.pair->cv.notify_all();
+    }
+    detail::current_block = nullptr;
+  };
+  for (uint32_t b = 0; b < blockDim; ++b) {
+    if (mix) {
+      threads.emplace_back(run, detail::Core::Aic, b, 0u, size_t(b) * 3u);
+      threads.emplace_back(run, detail::Core::Aiv, b, 0u, size_t(b) * 3u + 1u);
+      threads.emplace_back(run, detail::Core::Aiv, b, 1u, size_t(b) * 3u + 2u);
+    } else {
+      threads.emplace_back(run, info.separated ? detail::Core::Aiv : detail::Core::AiCore, b, 0u,
+                           size_t(b));
+    }
   }
   for (auto& t : threads) t.join();
+  if (!first_failure) {
+    for (const auto& cache : writebacks) {
+      for (const auto& [line, entry] : cache) detail::DcacheWriteBack(line, entry);
+    }
+  }
   if (first_failure) std::rethrow_exception(first_failure);
+}
+
+template <class Kernel, class... Args,
+          std::enable_if_t<!std::is_same_v<std::decay_t<Kernel>, LaunchOptions>, int> = 0>
+void Launch(uint32_t blockDim, Chip chip, Kernel&& kernel, Args... args) {
+  Launch(blockDim, chip, LaunchOptions{}, std::forward<Kernel>(kernel), args...);
 }
 
 }  // namespace twin

@@ -74,4 +74,9 @@ inline bool MatmulTypesSupported(Chip chip, CubeDType a, CubeDType b, CubeDType 
   return false;
 }
 
+// The system workspace CANN reserves at the start of a kernel's workspace (RESERVED_WORKSPACE in
+// kernel_utils_constants.h: 16 MB for __CCE_AICORE__ 220 and 300); GetUserWorkspace on the device
+// returns the workspace plus this, and PlatformAscendC::GetLibApiWorkSpaceSize tells the host.
+inline constexpr uint64_t kReservedWorkspaceBytes = 16ull * 1024ull * 1024ull;
+
 }  // namespace twin

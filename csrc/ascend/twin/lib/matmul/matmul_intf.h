@@ -82,7 +82,73 @@ inline std::mutex& AtomicMutex() {
   return mutex;
 }
 
+// True on a cube thread while it executes a call one of its vector cores posted.
+inline thread_local bool tl_serving = false;
+
+// A Matmul call on a vector core of a 910B MIX kernel is a message to the paired cube core
+// (CANN: MatmulClient -> KfcCommClient -> KfcServer): decides whether this call must be posted.
+inline bool MustForward(bool registered, const char* call) {
+  auto* block = twin::detail::current_block;
+  if (block == nullptr || tl_serving || block->core != twin::detail::Core::Aiv ||
+      block->pair == nullptr || !registered) {
+    return false;
+  }
+  if (!block->kfc_client_alive) {
+    twin::detail::Violate(
+        "regist-scope", call,
+        "Matmul call after the REGIST client went out of scope: REGIST_MATMUL_OBJ must be in the "
+        "kernel's own scope (its client object tells the cube core to quit when destroyed, so a "
+        "REGIST inside a member function such as Init() leaves later calls unserved)");
+  }
+  return true;
+}
+
+// Posts work to the block's cube core and waits until it ran there (calls are synchronous, as
+// the twin's IterateAll/Iterate are). The cube's failure is rethrown in the calling vector core.
+template <class F>
+auto Forward(const char* call, F&& f) -> decltype(f()) {
+  using R = decltype(f());
+  auto* block = twin::detail::current_block;
+  auto* pair = block->pair;
+  std::conditional_t<std::is_void_v<R>, int, R> result{};
+  twin::detail::CubeRequest request;
+  request.client = block;
+  request.work = [&] {
+    if constexpr (std::is_void_v<R>) {
+      f();
+    } else {
+      result = f();
+    }
+  };
+  std::unique_lock<std::mutex> lock(pair->mutex);
+  pair->requests.push_back(&request);
+  pair->cv.notify_all();
+  // A request the cube core already took lives on this stack until it is done.
+  pair->cv.wait(lock, [&] {
+    return request.done || (!request.taken && (pair->aborted || pair->server_ended));
+  });
+  if (!request.done) {
+    pair->requests.erase(std::find(pair->requests.begin(), pair->requests.end(), &request));
+    if (pair->aborted) throw twin::detail::BlockAborted{};
+    twin::detail::Violate(
+        "mix-deadlock", call,
+        twin::detail::Str("the cube core of block ", block->block_idx / 2,
+                          " ended without serving this call (it never reached "
+                          "REGIST_MATMUL_OBJ's server loop); on hardware the vector core would "
+                          "wait forever"));
+  }
+  if (request.error) std::rethrow_exception(request.error);
+  if constexpr (!std::is_void_v<R>) return result;
+}
+
 }  // namespace detail
+
+// First statement of every public Matmul call: on a MIX kernel's vector core, run the call on
+// the cube core instead (the expression repeats the call with the same arguments).
+#define TWIN_MATMUL_ON_CUBE(call, ...)                                 \
+  if (::matmul::detail::MustForward(registered_, call)) {              \
+    return ::matmul::detail::Forward(call, [&] { return __VA_ARGS__; }); \
+  }
 
 template <class A_TYPE, class B_TYPE, class C_TYPE, class BIAS_TYPE = C_TYPE,
           const MatmulConfig& MM_CFG = CFG_NORM>
@@ -99,8 +165,8 @@ class Matmul {
 
   // ---- initialisation ----
   void Init(const TCubeTiling* __restrict cubeTiling, AscendC::TPipe* tpipe = nullptr) {
-    (void)tpipe;
     const char* call = "Matmul::Init";
+    TWIN_MATMUL_ON_CUBE(call, Init(cubeTiling, tpipe));
     if (!registered_) Protocol(call, "called before REGIST_MATMUL_OBJ registered this object");
     if (cubeTiling == nullptr) Protocol(call, "tiling pointer is null");
     CheckTiling(*cubeTiling, call);
@@ -122,6 +188,7 @@ class Matmul {
   void SetOrgShape(int orgM, int orgN, int orgK) { SetOrgShape(orgM, orgN, orgK, orgK, 0); }
   void SetOrgShape(int orgM, int orgN, int orgKa, int orgKb, int orgKc = 0) {
     const char* call = "Matmul::SetOrgShape";
+    TWIN_MATMUL_ON_CUBE(call, SetOrgShape(orgM, orgN, orgKa, orgKb, orgKc));
     RequireInit(call);
     RequireIdle(call);
     if (orgM <= 0 || orgN <= 0 || orgKa <= 0 || orgKb <= 0 || orgKc < 0) {
@@ -142,6 +209,7 @@ class Matmul {
 
   void SetSingleShape(int singleM, int singleN, int singleK) {
     const char* call = "Matmul::SetSingleShape";
+    TWIN_MATMUL_ON_CUBE(call, SetSingleShape(singleM, singleN, singleK));
     RequireInit(call);
     RequireIdle(call);
     CheckSingle(singleM, singleN, singleK, call);
@@ -153,6 +221,7 @@ class Matmul {
   // -1 keeps the current value.
   void SetTail(int tailM = -1, int tailN = -1, int tailK = -1) {
     const char* call = "Matmul::SetTail";
+    TWIN_MATMUL_ON_CUBE(call, SetTail(tailM, tailN, tailK));
     RequireInit(call);
     RequireIdle(call);
     const int m = tailM == -1 ? singleM_ : tailM;
@@ -167,6 +236,7 @@ class Matmul {
   // ---- operands ----
   void SetTensorA(const AscendC::GlobalTensor<SrcAT>& gm, bool isTransposeA = false) {
     const char* call = "Matmul::SetTensorA(GlobalTensor)";
+    TWIN_MATMUL_ON_CUBE(call, SetTensorA(gm, isTransposeA));
     RequireInit(call);
     RequireIdle(call);
     RequireGm(A_TYPE::pos, "A", call);
@@ -176,6 +246,7 @@ class Matmul {
   }
   void SetTensorA(const AscendC::LocalTensor<SrcAT>& leftMatrix, bool isTransposeA = false) {
     const char* call = "Matmul::SetTensorA(LocalTensor)";
+    TWIN_MATMUL_ON_CUBE(call, SetTensorA(leftMatrix, isTransposeA));
     RequireInit(call);
     RequireIdle(call);
     RequireLocal(A_TYPE::pos, leftMatrix.TwinSlot(), "A", call);
@@ -185,6 +256,7 @@ class Matmul {
   }
   void SetTensorB(const AscendC::GlobalTensor<SrcBT>& gm, bool isTransposeB = false) {
     const char* call = "Matmul::SetTensorB(GlobalTensor)";
+    TWIN_MATMUL_ON_CUBE(call, SetTensorB(gm, isTransposeB));
     RequireInit(call);
     RequireIdle(call);
     RequireGm(B_TYPE::pos, "B", call);
@@ -194,6 +266,7 @@ class Matmul {
   }
   void SetTensorB(const AscendC::LocalTensor<SrcBT>& rightMatrix, bool isTransposeB = false) {
     const char* call = "Matmul::SetTensorB(LocalTensor)";
+    TWIN_MATMUL_ON_CUBE(call, SetTensorB(rightMatrix, isTransposeB));
     RequireInit(call);
     RequireIdle(call);
     RequireLocal(B_TYPE::pos, rightMatrix.TwinSlot(), "B", call);
@@ -203,6 +276,7 @@ class Matmul {
   }
   void SetBias(const AscendC::GlobalTensor<BiasT>& biasGlobal) {
     const char* call = "Matmul::SetBias(GlobalTensor)";
+    TWIN_MATMUL_ON_CUBE(call, SetBias(biasGlobal));
     RequireBiasTiling(call);
     RequireGm(BIAS_TYPE::pos, "bias", call);
     bias_ = Operand<BiasT>{Source::Global, biasGlobal, {}};
@@ -210,12 +284,14 @@ class Matmul {
   }
   void SetBias(const AscendC::LocalTensor<BiasT>& inputBias) {
     const char* call = "Matmul::SetBias(LocalTensor)";
+    TWIN_MATMUL_ON_CUBE(call, SetBias(inputBias));
     RequireBiasTiling(call);
     RequireLocal(BIAS_TYPE::pos, inputBias.TwinSlot(), "bias", call);
     bias_ = Operand<BiasT>{Source::Local, {}, inputBias};
     bias_enabled_ = true;
   }
   void DisableBias() {
+    TWIN_MATMUL_ON_CUBE("Matmul::DisableBias", DisableBias());
     RequireInit("Matmul::DisableBias");
     bias_enabled_ = false;
   }
@@ -230,6 +306,8 @@ class Matmul {
                   bool fakeMsg = false) {
     const char* call = "Matmul::IterateAll(GlobalTensor)";
     static_assert(sync, "the twin emulates the synchronous IterateAll only");
+    TWIN_MATMUL_ON_CUBE(call, IterateAll<sync>(gm, enAtomic, enSequentialWrite, waitIterateAll,
+                                               fakeMsg));
     RequireGm(C_TYPE::pos, "C", call);
     if (enSequentialWrite || waitIterateAll || fakeMsg) {
       throw std::logic_error("IterateAll: enSequentialWrite/waitIterateAll/fakeMsg not emulated");
@@ -256,6 +334,7 @@ class Matmul {
   bool Iterate(bool enPartialSum = false) {
     const char* call = "Matmul::Iterate";
     static_assert(sync, "the twin emulates the synchronous Iterate only");
+    TWIN_MATMUL_ON_CUBE(call, Iterate<sync>(enPartialSum));
     if (enPartialSum) throw std::logic_error("Iterate: enPartialSum is not emulated");
     RequireInit(call);
     if (pending_) {
@@ -285,6 +364,7 @@ class Matmul {
                   bool enSequentialWrite = false) {
     const char* call = "Matmul::GetTensorC(LocalTensor)";
     static_assert(sync, "the twin emulates the synchronous GetTensorC only");
+    TWIN_MATMUL_ON_CUBE(call, GetTensorC<sync>(co2Local, enAtomic, enSequentialWrite));
     RequirePending(call);
     RequireLocal(C_TYPE::pos, co2Local.TwinSlot(), "C", call);
     if (enAtomic != 0 || enSequentialWrite) {
@@ -308,6 +388,7 @@ class Matmul {
                   bool enSequentialWrite = false) {
     const char* call = "Matmul::GetTensorC(GlobalTensor)";
     static_assert(sync, "the twin emulates the synchronous GetTensorC only");
+    TWIN_MATMUL_ON_CUBE(call, GetTensorC<sync>(gm, enAtomic, enSequentialWrite));
     RequirePending(call);
     RequireGm(C_TYPE::pos, "C", call);
     if (enSequentialWrite) {
@@ -323,6 +404,7 @@ class Matmul {
   // Operands must be set again before the next computation.
   void End() {
     const char* call = "Matmul::End";
+    TWIN_MATMUL_ON_CUBE(call, End());
     RequireInit(call);
     auto& block = twin::detail::Block(call);
     if (block.active_matmul == this) block.active_matmul = nullptr;
@@ -345,12 +427,17 @@ class Matmul {
                                        "SetSysWorkspace(workspace) and pass "
                                        "GetSysWorkSpacePtr()"));
     }
-    if (chip_.separated && block.buffers_initialised) {
-      Protocol(call, twin::detail::Str("called after TPipe::InitBuffer; on ", chip_.name,
-                                       " (separated cube/vector cores) it must come first"));
+    if (chip_.separated &&
+        block.kernel_type == static_cast<int>(twin::KernelType::AivOnly)) {
+      twin::detail::Violate(
+          "kernel-type", call,
+          twin::detail::Str("Matmul objects in a kernel launched as KernelType::AivOnly on ",
+                            chip_.name, ": with no cube core nothing serves them; a kernel "
+                            "that uses Matmul is a MIX kernel (KERNEL_TYPE_MIX_AIC_1_2)"));
     }
-    if (++block.matmul_objects > 4) {
-      Protocol(call, "more than 4 Matmul objects in one kernel (the API supports at most 4)");
+    // CANN dav_c220 kfc_comm.h: MAX_MATMUL_OBJ = 8 message slots per vector core.
+    if (++block.matmul_objects > 8) {
+      Protocol(call, "more than 8 Matmul objects in one kernel (CANN's MAX_MATMUL_OBJ is 8)");
     }
     CheckTypes(call);
     registered_ = true;
@@ -775,8 +862,111 @@ void RegistMatmulObj(AscendC::TPipe* pipe, GM_ADDR workspace, MM& mm, const TCub
   RegistPairs(pipe, workspace, mm, tiling, std::forward<Rest>(rest)...);
 }
 
+// True on the cube core of a 910B MIX kernel, where REGIST_MATMUL_OBJ serves and returns.
+inline bool IsMixCube() {
+  auto* block = twin::detail::current_block;
+  return block != nullptr && block->core == twin::detail::Core::Aic && block->pair != nullptr;
+}
+
+// The cube side of REGIST_MATMUL_OBJ (CANN: KfcServer Init/InitObj, then `while (isRun())
+// Run(...)`, Quit): registers this core's objects, then executes the calls its two vector cores
+// post until both have quit (their REGIST client objects were destroyed or their kernel ended).
+template <class... Objs>
+void ServeMatmulObj(AscendC::TPipe* pipe, GM_ADDR workspace, Objs&&... objs) {
+  RegistMatmulObj(pipe, workspace, std::forward<Objs>(objs)...);
+  auto* self = twin::detail::current_block;
+  auto* pair = self->pair;
+  std::unique_lock<std::mutex> lock(pair->mutex);
+  for (;;) {
+    pair->cv.wait(lock, [&] {
+      return !pair->requests.empty() || pair->aborted ||
+             ((pair->client_quit[0] || pair->aiv_ended[0]) &&
+              (pair->client_quit[1] || pair->aiv_ended[1]));
+    });
+    if (pair->aborted) throw twin::detail::BlockAborted{};
+    if (pair->requests.empty()) break;
+    twin::detail::CubeRequest* request = pair->requests.front();
+    pair->requests.pop_front();
+    request->taken = true;
+    lock.unlock();
+    // The call runs here, on the cube thread, with the calling vector core's state (its UB
+    // tensors, its End() bookkeeping), as the server addresses the client's objects by id.
+    tl_serving = true;
+    twin::detail::current_block = request->client;
+    try {
+      request->work();
+    } catch (...) {
+      request->error = std::current_exception();
+    }
+    twin::detail::current_block = self;
+    tl_serving = false;
+    lock.lock();
+    request->done = true;
+    pair->cv.notify_all();
+  }
+  for (int sub = 0; sub < 2; ++sub) {
+    if (!pair->client_seen[sub]) {
+      twin::detail::Violate(
+          "mix-deadlock", "REGIST_MATMUL_OBJ",
+          twin::detail::Str("vector core ", self->block_idx * 2 + sub, " (block ",
+                            self->block_idx, ", sub-block ", sub,
+                            ") ended without reaching REGIST_MATMUL_OBJ: the cube core's "
+                            "server waits for its quit message forever; every vector core "
+                            "must execute REGIST_MATMUL_OBJ (no early return before it)"));
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace matmul
+
+namespace twin {
+namespace detail {
+
+// The vector side's scoped client (CANN: `AscendC::KfcCommClient __kfcClient__`): created by
+// REGIST_MATMUL_OBJ in the enclosing scope, it waits for the workspace event of the launch
+// wrapper, and its destructor tells the cube core this vector core has quit.
+class KfcClient {
+ public:
+  KfcClient() {
+    auto* block = current_block;
+    if (block == nullptr || block->core != Core::Aiv || block->pair == nullptr) return;
+    auto* pair = block->pair;
+    {
+      std::unique_lock<std::mutex> lock(pair->mutex);
+      pair->client_seen[block->subblock_idx] = true;
+      // WaitEvent(WORKSPACE_SYNC_ID): set by the wrapper before the kernel starts, or never.
+      pair->cv.wait_for(lock, std::chrono::milliseconds(200),
+                        [&] { return pair->workspace_event || pair->aborted; });
+      if (pair->aborted) throw BlockAborted{};
+      if (!pair->workspace_event) {
+        Violate("workspace-sync", "REGIST_MATMUL_OBJ",
+                Str("vector core ", block->block_idx, " waits in WaitEvent(WORKSPACE_SYNC_ID) "
+                    "forever (deadlock): only the generated launch wrapper sets that event, and "
+                    "only when the kernel library is compiled with HAVE_WORKSPACE and "
+                    "HAVE_TILING (ascendc_compile_definitions); twin: "
+                    "LaunchOptions::have_workspace_and_tiling"));
+      }
+    }
+    block_ = block;
+    block->kfc_client_alive = true;
+  }
+  ~KfcClient() {
+    if (block_ == nullptr) return;
+    block_->kfc_client_alive = false;
+    std::lock_guard<std::mutex> lock(block_->pair->mutex);
+    block_->pair->client_quit[block_->subblock_idx] = true;
+    block_->pair->cv.notify_all();
+  }
+  KfcClient(const KfcClient&) = delete;
+  KfcClient& operator=(const KfcClient&) = delete;
+
+ private:
+  BlockContext* block_ = nullptr;
+};
+
+}  // namespace detail
+}  // namespace twin
 
 namespace AscendC {
 using matmul::CFG_NORM;
@@ -785,5 +975,15 @@ using matmul::MatmulConfig;
 using matmul::MatmulType;
 }  // namespace AscendC
 
-#define REGIST_MATMUL_OBJ(tpipe, workspace, ...) \
+// The structure of CANN's REGIST_CUBE_OBJ for dav_c220 (highlevel_api/impl/kfc/
+// kfc_register_obj.h): on the cube core it serves the vector cores' Matmul calls and then
+// returns from the enclosing (void) function; on a vector core it declares the scoped client
+// __kfcClient__, so it must sit in the kernel's own scope. On the 310B (and in launches that
+// are not twin::KernelType::Mix) it only initialises the objects, as the non-220 macro does.
+#define REGIST_MATMUL_OBJ(tpipe, workspace, ...)                                 \
+  if (::matmul::detail::IsMixCube()) {                                          \
+    ::matmul::detail::ServeMatmulObj(tpipe, workspace, __VA_ARGS__);            \
+    return;                                                                     \
+  }                                                                             \
+  ::twin::detail::KfcClient __kfcClient__;                                      \
   ::matmul::detail::RegistMatmulObj(tpipe, workspace, __VA_ARGS__)

@@ -43,7 +43,7 @@ class PlatformAscendC {
     }
   }
   // Bytes of system workspace the high-level APIs need (the Matmul message area on 910B).
-  uint32_t GetLibApiWorkSpaceSize() const { return 16u * 1024u * 1024u; }
+  uint32_t GetLibApiWorkSpaceSize() const { return uint32_t(twin::kReservedWorkspaceBytes); }
 
   // Twin internal.
   twin::Chip TwinChip() const { return chip_; }
