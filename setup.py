@@ -5,8 +5,10 @@ Build against the torch that is already installed: ``pip install --no-build-isol
   PANGU_FASTKD_NATIVE=0      portable build without -march=native
   PANGU_FASTKD_DEBUG=1       -O0 -g, assertions on
   PANGU_FASTKD_WITH_ASCEND   unset: also build the Ascend C kernels (pangu_fastkd._ascend, via
-                             CMake, cmake/ascend.cmake) when CANN and torch_npu are found;
-                             0: never; 1: always (missing CANN or torch_npu is an error)
+                             CMake, cmake/ascend.cmake) when CANN and torch_npu are found, and
+                             skip them with one line if that build fails (CMake output in
+                             build/ascend-<SOC_VERSION>.log); 0: never; 1: always (missing CANN
+                             or torch_npu, or a failed build, is an error)
   ASCEND_HOME_PATH, ASCEND_CANN_PACKAGE_PATH, SOC_VERSION: see pangu_fastkd/_ascend_build.py
                              and docs/ascend.md
 """
@@ -15,7 +17,6 @@ import glob
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -68,18 +69,22 @@ class BuildWithAscend(BuildExtension):
 
     def run(self) -> None:
         # Decide first, so that PANGU_FASTKD_WITH_ASCEND=1 without CANN fails before compiling.
-        plan = _ascend_build_module().plan_ascend_build(
-            kernel_dir=os.path.join(ROOT, "csrc", "ascend")
-        )
+        ascend_build = _ascend_build_module()
+        plan = ascend_build.plan_ascend_build(kernel_dir=os.path.join(ROOT, "csrc", "ascend"))
         super().run()
         if not plan.enabled:
+            # The plan's reason is now the truth, not an earlier build's failure.
+            ascend_build.clear_recorded_skip(os.path.join(ROOT, "build"))
             print(plan.skip_message(), flush=True)
             return
-        self._build_ascend(plan)
+        self._build_ascend(ascend_build, plan)
 
-    def _build_ascend(self, plan) -> None:
+    def _build_ascend(self, ascend_build, plan) -> None:
         import torch
 
+        # The CMake output goes to build/ascend-<soc>.log: an optional build that fails prints
+        # one line and the install carries on with the CPU build; PANGU_FASTKD_WITH_ASCEND=1
+        # fails it (ascend_build.build_ascend).
         build_dir = os.path.join(ROOT, "build", f"ascend-{plan.soc_version}")
         configure = [
             "cmake", "-S", ROOT, "-B", build_dir,
@@ -90,8 +95,10 @@ class BuildWithAscend(BuildExtension):
             f"-DSOC_VERSION={plan.soc_version}",
             f"-DPANGU_FASTKD_NATIVE={'ON' if _flag('PANGU_FASTKD_NATIVE', '1') else 'OFF'}",
         ]  # fmt: skip
-        subprocess.run(configure, check=True)
-        subprocess.run(["cmake", "--build", build_dir, "--target", "_ascend", "-j2"], check=True)
+        build = ["cmake", "--build", build_dir, "--target", "_ascend", "-j2"]
+        steps = [("cmake configure", configure), ("cmake --build", build)]
+        if not ascend_build.build_ascend(plan, steps, f"{build_dir}.log"):
+            return
         built = glob.glob(os.path.join(build_dir, "_ascend*.so"))
         if len(built) != 1:
             raise RuntimeError(f"expected one _ascend*.so in {build_dir}, found {built}")

@@ -1,4 +1,4 @@
-# The Ascend C kernels: compiled by CANN's ascendc_library into a static library and linked into
+# The Ascend C kernels: compiled by CANN's ascendc_library into static libraries and linked into
 # a second Python module, pangu_fastkd/_ascend, whose host code (csrc/ascend/host) registers the
 # NPU (PrivateUse1) implementations of the ops that _C declares.
 #
@@ -81,10 +81,42 @@ foreach(_kernel IN LISTS PANGU_ASCEND_KERNELS)
   string(APPEND _kernel_stems "${_stem},")
 endforeach()
 
+# Two kernel libraries, because their generated launch wrappers must differ. The Matmul kernels
+# drive the cube through REGIST_MATMUL_OBJ, whose vector-core side waits on the system-workspace
+# setup that only the generated wrapper does (SetSysWorkspaceForce, matmul::clearWorkspace on the
+# cube core), and the wrapper does it only when the library is compiled with HAVE_WORKSPACE and
+# HAVE_TILING (their last two parameters are workspace and tiling), as CANN's Matmul
+# kernel-launch sample does; without them the vector core deadlocks on 8.1-era CANN. The wrapper
+# then hands the kernel the user part of the workspace, after the system part. The vector-only
+# kernels take no workspace, so they are built without the definitions.
+set(PANGU_ASCEND_MATMUL_STEMS packed_attention_fwd packed_attention_bwd)
+set(_matmul_kernels "")
+set(_vector_kernels "")
+foreach(_kernel IN LISTS PANGU_ASCEND_KERNELS)
+  get_filename_component(_stem "${_kernel}" NAME_WE)
+  if(_stem IN_LIST PANGU_ASCEND_MATMUL_STEMS)
+    list(APPEND _matmul_kernels "${_kernel}")
+  else()
+    list(APPEND _vector_kernels "${_kernel}")
+  endif()
+endforeach()
+
 include("${PANGU_ASCENDC_CMAKE}")
-ascendc_library(pangu_fastkd_ascend STATIC ${PANGU_ASCEND_KERNELS})
-# ascendc_library targets take their flags through the ascendc_* wrappers, not target_*.
-ascendc_include_directories(pangu_fastkd_ascend PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ascend")
+set(_kernel_libraries "")
+if(_matmul_kernels)
+  ascendc_library(pangu_fastkd_ascend_matmul STATIC ${_matmul_kernels})
+  # ascendc_library targets take their flags through the ascendc_* wrappers, not target_*.
+  ascendc_compile_definitions(pangu_fastkd_ascend_matmul PRIVATE HAVE_WORKSPACE HAVE_TILING)
+  ascendc_include_directories(pangu_fastkd_ascend_matmul PRIVATE
+    "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ascend")
+  list(APPEND _kernel_libraries pangu_fastkd_ascend_matmul)
+endif()
+if(_vector_kernels)
+  ascendc_library(pangu_fastkd_ascend_vector STATIC ${_vector_kernels})
+  ascendc_include_directories(pangu_fastkd_ascend_vector PRIVATE
+    "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ascend")
+  list(APPEND _kernel_libraries pangu_fastkd_ascend_vector)
+endif()
 
 file(GLOB PANGU_ASCEND_HOST CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ascend/host/*.cpp")
 Python3_add_library(_ascend MODULE ${PANGU_ASCEND_HOST})
@@ -99,6 +131,6 @@ target_link_directories(_ascend PRIVATE
 # attention host code (csrc/ascend/host/packed_attention_npu.cpp) plans the cube with; CANN's
 # PlatformAscendCManager page names these two libraries for kernel-launch projects.
 target_link_libraries(_ascend PRIVATE
-  pangu_fastkd_ascend ${TORCH_LIBRARIES} ${TORCH_PYTHON_LIBRARY} torch_npu ascendcl
+  ${_kernel_libraries} ${TORCH_LIBRARIES} ${TORCH_PYTHON_LIBRARY} torch_npu ascendcl
   tiling_api platform)
 message(STATUS "pangu_fastkd: building Ascend C kernels: ${PANGU_ASCEND_KERNELS}")

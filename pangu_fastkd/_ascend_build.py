@@ -18,7 +18,10 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from collections.abc import Callable, Mapping
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 DEFAULT_CANN_PATH = "/usr/local/Ascend/ascend-toolkit/latest"
@@ -36,6 +39,9 @@ ASCENDC_CMAKE_SUBDIRS = (
     "compiler/tikcpp/ascendc_kernel_cmake",
 )
 FLAG = "PANGU_FASTKD_WITH_ASCEND"
+# Where a failed optional build leaves its reason, next to the CMake build directories under
+# build/: build_info() reports it instead of "rebuild", since rebuilding would fail the same way.
+SKIP_RECORD = "ascend_skipped.txt"
 
 
 class AscendBuildError(RuntimeError):
@@ -53,6 +59,7 @@ class AscendBuildPlan:
         ascendc_cmake_dir: the directory holding ``ascendc.cmake``, when found.
         soc_version: the target chip (``SOC_VERSION``).
         torch_npu: whether torch_npu is installed.
+        required: PANGU_FASTKD_WITH_ASCEND=1, so a failed build fails the install.
     """
 
     enabled: bool
@@ -61,6 +68,7 @@ class AscendBuildPlan:
     ascendc_cmake_dir: str | None
     soc_version: str
     torch_npu: bool
+    required: bool = False
 
     def skip_message(self) -> str:
         """The one line setup.py prints when the kernels are skipped."""
@@ -145,4 +153,104 @@ def plan_ascend_build(
         )
     if kernel_dir is not None and not glob.glob(os.path.join(kernel_dir, "*.cpp")):
         return skipped(f"no kernel sources in {kernel_dir}/*.cpp yet")
-    return AscendBuildPlan(True, "", cann[0], cann[1], soc, npu)
+    return AscendBuildPlan(True, "", cann[0], cann[1], soc, npu, required=flag == "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the build (setup.py's build_ext)
+
+
+def first_error(log: str) -> str | None:
+    """The first error line of a CMake or compiler log, in one line, or None.
+
+    CMake puts the message of ``message(FATAL_ERROR ...)`` on the indented lines after
+    "CMake Error at <file>:<line> (message):", so those are joined to it.
+    """
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("CMake Error"):
+            detail = []
+            for follow in lines[i + 1 :]:
+                if follow.strip() and not follow.startswith(" "):
+                    break
+                if follow.strip():
+                    detail.append(follow.strip())
+            return " ".join([line.strip(), *detail])
+        if re.search(r"\berror\b", line, re.IGNORECASE) and not line.startswith(
+            ("-- ", "make", "gmake")
+        ):
+            return line.strip()
+    return None
+
+
+def build_ascend(
+    plan: AscendBuildPlan,
+    steps: Sequence[tuple[str, Sequence[str]]],
+    log_path: str,
+    *,
+    echo: Callable[[str], None] = print,
+) -> bool:
+    """Run the CMake ``steps`` (name, command) of the Ascend build in order, output to ``log_path``.
+
+    An optional build (PANGU_FASTKD_WITH_ASCEND unset) that fails is skipped: ``echo`` gets one
+    line saying why and where the log is, the reason is recorded next to the log (SKIP_RECORD) for
+    build_info(), and False is returned so that the install carries on with the CPU build. A
+    required one (PANGU_FASTKD_WITH_ASCEND=1) streams the output to stdout as well and raises.
+
+    Returns:
+        True when every step succeeded (and any recorded skip was cleared).
+
+    Raises:
+        AscendBuildError: a step failed and ``plan.required``.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    record = os.path.join(os.path.dirname(os.path.abspath(log_path)), SKIP_RECORD)
+    with open(log_path, "w") as log:
+        for name, command in steps:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            try:
+                process = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
+            except OSError as exc:  # cmake itself is missing
+                log.write(f"{exc}\n")
+                cause = f"{name} could not run: {exc}"
+            else:
+                assert process.stdout is not None
+                lines = []
+                for line in process.stdout:
+                    lines.append(line)
+                    log.write(line)
+                    if plan.required:
+                        sys.stdout.write(line)
+                status = process.wait()
+                if status == 0:
+                    continue
+                cause = first_error("".join(lines)) or f"{name} exited with status {status}"
+            reason = f"the Ascend build failed: {cause}; log: {log_path}"
+            if plan.required:
+                raise AscendBuildError(f"{FLAG}=1 but {reason}")
+            with open(record, "w") as out:
+                out.write(reason + "\n")
+            echo(f"pangu_fastkd: Ascend C kernels skipped ({reason})")
+            return False
+    clear_recorded_skip(os.path.dirname(os.path.abspath(log_path)))
+    return True
+
+
+def recorded_skip(build_root: str) -> str | None:
+    """The reason the last optional Ascend build under ``build_root`` failed, if it did."""
+    try:
+        with open(os.path.join(build_root, SKIP_RECORD)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def clear_recorded_skip(build_root: str) -> None:
+    """Forget a failed build's reason: the next build decided afresh."""
+    try:
+        os.remove(os.path.join(build_root, SKIP_RECORD))
+    except FileNotFoundError:
+        pass

@@ -24,8 +24,10 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _C = None
     _IMPORT_ERROR = str(exc)
 
-# Kernel sources of a source checkout; absent in a wheel, where only the build's contents count.
+# Kernel sources of a source checkout, and the build directory where setup.py records why an
+# optional Ascend build failed; absent in a wheel, where only the build's contents count.
 _KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc", "ascend")
+_BUILD_ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "build")
 
 
 def _load_ascend() -> tuple[Any, str]:
@@ -41,6 +43,9 @@ def _load_ascend() -> tuple[Any, str]:
             return None, str(exc)
         if not plan.enabled:
             return None, plan.reason
+        failed = _ascend_build.recorded_skip(_BUILD_ROOT)
+        if failed is not None:
+            return None, failed
         return None, "this build does not include them: rebuild with `pip install -e .`"
     try:
         # torch_npu registers the NPU device (PrivateUse1) that _ascend's kernels attach to.

@@ -37,18 +37,26 @@ needs_native = pytest.mark.skipif(not _native.native_available(), reason="C++ ex
 # Detection (pangu_fastkd/_ascend_build.py, used by setup.py and build_info)
 
 
-def fake_cann(root: Path, sub: str = "tools") -> Path:
-    """A directory that looks like a CANN toolkit to the detection (and to CMake)."""
+def fake_cann(root: Path, sub: str = "tools", *, broken: bool = False) -> Path:
+    """A directory that looks like a CANN toolkit to the detection (and to CMake).
+
+    Its ascendc.cmake records the calls instead of compiling kernels; a ``broken`` one fails
+    when included, as a CANN whose compiler cannot run does.
+    """
     cmake_dir = root / sub / "tikcpp" / "ascendc_kernel_cmake"
     cmake_dir.mkdir(parents=True)
     (cmake_dir / "ascendc.cmake").write_text(
         "# Stand-in for CANN's ascendc.cmake: records the calls instead of compiling kernels.\n"
-        "function(ascendc_library name kind)\n"
+        + ('message(FATAL_ERROR "fake ascendc.cmake: bisheng not found")\n' if broken else "")
+        + "function(ascendc_library name kind)\n"
         '  message(STATUS "fake ascendc_library ${name} ${kind} ${ARGN}")\n'
         "  add_library(${name} INTERFACE)\n"
         "endfunction()\n"
         "function(ascendc_include_directories name)\n"
         '  message(STATUS "fake ascendc_include_directories ${name} ${ARGN}")\n'
+        "endfunction()\n"
+        "function(ascendc_compile_definitions name)\n"
+        '  message(STATUS "fake ascendc_compile_definitions ${name} ${ARGN}")\n'
         "endfunction()\n"
     )
     return root
@@ -175,6 +183,79 @@ def test_setup_prints_one_skip_line_or_fails_when_forced(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+# Running the Ascend build (_ascend_build.build_ascend, setup.py's build step): a real CMake
+# configure of this repository against a CANN whose ascendc.cmake fails.
+
+
+def failing_build(tmp_path: Path, env: dict[str, str]):
+    """The plan, steps and log path setup.py would use, with a broken fake CANN."""
+    cann = fake_cann(tmp_path / "cann", broken=True)
+    torch_npu_dir = tmp_path / "torch_npu"
+    (torch_npu_dir / "include").mkdir(parents=True)
+    kernels = kernel_dir(tmp_path / "kernels", "sparse_kd_epilogue.cpp")
+    build_plan = plan({"ASCEND_HOME_PATH": str(cann), **env}, kernels=kernels)
+    build_dir = tmp_path / "build" / f"ascend-{build_plan.soc_version}"
+    configure = [
+        "cmake", "-S", str(REPO), "-B", str(build_dir),
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DPython3_EXECUTABLE={sys.executable}",
+        "-DPANGU_FASTKD_WITH_ASCEND=ON",
+        f"-DASCEND_CANN_PACKAGE_PATH={cann}",
+        f"-DPANGU_FASTKD_ASCEND_KERNEL_DIR={kernels}",
+        f"-DTORCH_NPU_PATH={torch_npu_dir}",
+    ]  # fmt: skip
+    steps = [("cmake configure", configure), ("cmake --build", ["cmake", "--build", "x"])]
+    return build_plan, steps, f"{build_dir}.log", cann
+
+
+def test_a_failed_optional_build_is_skipped_with_one_line(
+    no_default_cann: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_plan, steps, log, cann = failing_build(tmp_path, {})
+    assert build_plan.enabled and not build_plan.required
+    printed: list[str] = []
+    assert _ascend_build.build_ascend(build_plan, steps, log, echo=printed.append) is False
+    ascendc = cann / "tools" / "tikcpp" / "ascendc_kernel_cmake" / "ascendc.cmake"
+    reason = (
+        f"the Ascend build failed: CMake Error at {ascendc}:2 (message): "
+        f"fake ascendc.cmake: bisheng not found; log: {log}"
+    )
+    assert printed == [f"pangu_fastkd: Ascend C kernels skipped ({reason})"]
+    # The whole CMake output is in the log; the build step never ran.
+    text = Path(log).read_text()
+    assert "CMake Error at" in text and "Configuring incomplete" in text
+    assert "$ cmake --build" not in text
+    # build_info() reports the failure, not "rebuild": rebuilding would fail the same way.
+    assert _ascend_build.recorded_skip(str(tmp_path / "build")) == reason
+    monkeypatch.setattr(_native, "_BUILD_ROOT", str(tmp_path / "build"))
+    monkeypatch.setattr(_ascend_build, "plan_ascend_build", lambda **kw: build_plan)
+    assert _native._load_ascend() == (None, reason)
+
+
+def test_a_failed_forced_build_fails_the_install(no_default_cann: None, tmp_path: Path) -> None:
+    build_plan, steps, log, _ = failing_build(tmp_path, {"PANGU_FASTKD_WITH_ASCEND": "1"})
+    assert build_plan.required
+    printed: list[str] = []
+    with pytest.raises(
+        _ascend_build.AscendBuildError,
+        match=r"PANGU_FASTKD_WITH_ASCEND=1 but the Ascend build failed: CMake Error at .*"
+        r"bisheng not found; log: ",
+    ):
+        _ascend_build.build_ascend(build_plan, steps, log, echo=printed.append)
+    assert printed == [] and _ascend_build.recorded_skip(str(tmp_path / "build")) is None
+
+
+def test_first_error_of_a_compile_log() -> None:
+    log = (
+        "-- Configuring done\n[1/3] Building CXX object x.o\nFAILED: x.o\n"
+        "g++ -Werror -c x.cpp\nx.cpp:3:1: error: 'foo' was not declared\n"
+        "gmake[2]: *** [x.o] Error 1\n"
+    )
+    assert _ascend_build.first_error(log) == "x.cpp:3:1: error: 'foo' was not declared"
+    assert _ascend_build.first_error("-- all good\n") is None
+
+
+# ---------------------------------------------------------------------------------------------
 # CMake configure (cmake/ascend.cmake): configure only, no kernel is compiled.
 
 
@@ -222,7 +303,9 @@ def test_cmake_with_cann_but_no_kernel_sources_skips(tmp_path: Path) -> None:
 
 def test_cmake_with_cann_and_kernels_declares_the_library(tmp_path: Path) -> None:
     cann = fake_cann(tmp_path / "cann", "compiler")
-    kernels = kernel_dir(tmp_path / "kernels", "sparse_kd.cpp", "softmax.cpp")
+    kernels = kernel_dir(
+        tmp_path / "kernels", "sparse_kd.cpp", "softmax.cpp", "packed_attention_fwd.cpp"
+    )
     torch_npu_dir = tmp_path / "torch_npu"
     (torch_npu_dir / "include").mkdir(parents=True)
     common = ["-DPANGU_FASTKD_WITH_ASCEND=ON", f"-DPANGU_FASTKD_ASCEND_KERNEL_DIR={kernels}"]
@@ -243,12 +326,24 @@ def test_cmake_with_cann_and_kernels_declares_the_library(tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert "SOC_VERSION=Ascend310B1" in result.stdout
-    declared = [line for line in result.stdout.splitlines() if "fake ascendc_library" in line]
-    assert len(declared) == 1 and "pangu_fastkd_ascend STATIC" in declared[0]
-    assert (
-        str(kernels / "softmax.cpp") in declared[0]
-        and str(kernels / "sparse_kd.cpp") in declared[0]
-    )
+    # Two libraries: the Matmul kernels with the definitions that make the generated wrapper set
+    # up the system workspace REGIST_MATMUL_OBJ waits on, the vector kernels without.
+    lines = result.stdout.replace(";", " ").splitlines()  # the fake prints ARGN as a list
+    declared = {
+        line.split()[3]: line.split()[4:] for line in lines if "fake ascendc_library" in line
+    }
+    assert declared == {
+        "pangu_fastkd_ascend_matmul": ["STATIC", str(kernels / "packed_attention_fwd.cpp")],
+        "pangu_fastkd_ascend_vector": [
+            "STATIC",
+            str(kernels / "softmax.cpp"),
+            str(kernels / "sparse_kd.cpp"),
+        ],
+    }
+    definitions = [line.split()[3:] for line in lines if "fake ascendc_compile_definitions" in line]
+    assert definitions == [
+        ["pangu_fastkd_ascend_matmul", "PRIVATE", "HAVE_WORKSPACE", "HAVE_TILING"]
+    ]
 
     bad_soc = configure(tmp_path / "c", *common, "-DSOC_VERSION=Ascend310P3")
     assert bad_soc.returncode != 0 and "SOC_VERSION=Ascend310P3 is not a chip" in bad_soc.stderr

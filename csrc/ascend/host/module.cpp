@@ -55,5 +55,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("packed_attention_bwd_plan", &pangu_fastkd::ascend::packed_attention_bwd_plan_npu,
              "(tile, dQ blockDim, dK/dV blockDim, workspace bytes) the backward would launch for "
              "(q, k, v, cu_seqlens, scale)");
+  // The twin runtime state the launchers check (csrc/ascend/host/twin/twin_npu_runtime.h), for
+  // the tests: a thread whose current device is not the inputs' one, as torch.npu.set_device
+  // would leave it, and the count of ATen ops run since torch_npu's task queue was last flushed.
+  module.def(
+      "twin_set_device", [](int device) { twin_npu::this_thread().current_device = device; },
+      "make `device` the calling thread's current twin NPU (the tensors are on device 0)");
+  module.def(
+      "twin_current_device", [] { return twin_npu::this_thread().current_device; },
+      "the calling thread's current twin NPU");
+  module.def(
+      "twin_queued_aten_ops", [] { return twin_npu::this_thread().queued_aten_ops; },
+      "ATen ops the calling thread ran since the twin's task queue was last flushed");
 #endif
 }

@@ -6,7 +6,9 @@
 // A kernel `foo` compiled by ascendc_library gets a generated launcher header
 // `aclrtlaunch_foo.h`; the host calls it as `ACLRT_LAUNCH_KERNEL(foo)(block_dim, stream, args...)`,
 // the library form of `foo<<<block_dim, nullptr, stream>>>(args...)`. It must run on the stream
-// torch_npu is using, or the kernel races the ops queued before and after it.
+// torch_npu is using, or the kernel races the ops queued before and after it, and on the device
+// its tensors are on: each host entry holds a c10_npu::NPUGuard for its inputs' device, and every
+// launch goes through PANGU_FASTKD_LAUNCH_KERNEL, which takes the stream in the launch itself.
 #pragma once
 
 #include <torch/extension.h>
@@ -20,6 +22,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "torch_npu/csrc/core/npu/NPUGuard.h"
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 
 #ifndef PANGU_FASTKD_SOC_VERSION
@@ -47,8 +50,30 @@ inline constexpr SocFamily soc_family() {
   return soc.substr(0, 10) == "Ascend910B" ? SocFamily::kAscend910B : SocFamily::kAscend310B;
 }
 
-// The stream torch_npu queues this thread's work on (false: do not flush the task queue here).
-inline aclrtStream current_stream() { return c10_npu::getCurrentNPUStream().stream(false); }
+// The stream to launch on: the current device's current stream, after torch_npu's task queue
+// has been emptied. torch_npu queues ATen ops (the logits GEMM, the tiling copy of
+// tiling_on_device, .to() conversions) on a task queue that a worker thread submits to this
+// stream; a raw launch on stream(false) goes straight to the stream and can overtake the queued
+// ops that produce its inputs. stream(true) waits until the queue has been submitted, so it must
+// be taken after the last ATen op the launch depends on: PANGU_FASTKD_LAUNCH_KERNEL calls this in
+// the launch expression, and no launch site keeps a stream across ATen ops. (The alternative is to
+// queue the launch itself, at_npu::native::OpCommand::RunOpApi(name, handler) in
+// torch_npu/csrc/framework/OpCommand.h, which avoids the host wait but must also keep every tensor
+// the kernel reads alive until the queued handler has run.)
+inline aclrtStream launch_stream() {
+  return c10_npu::getCurrentNPUStream().stream(/*need_empty=*/true);
+}
+
+// Launches `kernel` (a name ascendc_library generated a launcher for) with `block_dim` blocks and
+// the kernel arguments `...` on launch_stream(), and checks the launcher's status. The stream is
+// taken inside the launch expression, so no ATen op runs between the flush and the launch as long
+// as the arguments are plain GM addresses computed beforehand (gm_addr reads a data pointer and
+// runs no op).
+#define PANGU_FASTKD_LAUNCH_KERNEL(kernel, block_dim, ...)                               \
+  ::pangu_fastkd::ascend::check_launch(                                                 \
+      ACLRT_LAUNCH_KERNEL(kernel)(block_dim, ::pangu_fastkd::ascend::launch_stream(),   \
+                                  __VA_ARGS__),                                         \
+      #kernel)
 
 // Kernels read raw global memory: the tensor must be on the kernel device, dense and of the
 // expected type.

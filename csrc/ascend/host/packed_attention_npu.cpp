@@ -53,12 +53,22 @@ struct AttentionInputs {
   int64_t T, Hq, Hkv, D;  // tokens, query heads, kv heads, head dim
 };
 
+// Every input on q's device (checked first, so a stray tensor is named with both devices), which
+// is on the kernel device.
 void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, "packed_attention: ", name, " is on ", t.device(),
+                    " but q is on ", device, "; every input must be on one device");
   TORCH_CHECK_VALUE(t.device().type() == kKernelDevice, "packed_attention: ", name,
                     " must be on the ", c10::DeviceTypeName(kKernelDevice, /*lower_case=*/true),
                     " device for the Ascend C kernel, got ", t.device());
-  TORCH_CHECK_VALUE(t.device() == device, "packed_attention: ", name, " is on ", t.device(),
-                    " but q is on ", device);
+}
+
+// q's device checked, for the device guard each op holds before it allocates or launches: the
+// launches take the current device's stream, and tensors on npu:1 launched while npu:0 is
+// current would run on npu:0's stream. The other inputs are checked against it afterwards.
+at::Device guarded_device(const at::Tensor& q) {
+  check_device(q, "q", q.device());
+  return q.device();
 }
 
 // The CPU kernel's checks (check_inputs in csrc/cpu/packed_attention.cpp), in its order and with
@@ -204,27 +214,21 @@ void launch_fwd(const AttentionInputs& in, const PackedAttentionTiling& tiling,
   const at::Device device = in.q.device();
   const at::Tensor tiling_gm = tiling_on_device(tiling, device);
   const at::Tensor workspace = workspace_on_device(PackedAttentionWorkspaceBytes(tiling), device);
-  const aclrtStream stream = current_stream();
   void* args[] = {gm_addr(in.q), gm_addr(in.k), gm_addr(in.v),         gm_addr(in.cu_device),
                   gm_addr(out),  gm_addr(lse), gm_addr(workspace), gm_addr(tiling_gm)};
+  // The stream is taken in the launch (PANGU_FASTKD_LAUNCH_KERNEL), after the tiling copy and
+  // the cu_seqlens / input conversions it reads have been queued.
   if (tiling.dtype == kPackedAttentionFloat32) {
-    check_launch(ACLRT_LAUNCH_KERNEL(packed_attention_fwd_fp32)(
-                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
-                     args[5], args[6], args[7]),
-                 "packed_attention_fwd_fp32");
+    PANGU_FASTKD_LAUNCH_KERNEL(packed_attention_fwd_fp32, tiling.blockDim, args[0], args[1],
+                               args[2], args[3], args[4], args[5], args[6], args[7]);
   } else if (tiling.dtype == kPackedAttentionFloat16) {
-    check_launch(ACLRT_LAUNCH_KERNEL(packed_attention_fwd_fp16)(
-                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
-                     args[5], args[6], args[7]),
-                 "packed_attention_fwd_fp16");
+    PANGU_FASTKD_LAUNCH_KERNEL(packed_attention_fwd_fp16, tiling.blockDim, args[0], args[1],
+                               args[2], args[3], args[4], args[5], args[6], args[7]);
   } else {
-    check_launch(ACLRT_LAUNCH_KERNEL(packed_attention_fwd_bf16)(
-                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
-                     args[5], args[6], args[7]),
-                 "packed_attention_fwd_bf16");
+    PANGU_FASTKD_LAUNCH_KERNEL(packed_attention_fwd_bf16, tiling.blockDim, args[0], args[1],
+                               args[2], args[3], args[4], args[5], args[6], args[7]);
   }
 }
-
 
 // The backward's tiling for the same problem; errors as for the forward.
 PackedAttentionBwdTiling attention_bwd_tiling(const AttentionInputs& in, double scale) {
@@ -270,7 +274,6 @@ void launch_bwd(const AttentionInputs& in, const BackwardInputs& b,
   const at::Tensor tiling_gm = tiling_on_device(tiling, device);
   const at::Tensor workspace =
       workspace_on_device(PackedAttentionBwdWorkspaceBytes(tiling), device);
-  const aclrtStream stream = current_stream();
   void* dq[] = {gm_addr(b.grad_out),     gm_addr(in.q),   gm_addr(in.k),
                 gm_addr(in.v),           gm_addr(b.out),  gm_addr(b.lse),
                 gm_addr(in.cu_device),   gm_addr(grad_q), gm_addr(workspace),
@@ -279,11 +282,12 @@ void launch_bwd(const AttentionInputs& in, const BackwardInputs& b,
                  gm_addr(in.v),         gm_addr(b.lse),    gm_addr(in.cu_device),
                  gm_addr(grad_k),       gm_addr(grad_v),   gm_addr(workspace),
                  gm_addr(tiling_gm)};
-  // One macro per pass keeps the three dtypes' launches identical but for the kernel name.
-#define PANGU_FASTKD_LAUNCH_BWD(kernel, blocks, a)                                               \
-  check_launch(ACLRT_LAUNCH_KERNEL(kernel)(blocks, stream, a[0], a[1], a[2], a[3], a[4], a[5], \
-                                           a[6], a[7], a[8], a[9]),                             \
-               #kernel)
+  // One macro per pass keeps the three dtypes' launches identical but for the kernel name. Each
+  // launch takes the stream itself (PANGU_FASTKD_LAUNCH_KERNEL); the second flush finds the
+  // queue empty, and the stream orders the dK/dV pass after the dQ pass.
+#define PANGU_FASTKD_LAUNCH_BWD(kernel, blocks, a)                                              \
+  PANGU_FASTKD_LAUNCH_KERNEL(kernel, blocks, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], \
+                             a[9])
   if (tiling.dtype == kPackedAttentionFloat32) {
     PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dq_fp32, tiling.dqBlockDim, dq);
     PANGU_FASTKD_LAUNCH_BWD(packed_attention_bwd_dkv_fp32, tiling.dkvBlockDim, dkv);
@@ -308,6 +312,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd_npu(const at::Tensor& q,
                                                              const at::Tensor& cu_seqlens,
                                                              double scale, bool causal,
                                                              int64_t window) {
+  const c10_npu::NPUGuard device_guard(guarded_device(q));
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens, causal, window);
   const PackedAttentionTiling tiling = attention_tiling(in, scale);
   at::Tensor out = at::empty({in.T, in.Hq, in.D}, in.q.options());
@@ -320,6 +325,7 @@ std::tuple<at::Tensor, at::Tensor> packed_attention_fwd_npu(const at::Tensor& q,
 std::tuple<int64_t, int64_t, int64_t, int64_t> packed_attention_fwd_plan_npu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     double scale) {
+  const c10_npu::NPUGuard device_guard(guarded_device(q));  // cu_seqlens may go to q's device
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens, true, -1);
   const PackedAttentionTiling tiling = attention_tiling(in, scale);
   return {tiling.tile, tiling.blockDim, tiling.workItems,
@@ -330,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd_npu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, double scale,
     bool causal, int64_t window) {
+  const c10_npu::NPUGuard device_guard(guarded_device(q));
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens, causal, window);
   const BackwardInputs b = check_backward_inputs(in, grad_out, out, lse);
   const PackedAttentionBwdTiling tiling = attention_bwd_tiling(in, scale);
@@ -344,6 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_attention_bwd_npu(
 std::tuple<int64_t, int64_t, int64_t, int64_t> packed_attention_bwd_plan_npu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     double scale) {
+  const c10_npu::NPUGuard device_guard(guarded_device(q));  // cu_seqlens may go to q's device
   const AttentionInputs in = check_attention_inputs(q, k, v, cu_seqlens, true, -1);
   const PackedAttentionBwdTiling tiling = attention_bwd_tiling(in, scale);
   return {tiling.tile, tiling.dqBlockDim, tiling.dkvBlockDim,

@@ -50,28 +50,24 @@ struct EpilogueChunk {
 };
 
 // Step 2 for one chunk: the only code that talks to the NPU runtime directly. The kernel
-// instantiation follows the tiling's dtype code (bf16 and fp16 share an element size).
+// instantiation follows the tiling's dtype code (bf16 and fp16 share an element size). Each
+// launch takes the stream itself (PANGU_FASTKD_LAUNCH_KERNEL), after this chunk's GEMM and tiling
+// copy have been queued: a stream taken once before the chunk loop would let the launch overtake
+// them.
 void launch_epilogue(const EpilogueChunk& c, const SparseKdTiling& tiling) {
   const at::Tensor tiling_gm = tiling_on_device(tiling, c.logits.device());
-  const aclrtStream stream = current_stream();
   void* args[] = {gm_addr(c.logits),      gm_addr(c.labels),      gm_addr(c.ids),
                   gm_addr(c.values),      gm_addr(c.teacher_lse), gm_addr(c.label_logit),
                   gm_addr(c.loss),        gm_addr(c.stats),       gm_addr(tiling_gm)};
   if (tiling.dtype == kSparseKdFloat32) {
-    check_launch(ACLRT_LAUNCH_KERNEL(sparse_kd_epilogue_fp32)(
-                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
-                     args[5], args[6], args[7], args[8]),
-                 "sparse_kd_epilogue_fp32");
+    PANGU_FASTKD_LAUNCH_KERNEL(sparse_kd_epilogue_fp32, tiling.blockDim, args[0], args[1],
+                               args[2], args[3], args[4], args[5], args[6], args[7], args[8]);
   } else if (tiling.dtype == kSparseKdFloat16) {
-    check_launch(ACLRT_LAUNCH_KERNEL(sparse_kd_epilogue_fp16)(
-                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
-                     args[5], args[6], args[7], args[8]),
-                 "sparse_kd_epilogue_fp16");
+    PANGU_FASTKD_LAUNCH_KERNEL(sparse_kd_epilogue_fp16, tiling.blockDim, args[0], args[1],
+                               args[2], args[3], args[4], args[5], args[6], args[7], args[8]);
   } else {
-    check_launch(ACLRT_LAUNCH_KERNEL(sparse_kd_epilogue_bf16)(
-                     tiling.blockDim, stream, args[0], args[1], args[2], args[3], args[4],
-                     args[5], args[6], args[7], args[8]),
-                 "sparse_kd_epilogue_bf16");
+    PANGU_FASTKD_LAUNCH_KERNEL(sparse_kd_epilogue_bf16, tiling.blockDim, args[0], args[1],
+                               args[2], args[3], args[4], args[5], args[6], args[7], args[8]);
   }
 }
 
@@ -101,12 +97,14 @@ using chunks::GradWeightAccumulator;
 
 std::string row_msg(int64_t row) { return " (row " + std::to_string(row) + ")"; }
 
+// Every input on hidden's device (checked first, so a stray tensor is named with both devices),
+// which is on the kernel device.
 void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, "sparse_kd: ", name, " is on ", t.device(),
+                    " but hidden is on ", device, "; every input must be on one device");
   TORCH_CHECK_VALUE(t.device().type() == kKernelDevice, "sparse_kd: ", name, " must be on the ",
                     c10::DeviceTypeName(kKernelDevice, /*lower_case=*/true),
                     " device for the Ascend C kernel, got ", t.device());
-  TORCH_CHECK_VALUE(t.device() == device, "sparse_kd: ", name, " is on ", t.device(),
-                    " but hidden is on ", device);
 }
 
 // First index where a [n] bool mask is set (argmax returns the first maximum). Error path only.
@@ -371,6 +369,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
   TORCH_CHECK_VALUE(V > 0 && d > 0, "sparse_kd: empty vocabulary or hidden size");
   const at::Device device = hidden.device();
   check_device(hidden, "hidden", device);
+  // From here on hidden's device is the current one: the launches take the current device's
+  // stream, and tensors on npu:1 launched while npu:0 is current would run on npu:0's stream.
+  // The other inputs are checked against that device before anything reads them.
+  const c10_npu::NPUGuard device_guard(device);
   check_device(weight, "weight", device);
   check_device(labels_in, "labels", device);
   TORCH_CHECK_VALUE(labels_in.dim() == 1 && labels_in.size(0) == N,

@@ -7,6 +7,11 @@
 // includes no torch header: the twin defines __global__, __aicore__ and GM_ADDR as macros, which
 // have no business in a translation unit that also parses ATen.
 //
+// Before running a kernel, a launcher checks what the real runtime would get wrong silently
+// (twin_npu_runtime.h): a stream handle the twin did not hand out, a stream taken while ATen work
+// was still queued (the kernel would overtake the ops that produce its inputs), and the stream of
+// a device other than the tensors' one (a missing device guard).
+//
 // To add a kernel: a header aclrtlaunch_<kernel>.h next to this file (copy one), the kernel's
 // declaration below, and a four-line launcher calling RunOnTwin.
 #include "kernel_operator.h"
@@ -14,6 +19,8 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+
+#include "twin_npu_runtime.h"
 
 #include "aclrtlaunch_packed_attention_bwd_dkv_bf16.h"
 #include "aclrtlaunch_packed_attention_bwd_dkv_fp16.h"
@@ -91,15 +98,48 @@ constexpr twin::Chip kChip = kIs910B ? twin::Chip::Ascend910B : twin::Chip::Asce
 // real launch is asynchronous; this one returns when every block is done, and rethrows what a
 // block threw (a twin::HardwareRuleViolation names the broken rule), so a test sees the failure
 // at the launch that caused it.
+// How cmake/ascend.cmake builds each kernel library, as the generated wrapper then launches it:
+// sparse-KD is a vector-only kernel; the attention kernels are MIX (cube + vector) kernels in a
+// library compiled with HAVE_WORKSPACE HAVE_TILING, whose wrapper sets the system workspace and
+// hands the kernel the user part of the workspace argument.
+constexpr twin::LaunchOptions kVectorKernel{twin::KernelType::AivOnly};
+constexpr twin::LaunchOptions kMatmulKernel{twin::KernelType::Mix,
+                                            /*have_workspace_and_tiling=*/true,
+                                            /*wrapper_user_workspace=*/true};
+
 template <class... Params, class... Args>
-uint32_t RunOnTwin(void (*kernel)(Params...), const char* name, uint32_t blockDim,
-                   aclrtStream stream, Args... args) {
+uint32_t RunOnTwin(void (*kernel)(Params...), const char* name, twin::LaunchOptions options,
+                   uint32_t blockDim, aclrtStream stream, Args... args) {
   static_assert(sizeof...(Params) == sizeof...(Args),
                 "a launcher must pass every kernel argument");
   if (stream == nullptr) {
     throw std::invalid_argument(std::string(name) + ": launched on a null stream");
   }
-  twin::Launch(blockDim, kChip, kernel, static_cast<Params>(args)...);
+  const twin_npu::Stream* s = twin_npu::stream_of(stream);
+  if (s == nullptr) {
+    throw std::invalid_argument(std::string(name) +
+                                ": launched on a stream handle that c10_npu::getCurrentNPUStream() "
+                                "did not hand out");
+  }
+  // The device first: a launch on another device's stream is wrong however the stream was taken,
+  // and a test can then tell the two mistakes apart in a build that has both.
+  if (s->device != twin_npu::kTensorDevice) {
+    throw std::runtime_error(std::string(name) + ": launch on the stream of device " +
+                             std::to_string(s->device) +
+                             ", but the kernel's tensors are on device " +
+                             std::to_string(twin_npu::kTensorDevice) +
+                             ": hold a c10_npu::NPUGuard for the inputs' device before taking the "
+                             "stream");
+  }
+  const uint64_t queued = twin_npu::this_thread().queued_aten_ops;
+  if (queued != 0) {
+    throw std::runtime_error(std::string(name) +
+                             ": launch on a stream whose torch_npu task queue was not flushed (" +
+                             std::to_string(queued) +
+                             " ATen ops ran since the last flush): take the stream with "
+                             "stream(true) right before the launch");
+  }
+  twin::Launch(blockDim, kChip, options, kernel, static_cast<Params>(args)...);
   return 0;
 }
 
@@ -110,8 +150,9 @@ extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_fp32(uint32_t blockDim, aclrt
                                                       void* teacherValues, void* teacherLse,
                                                       void* labelLogit, void* loss, void* stats,
                                                       void* tiling) {
-  return RunOnTwin(sparse_kd_epilogue_fp32, "sparse_kd_epilogue_fp32", blockDim, stream, logits,
-                   labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
+  return RunOnTwin(sparse_kd_epilogue_fp32, "sparse_kd_epilogue_fp32", kVectorKernel, blockDim,
+                   stream, logits, labels, ids, teacherValues, teacherLse, labelLogit, loss, stats,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_bf16(uint32_t blockDim, aclrtStream stream,
@@ -119,32 +160,33 @@ extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_bf16(uint32_t blockDim, aclrt
                                                       void* teacherValues, void* teacherLse,
                                                       void* labelLogit, void* loss, void* stats,
                                                       void* tiling) {
-  return RunOnTwin(sparse_kd_epilogue_bf16, "sparse_kd_epilogue_bf16", blockDim, stream, logits,
-                   labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
+  return RunOnTwin(sparse_kd_epilogue_bf16, "sparse_kd_epilogue_bf16", kVectorKernel, blockDim,
+                   stream, logits, labels, ids, teacherValues, teacherLse, labelLogit, loss, stats,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_fwd_fp32(uint32_t blockDim, aclrtStream stream,
                                                        void* q, void* k, void* v, void* cuSeqlens,
                                                        void* out, void* lse, void* workspace,
                                                        void* tiling) {
-  return RunOnTwin(packed_attention_fwd_fp32, "packed_attention_fwd_fp32", blockDim, stream, q, k,
-                   v, cuSeqlens, out, lse, workspace, tiling);
+  return RunOnTwin(packed_attention_fwd_fp32, "packed_attention_fwd_fp32", kMatmulKernel, blockDim,
+                   stream, q, k, v, cuSeqlens, out, lse, workspace, tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_fwd_bf16(uint32_t blockDim, aclrtStream stream,
                                                        void* q, void* k, void* v, void* cuSeqlens,
                                                        void* out, void* lse, void* workspace,
                                                        void* tiling) {
-  return RunOnTwin(packed_attention_fwd_bf16, "packed_attention_fwd_bf16", blockDim, stream, q, k,
-                   v, cuSeqlens, out, lse, workspace, tiling);
+  return RunOnTwin(packed_attention_fwd_bf16, "packed_attention_fwd_bf16", kMatmulKernel, blockDim,
+                   stream, q, k, v, cuSeqlens, out, lse, workspace, tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_fwd_fp16(uint32_t blockDim, aclrtStream stream,
                                                           void* q, void* k, void* v,
                                                           void* cuSeqlens, void* out, void* lse,
                                                           void* workspace, void* tiling) {
-  return RunOnTwin(packed_attention_fwd_fp16, "packed_attention_fwd_fp16", blockDim, stream, q, k,
-                   v, cuSeqlens, out, lse, workspace, tiling);
+  return RunOnTwin(packed_attention_fwd_fp16, "packed_attention_fwd_fp16", kMatmulKernel, blockDim,
+                   stream, q, k, v, cuSeqlens, out, lse, workspace, tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_fp16(uint32_t blockDim, aclrtStream stream,
@@ -152,8 +194,9 @@ extern "C" uint32_t aclrtlaunch_sparse_kd_epilogue_fp16(uint32_t blockDim, aclrt
                                                         void* teacherValues, void* teacherLse,
                                                         void* labelLogit, void* loss, void* stats,
                                                         void* tiling) {
-  return RunOnTwin(sparse_kd_epilogue_fp16, "sparse_kd_epilogue_fp16", blockDim, stream, logits,
-                   labels, ids, teacherValues, teacherLse, labelLogit, loss, stats, tiling);
+  return RunOnTwin(sparse_kd_epilogue_fp16, "sparse_kd_epilogue_fp16", kVectorKernel, blockDim,
+                   stream, logits, labels, ids, teacherValues, teacherLse, labelLogit, loss, stats,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_fp32(uint32_t blockDim, aclrtStream stream,
@@ -161,8 +204,9 @@ extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_fp32(uint32_t blockDim, 
                                                              void* v, void* out, void* lse,
                                                              void* cuSeqlens, void* gradQ,
                                                              void* workspace, void* tiling) {
-  return RunOnTwin(packed_attention_bwd_dq_fp32, "packed_attention_bwd_dq_fp32", blockDim, stream,
-                   gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
+  return RunOnTwin(packed_attention_bwd_dq_fp32, "packed_attention_bwd_dq_fp32", kMatmulKernel,
+                   blockDim, stream, gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_fp32(uint32_t blockDim, aclrtStream stream,
@@ -170,8 +214,9 @@ extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_fp32(uint32_t blockDim,
                                                               void* v, void* lse, void* cuSeqlens,
                                                               void* gradK, void* gradV,
                                                               void* workspace, void* tiling) {
-  return RunOnTwin(packed_attention_bwd_dkv_fp32, "packed_attention_bwd_dkv_fp32", blockDim, stream,
-                   gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
+  return RunOnTwin(packed_attention_bwd_dkv_fp32, "packed_attention_bwd_dkv_fp32", kMatmulKernel,
+                   blockDim, stream, gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_bf16(uint32_t blockDim, aclrtStream stream,
@@ -179,8 +224,9 @@ extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_bf16(uint32_t blockDim, 
                                                              void* v, void* out, void* lse,
                                                              void* cuSeqlens, void* gradQ,
                                                              void* workspace, void* tiling) {
-  return RunOnTwin(packed_attention_bwd_dq_bf16, "packed_attention_bwd_dq_bf16", blockDim, stream,
-                   gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
+  return RunOnTwin(packed_attention_bwd_dq_bf16, "packed_attention_bwd_dq_bf16", kMatmulKernel,
+                   blockDim, stream, gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_bf16(uint32_t blockDim, aclrtStream stream,
@@ -188,8 +234,9 @@ extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_bf16(uint32_t blockDim,
                                                               void* v, void* lse, void* cuSeqlens,
                                                               void* gradK, void* gradV,
                                                               void* workspace, void* tiling) {
-  return RunOnTwin(packed_attention_bwd_dkv_bf16, "packed_attention_bwd_dkv_bf16", blockDim, stream,
-                   gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
+  return RunOnTwin(packed_attention_bwd_dkv_bf16, "packed_attention_bwd_dkv_bf16", kMatmulKernel,
+                   blockDim, stream, gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_fp16(uint32_t blockDim, aclrtStream stream,
@@ -197,8 +244,9 @@ extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dq_fp16(uint32_t blockDim, 
                                                              void* v, void* out, void* lse,
                                                              void* cuSeqlens, void* gradQ,
                                                              void* workspace, void* tiling) {
-  return RunOnTwin(packed_attention_bwd_dq_fp16, "packed_attention_bwd_dq_fp16", blockDim, stream,
-                   gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace, tiling);
+  return RunOnTwin(packed_attention_bwd_dq_fp16, "packed_attention_bwd_dq_fp16", kMatmulKernel,
+                   blockDim, stream, gradOut, q, k, v, out, lse, cuSeqlens, gradQ, workspace,
+                   tiling);
 }
 
 extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_fp16(uint32_t blockDim, aclrtStream stream,
@@ -206,6 +254,7 @@ extern "C" uint32_t aclrtlaunch_packed_attention_bwd_dkv_fp16(uint32_t blockDim,
                                                               void* v, void* lse, void* cuSeqlens,
                                                               void* gradK, void* gradV,
                                                               void* workspace, void* tiling) {
-  return RunOnTwin(packed_attention_bwd_dkv_fp16, "packed_attention_bwd_dkv_fp16", blockDim, stream,
-                   gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace, tiling);
+  return RunOnTwin(packed_attention_bwd_dkv_fp16, "packed_attention_bwd_dkv_fp16", kMatmulKernel,
+                   blockDim, stream, gradOut, q, k, v, lse, cuSeqlens, gradK, gradV, workspace,
+                   tiling);
 }
