@@ -119,6 +119,18 @@ def test_reference_matches_sdpa(lengths, hq, hkv, d):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_reference_makes_its_tensors_on_the_inputs_device():
+    # The NPU falls back to this reference: a mask or a cu_seqlens made on the default device
+    # would not mix with NPU inputs. With the default device set to meta, any tensor created
+    # without a device would be a meta tensor, and mixing it with the CPU inputs raises.
+    q, k, v, cu = sample_inputs([5, 9, 1], 4, 2, 16, requires_grad=False)
+    expected = packed_attention_reference(q, k, v, cu, window=3)
+    with torch.device("meta"):
+        out, lse = packed_attention_reference(q, k, v, cu, window=3)
+    assert out.device == q.device and lse.device == q.device
+    torch.testing.assert_close((out, lse), expected, rtol=0, atol=0)
+
+
 def test_reference_non_causal_and_scale():
     q, k, v, cu = sample_inputs([5, 9, 1], 4, 2, 16)
     out = packed_attention(q, k, v, cu, causal=False, softmax_scale=0.3)

@@ -1102,6 +1102,21 @@ def test_torch_compile_fullgraph(backend):
 
 # Device checks: this machine has only the CPU. Mixing CPU and meta tensors is no test of them:
 # PyTorch itself then runs meta kernels and returns uninitialised CPU memory (F.linear does too).
+@pytest.mark.parametrize("kd_weight", [0.0, 0.5])
+def test_reference_makes_its_tensors_on_the_inputs_device(kd_weight):
+    # The NPU falls back to the reference: its zeros and statistics must be made on the inputs'
+    # device. With the default device set to meta, any tensor created without a device would be
+    # a meta tensor, and mixing it with the CPU inputs raises.
+    inputs = sample_inputs(6, 11, 4, 3, dtype=torch.float32, seed=71)
+    target = inputs.target if kd_weight > 0 else None
+    args = (inputs.hidden, inputs.weight, inputs.labels, target)
+    expected = sparse_kd_reference(*args, kd_weight=kd_weight)
+    with torch.device("meta"):
+        loss, stats = sparse_kd_reference(*args, kd_weight=kd_weight)
+    assert loss.device == inputs.hidden.device and stats.device == inputs.hidden.device
+    torch.testing.assert_close((loss, stats), expected, rtol=0, atol=0)
+
+
 def test_meta_tensors_propagate_shapes():
     inputs = sample_inputs(6, 11, 4, 3, dtype=torch.float32, seed=67)
     tg = inputs.target

@@ -14,6 +14,7 @@ run on Ascend hardware yet (docs/ascend.md).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Literal
@@ -137,6 +138,15 @@ def _ascend_kernel_takes(q: torch.Tensor, causal: bool, window: int | None) -> b
     )
 
 
+@functools.cache
+def _npu_causal_mask(device: torch.device) -> torch.Tensor:
+    """The ``[2048, 2048]`` bool upper triangle (True = masked) sparse_mode 3 takes, made once
+    per device: it is 4 MB, and building and copying it on every call costs a host-to-device
+    transfer per attention layer."""
+    mask = torch.ones(_NPU_CAUSAL_MASK_SIZE, _NPU_CAUSAL_MASK_SIZE, dtype=torch.bool, device=device)
+    return torch.triu(mask, diagonal=1)
+
+
 def _npu_fusion_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -157,8 +167,7 @@ def _npu_fusion_attention(
     ends = [int(e) for e in cu_seqlens[1:].tolist()]
     options: dict = {"scale": scale, "actual_seq_qlen": ends, "actual_seq_kvlen": ends}
     if causal:
-        mask = torch.ones(_NPU_CAUSAL_MASK_SIZE, _NPU_CAUSAL_MASK_SIZE, dtype=torch.bool)
-        options.update(sparse_mode=3, atten_mask=torch.triu(mask, diagonal=1).to(q.device))
+        options.update(sparse_mode=3, atten_mask=_npu_causal_mask(q.device))
     else:
         options.update(sparse_mode=0)
     result = torch_npu.npu_fusion_attention(q, k, v, q.shape[1], "TND", **options)

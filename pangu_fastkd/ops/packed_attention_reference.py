@@ -38,7 +38,7 @@ def cu_seqlens_from_lengths(lengths: Sequence[int] | torch.Tensor) -> torch.Tens
     lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
     if bool((lengths < 0).any()):
         raise ValueError(f"document lengths must be >= 0, got {lengths.tolist()}")
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
     torch.cumsum(lengths, dim=0, out=cu[1:])
     if int(cu[-1]) > torch.iinfo(torch.int32).max:
         raise ValueError(f"total length {int(cu[-1])} does not fit cu_seqlens' int32")
@@ -158,9 +158,10 @@ def packed_attention_reference(
         kd = k[start:end].to(acc).repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
         vd = v[start:end].to(acc).repeat_interleave(group, dim=1).transpose(0, 1)
         scores = (qd @ kd.transpose(1, 2)) * scale  # [Hq, L, L]
-        i = torch.arange(L)[:, None]
-        j = torch.arange(L)[None, :]
-        allowed = torch.ones(L, L, dtype=torch.bool)
+        # On q's device: an NPU falls back to this reference, and a CPU mask would not mix.
+        i = torch.arange(L, device=q.device)[:, None]
+        j = torch.arange(L, device=q.device)[None, :]
+        allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
         if causal:
             allowed &= j <= i
         if window is not None:

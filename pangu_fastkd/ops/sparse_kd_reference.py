@@ -261,7 +261,7 @@ def sparse_kd_reference(
     lse1 = torch.logsumexp(z, dim=1)  # [n]
     ce = lse1 - z.gather(1, y[:, None]).squeeze(1)
     n = rows.numel()
-    zeros = torch.zeros(n, dtype=acc)
+    zeros = z.new_zeros(n)  # on the inputs' device, like every tensor made here
     D, Q_S, P_S = zeros, zeros, zeros
 
     if kd_weight > 0:
@@ -339,7 +339,7 @@ def sparse_kd_reference(
         total = total / max(n, 1)
 
     correct = (z.argmax(dim=1) == y).to(acc)
-    stats = torch.zeros(N, 6, dtype=torch.float32)
+    stats = torch.zeros(N, 6, dtype=torch.float32, device=hidden.device)
     row_stats = torch.stack([D, ce, Q_S, P_S, lse1, correct], dim=1).float()
     stats = stats.index_copy(0, rows, row_stats)
     return total, stats
