@@ -424,6 +424,29 @@ def test_chip_budgets_agree_with_the_twin(binary: Path) -> None:
     assert result.returncode == 0 and result.stdout.strip() == "BUDGETS-AGREE", result.stdout
 
 
+def test_core_counts_follow_the_part(binary: Path) -> None:
+    # CANN 8.1 data/platform_config/<part>.ini: the 910B3/B4 have 20 cube + 40 vector cores, not
+    # the 910B1's 24 + 48; the tiling of 512 work items then launches one block per cube core.
+    parts = ["Ascend910B1", "Ascend910B2C", "Ascend910B3", "Ascend910B4", "Ascend310B1"]
+    result = subprocess.run(
+        [str(binary), "parts", *parts], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split("\n")[:-1] == [
+        "PART Ascend910B1 aic=24 aiv=48 blocks=24",
+        "PART Ascend910B2C aic=24 aiv=48 blocks=24",
+        "PART Ascend910B3 aic=20 aiv=40 blocks=20",
+        "PART Ascend910B4 aic=20 aiv=40 blocks=20",
+        "PART Ascend310B1 aic=1 aiv=1 blocks=1",
+    ]
+    unknown = subprocess.run(
+        [str(binary), "parts", "Ascend910A"], capture_output=True, text=True, timeout=300
+    )
+    assert unknown.returncode != 0 and "'Ascend910A' is not a part the twin knows" in (
+        unknown.stdout + unknown.stderr
+    )
+
+
 @pytest.mark.parametrize(
     ("lengths", "q_heads", "kv_heads", "head_dim", "cu_override", "message"),
     [

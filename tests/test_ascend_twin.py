@@ -115,6 +115,10 @@ RULE_CASES = {
     "datacopy-32b": ("datacopy-32b", "48 bytes is not a multiple of 32"),
     "compare-256b": ("compare-256b", "192 bytes is not a multiple of 256"),
     "exp-ln-dtype": ("exp-ln-dtype", "Exp: element type of 2 bytes"),
+    # per-chip copy and cast tables of CANN's dav_c220 / dav_m300 implementations
+    "copy-dtype": ("copy-dtype", "no DataCopyPad intrinsic for bfloat16_t on Ascend310B"),
+    "cast-mode-narrow": ("cast-mode", "round mode 0 is not supported from float to bfloat16_t"),
+    "cast-mode-widen": ("cast-mode", "round mode 1 is not supported from half to float"),
     "ub-budget": ("ub-budget", "196608 requested"),
     "buffers-per-position": ("buffers-per-position", "8 QUE buffers already on VECIN + 1"),
     "buffers-total": ("buffers-total", "64 buffers already in this kernel + 1"),

@@ -49,10 +49,38 @@ int CheckBudgets() {
   return same ? 0 : 1;
 }
 
+// For each part named: its core counts as the platform reports them, and the blocks the forward
+// tiling launches for 64 one-tile documents x 8 kv heads = 512 work items (capped at the cube
+// cores: a MIX block is one cube core and its vector cores).
+int PrintParts(int argc, char** argv) {
+  std::vector<int32_t> cu(65);
+  for (int32_t b = 0; b <= 64; ++b) cu[b] = 16 * b;
+  PackedAttentionProblem problem{};
+  problem.tokens = 16 * 64;
+  problem.docs = 64;
+  problem.qHeads = 8;
+  problem.kvHeads = 8;
+  problem.headDim = 64;
+  problem.scale = 0.125f;
+  problem.dtype = kPackedAttentionFloat32;
+  problem.elemBytes = 4;
+  problem.cuSeqlens = cu.data();
+  for (int i = 2; i < argc; ++i) {
+    const platform_ascendc::PlatformAscendC platform{std::string_view(argv[i])};
+    const bool is910 = twin::SocChip(argv[i]) == twin::Chip::Ascend910B;
+    const PackedAttentionTiling t = MakePackedAttentionTiling(
+        problem, is910 ? kPackedAttentionAscend910B : kPackedAttentionAscend310B, platform);
+    std::cout << "PART " << argv[i] << " aic=" << platform.GetCoreNumAic()
+              << " aiv=" << platform.GetCoreNumAiv() << " blocks=" << t.blockDim << std::endl;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "budgets") return CheckBudgets();
+  if (argc >= 3 && std::string(argv[1]) == "parts") return PrintParts(argc, argv);
   if (argc != 13 && argc != 14) {
     std::cerr << "usage: packed_attention_fwd f32|bf16|f16 T B HQ HKV D SCALE 910b|310b "
                  "MAX_BLOCKS MAX_TILE IN_DIR OUT [WS_OUT]\n";

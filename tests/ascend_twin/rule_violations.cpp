@@ -73,6 +73,40 @@ __global__ __aicore__ void exp_ln_dtype(GM_ADDR) {
   }
 }
 
+// DataCopyPad of bfloat16_t from GM: dav_m300 (310B) has no copy_gm_to_ubuf_align for it, the
+// 910B copies any 2-byte element (the bad run is on the 310B, the good one on the 910B).
+__global__ __aicore__ void copy_dtype(GM_ADDR gm) {
+  TPipe pipe;
+  TBuf<TPosition::VECCALC> buf;
+  pipe.InitBuffer(buf, 256);
+  GlobalTensor<bfloat16_t> g;
+  g.SetGlobalBuffer(reinterpret_cast<__gm__ bfloat16_t*>(gm), 4096);
+  DataCopyPad(buf.Get<bfloat16_t>(), g, DataCopyExtParams(1, 10 * sizeof(bfloat16_t), 0, 0, 0),
+              DataCopyPadExtParams<bfloat16_t>(false, 0, 0, bfloat16_t(0.0f)));
+}
+
+// float -> bfloat16_t with CAST_NONE (no such conversion: the hardware writes nothing) vs
+// CAST_RINT; and half -> float with CAST_RINT (widening takes CAST_NONE only) vs CAST_NONE.
+__global__ __aicore__ void cast_mode_narrow(GM_ADDR) {
+  TPipe pipe;
+  TBuf<TPosition::VECCALC> a, b;
+  pipe.InitBuffer(a, 256);
+  pipe.InitBuffer(b, 256);
+  LocalTensor<float> x = a.Get<float>();
+  Duplicate(x, 0.5f, 64);
+  Cast(b.Get<bfloat16_t>(), x, g_bad ? RoundMode::CAST_NONE : RoundMode::CAST_RINT, 64);
+}
+
+__global__ __aicore__ void cast_mode_widen(GM_ADDR) {
+  TPipe pipe;
+  TBuf<TPosition::VECCALC> a, b;
+  pipe.InitBuffer(a, 256);
+  pipe.InitBuffer(b, 256);
+  LocalTensor<half> x = a.Get<half>();
+  Duplicate(x, half(0.5f), 64);
+  Cast(b.Get<float>(), x, g_bad ? RoundMode::CAST_RINT : RoundMode::CAST_NONE, 64);
+}
+
 // 2 x 96 KB = 192 KB: over the 910B's 184 KB budget, inside the 310B's 248 KB.
 __global__ __aicore__ void ub_budget(GM_ADDR) {
   TPipe pipe;
@@ -616,6 +650,9 @@ const std::map<std::string, Case>& Cases() {
       {"datacopy-32b", {datacopy_32b, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"compare-256b", {compare_256b, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"exp-ln-dtype", {exp_ln_dtype, Chip::Ascend910B, Chip::Ascend910B, 1}},
+      {"copy-dtype", {copy_dtype, Chip::Ascend310B, Chip::Ascend910B, 1}},
+      {"cast-mode-narrow", {cast_mode_narrow, Chip::Ascend310B, Chip::Ascend310B, 1}},
+      {"cast-mode-widen", {cast_mode_widen, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"ub-budget", {ub_budget, Chip::Ascend910B, Chip::Ascend310B, 1}},
       {"buffers-per-position", {buffers_per_position, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"buffers-total", {buffers_total, Chip::Ascend910B, Chip::Ascend910B, 1}},

@@ -22,6 +22,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "tiling/platform/platform_ascendc.h"
 #include "torch_npu/csrc/core/npu/NPUGuard.h"
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 
@@ -49,6 +50,30 @@ inline constexpr SocFamily soc_family() {
                 "PANGU_FASTKD_SOC_VERSION must name an Ascend910B* or Ascend310B* chip");
   return soc.substr(0, 10) == "Ascend910B" ? SocFamily::kAscend910B : SocFamily::kAscend310B;
 }
+
+namespace {
+// The platform of the part the module was built for: its core counts (910B1 24 AIC + 48 AIV,
+// 910B4 20 + 40) and buffer sizes, for the host tilings. Internal linkage, one per translation
+// unit: the twin build constructs the twin part's platform itself instead of asking the
+// process-wide singleton, because a test process loads one twin module per chip and a singleton
+// shared by them (inline-function statics of a header-only twin may be merged across modules)
+// would plan the 310B module on the 910B.
+inline const platform_ascendc::PlatformAscendC& soc_platform() {
+#ifdef PANGU_FASTKD_ASCEND_TWIN
+  static const platform_ascendc::PlatformAscendC platform{
+      std::string_view(PANGU_FASTKD_SOC_VERSION)};
+  return platform;
+#else
+  // Kernel-launch projects get the platform from PlatformAscendCManager; the SoC name pins it to
+  // the chip the kernels were compiled for (links tiling_api and platform, cmake/ascend.cmake).
+  static platform_ascendc::PlatformAscendC* const platform =
+      platform_ascendc::PlatformAscendCManager::GetInstance(PANGU_FASTKD_SOC_VERSION);
+  TORCH_CHECK(platform != nullptr, "pangu_fastkd: no Ascend platform information for ",
+              PANGU_FASTKD_SOC_VERSION);
+  return *platform;
+#endif
+}
+}  // namespace
 
 // The stream to launch on: the current device's current stream, after torch_npu's task queue
 // has been emptied. torch_npu queues ATen ops (the logits GEMM, the tiling copy of

@@ -146,30 +146,14 @@ AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
 // ---------------------------------------------------------------------------------------------
 // Tiling
 
-// The platform the Matmul tiling API plans the cube for: the chip the module was built for. The
-// twin build constructs the twin chip's platform itself instead of asking the process-wide
-// singleton, because a test process loads one twin module per chip and a singleton shared by
-// them (inline-function statics of a header-only twin may be merged across modules) would plan
-// the 310B module's cube on the 910B.
-const platform_ascendc::PlatformAscendC& attention_platform() {
-#ifdef PANGU_FASTKD_ASCEND_TWIN
-  static const platform_ascendc::PlatformAscendC platform(
-      soc_family() == SocFamily::kAscend910B ? twin::Chip::Ascend910B : twin::Chip::Ascend310B);
-  return platform;
-#else
-  // Kernel-launch projects get the platform from PlatformAscendCManager; the SoC name pins it to
-  // the chip the kernels were compiled for (links tiling_api and platform, cmake/ascend.cmake).
-  static platform_ascendc::PlatformAscendC* const platform =
-      platform_ascendc::PlatformAscendCManager::GetInstance(PANGU_FASTKD_SOC_VERSION);
-  TORCH_CHECK(platform != nullptr, "packed_attention: no Ascend platform information for ",
-              PANGU_FASTKD_SOC_VERSION);
-  return *platform;
-#endif
-}
-
+// The UB budget of the chip the module was built for and the vector cores of its part (the
+// tilings also cap the blocks at the part's cube cores, soc_platform().GetCoreNumAic()).
 PackedAttentionChipBudget attention_budget() {
-  return soc_family() == SocFamily::kAscend910B ? kPackedAttentionAscend910B
-                                                : kPackedAttentionAscend310B;
+  PackedAttentionChipBudget budget = soc_family() == SocFamily::kAscend910B
+                                         ? kPackedAttentionAscend910B
+                                         : kPackedAttentionAscend310B;
+  budget.coreNum = soc_platform().GetCoreNumAiv();
+  return budget;
 }
 
 // The kernel's problem for validated inputs; cuSeqlens points into in.cu_host, which must outlive
@@ -198,7 +182,7 @@ PackedAttentionProblem attention_problem(const AttentionInputs& in, double scale
 PackedAttentionTiling attention_tiling(const AttentionInputs& in, double scale) {
   try {
     return MakePackedAttentionTiling(attention_problem(in, scale), attention_budget(),
-                                     attention_platform());
+                                     soc_platform());
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, "packed_attention: the Ascend C kernel cannot take this problem: ",
                       e.what());
@@ -234,7 +218,7 @@ void launch_fwd(const AttentionInputs& in, const PackedAttentionTiling& tiling,
 PackedAttentionBwdTiling attention_bwd_tiling(const AttentionInputs& in, double scale) {
   try {
     return MakePackedAttentionBwdTiling(attention_problem(in, scale), attention_budget(),
-                                        attention_platform());
+                                        soc_platform());
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK_VALUE(false, "packed_attention: the Ascend C kernel cannot take this problem: ",
                       e.what());

@@ -71,9 +71,13 @@ void launch_epilogue(const EpilogueChunk& c, const SparseKdTiling& tiling) {
   }
 }
 
-// The UB budget of the chip the module was built for.
+// The UB budget of the chip the module was built for, and the vector cores of its part (40 on a
+// 910B4, 48 on a 910B1: more blocks than cores would run in a second, mostly idle wave).
 SparseKdChipBudget chip_budget() {
-  return soc_family() == SocFamily::kAscend910B ? kSparseKdAscend910B : kSparseKdAscend310B;
+  SparseKdChipBudget budget =
+      soc_family() == SocFamily::kAscend910B ? kSparseKdAscend910B : kSparseKdAscend310B;
+  budget.coreNum = soc_platform().GetCoreNumAiv();
+  return budget;
 }
 
 // The host tiling for `rows` rows; its std::invalid_argument becomes a ValueError.

@@ -1004,6 +1004,42 @@ struct DataCopyPadExtParams {
 };
 
 namespace detail_copy {
+// The twin_chips.h name of an element type, for the per-chip copy and cast tables.
+template <class T>
+constexpr twin::ElemType ElemTypeOf() {
+  using E = twin::ElemType;
+  if constexpr (std::is_same_v<T, int8_t>) return E::Int8;
+  else if constexpr (std::is_same_v<T, uint8_t>) return E::UInt8;
+  else if constexpr (std::is_same_v<T, int16_t>) return E::Int16;
+  else if constexpr (std::is_same_v<T, uint16_t>) return E::UInt16;
+  else if constexpr (std::is_same_v<T, half>) return E::Half;
+  else if constexpr (std::is_same_v<T, bfloat16_t>) return E::BFloat16;
+  else if constexpr (std::is_same_v<T, int32_t>) return E::Int32;
+  else if constexpr (std::is_same_v<T, uint32_t>) return E::UInt32;
+  else if constexpr (std::is_same_v<T, float>) return E::Float;
+  else return E::Other;
+}
+
+// A DataCopyPad the chip has no copy intrinsic for fails to compile for the device (dav_m300:
+// no copy_gm_to_ubuf_align overload for bfloat16_t); the twin, which compiles every type, fails
+// the call instead.
+template <class T>
+void CheckPadCopyType(const char* call) {
+  const auto& block = twin::detail::Block(call);
+  const twin::Chip chip =
+      block.chip.separated ? twin::Chip::Ascend910B : twin::Chip::Ascend310B;
+  if (!twin::DataCopyPadSupported(chip, ElemTypeOf<T>(), sizeof(T))) {
+    twin::detail::Violate(
+        "copy-dtype", call,
+        twin::detail::Str("no DataCopyPad intrinsic for ", twin::ElemTypeName(ElemTypeOf<T>()),
+                          " on ", block.chip.name,
+                          chip == twin::Chip::Ascend310B
+                              ? " (dav_m300 copy_*_align: int8/uint8/int16/uint16/half/int32/"
+                                "uint32/float); copy bfloat16_t bits as half"
+                              : " (dav_c220 copy_*_align_b8/_b16/_b32: 1, 2 or 4-byte elements)"));
+  }
+}
+
 inline void CheckPadParams(const DataCopyExtParams& p, size_t elem, const char* call) {
   if (p.blockCount == 0 || p.blockLen == 0) {
     twin::detail::Violate("datacopypad-params", call, "blockCount and blockLen must be positive");
@@ -1025,6 +1061,7 @@ void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& src,
                  const DataCopyExtParams& p, const DataCopyPadExtParams<T>& pad) {
   const char* call = "DataCopyPad(GM->UB)";
   detail_copy::CheckPadParams(p, sizeof(T), call);
+  detail_copy::CheckPadCopyType<T>(call);
   if (pad.leftPadding != 0) {
     throw std::logic_error("DataCopyPad: leftPadding is not emulated by the twin yet");
   }
@@ -1060,6 +1097,7 @@ void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src,
                  const DataCopyExtParams& p) {
   const char* call = "DataCopyPad(UB->GM)";
   detail_copy::CheckPadParams(p, sizeof(T), call);
+  detail_copy::CheckPadCopyType<T>(call);
   const uint64_t row_ub_bytes = twin::detail::AlignUp32(p.blockLen);
   const uint64_t ub_pitch = row_ub_bytes + uint64_t(p.srcStride) * 32u;
   const uint64_t gm_pitch = p.blockLen + uint64_t(p.dstStride);
@@ -1190,12 +1228,24 @@ void Duplicate(const LocalTensor<T>& dst, const T& scalarValue, const int32_t& c
   for (int32_t i = 0; i < calCount; ++i) d[i] = scalarValue;
 }
 
-// Cast between element types. Narrowing to half/bf16 supports CAST_NONE/CAST_RINT (nearest
-// even) and, for bf16, CAST_TRUNC; integer targets support every mode but CAST_ODD.
+// Cast between element types, with the round modes CANN supports for each float pair
+// (twin::CastRoundSupported). Emulated: narrowing to half CAST_NONE/CAST_RINT (nearest even), to
+// bf16 CAST_RINT/CAST_TRUNC; integer targets every mode but CAST_ODD.
 template <class D, class S>
 void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, const RoundMode& round_mode,
           const uint32_t calCount) {
   const char* call = "Cast";
+  constexpr twin::ElemType kDst = detail_copy::ElemTypeOf<D>();
+  constexpr twin::ElemType kSrc = detail_copy::ElemTypeOf<S>();
+  if (!twin::CastRoundSupported(kDst, kSrc, static_cast<twin::CastRound>(round_mode))) {
+    twin::detail::Violate("cast-mode", call,
+                          twin::detail::Str("round mode ", static_cast<int>(round_mode),
+                                            " is not supported from ", twin::ElemTypeName(kSrc),
+                                            " to ", twin::ElemTypeName(kDst),
+                                            " (CANN: half/bfloat16_t -> float take CAST_NONE "
+                                            "only, float -> bfloat16_t neither CAST_NONE nor "
+                                            "CAST_ODD); the hardware leaves dst unwritten"));
+  }
   detail_vec::Read(src, calCount, call);
   detail_vec::Write(dst, calCount, call);
   D* d = dst.TwinData();
@@ -1222,10 +1272,11 @@ void Cast(const LocalTensor<D>& dst, const LocalTensor<S>& src, const RoundMode&
         bfloat16_t t;
         t.bits = static_cast<uint16_t>(twin::detail::FloatBits(static_cast<float>(x)) >> 16);
         d[i] = t;
-      } else if (round_mode == RoundMode::CAST_NONE || round_mode == RoundMode::CAST_RINT) {
+      } else if (round_mode == RoundMode::CAST_RINT ||
+                 (round_mode == RoundMode::CAST_NONE && !std::is_same_v<S, float>)) {
         d[i] = bfloat16_t(static_cast<float>(x));
       } else {
-        throw std::logic_error("Cast to bfloat16_t: only CAST_NONE/CAST_RINT/CAST_TRUNC emulated");
+        throw std::logic_error("Cast to bfloat16_t: only CAST_RINT/CAST_TRUNC emulated");
       }
     } else if constexpr (std::is_same_v<D, half>) {
       if (round_mode != RoundMode::CAST_NONE && round_mode != RoundMode::CAST_RINT) {
@@ -1413,6 +1464,10 @@ struct LaunchOptions {
   // GlobalTensor::SetValue through a per-core 64-byte-line data cache, written back whole at
   // kernel end in core order (so neighbouring values of two cores in one line clobber each other).
   bool model_data_cache = true;
+  // The part (SOC_VERSION name, twin::GetSocInfo) whose core counts the launch checks against,
+  // e.g. SyncAll's residency limit: "Ascend910B4" has 40 vector cores, "Ascend910B1" 48. Empty:
+  // the chip's first part. Must belong to the launch's chip.
+  std::string_view soc{};
 };
 
 namespace detail {
@@ -1460,7 +1515,11 @@ void Launch(uint32_t blockDim, Chip chip, LaunchOptions options, Kernel&& kernel
       throw std::invalid_argument("twin::Launch: wrapper_user_workspace needs (workspace, tiling)");
     }
   }
-  const ChipInfo info = GetChipInfo(chip);
+  const ChipInfo info = options.soc.empty() ? GetChipInfo(chip) : GetSocInfo(options.soc);
+  if (!options.soc.empty() && SocChip(options.soc) != chip) {
+    throw std::invalid_argument(detail::Str("twin::Launch: part ", options.soc,
+                                            " is not a ", GetChipInfo(chip).name));
+  }
   const bool mix = info.separated && options.type == KernelType::Mix;
   const uint32_t ratio = mix ? 2u : 1u;  // vector cores per block (get_subblockdim on an AIV)
   detail::Barrier barrier(blockDim * ratio);

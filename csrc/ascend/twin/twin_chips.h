@@ -5,7 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
+#include <string>
+#include <string_view>
 
 namespace twin {
 
@@ -40,6 +43,37 @@ inline ChipInfo GetChipInfo(Chip chip) {
   throw std::invalid_argument("twin::GetChipInfo: unknown chip enum value");
 }
 
+// The chip of one part, by its SOC_VERSION name ("Ascend910B1".."Ascend910B4", "Ascend910B2C",
+// "Ascend910B4-1", "Ascend310B1".."Ascend310B4"): the family's figures with the part's core
+// counts, from CANN 8.1's data/platform_config/<part>.ini (cube_core_cnt / vector_core_cnt):
+// 910B1, B2 and B2C have 24 AIC + 48 AIV, 910B3, B4 and B4-1 have 20 + 40.
+inline ChipInfo GetSocInfo(std::string_view soc) {
+  const auto is = [&](std::initializer_list<std::string_view> names) {
+    for (std::string_view n : names) {
+      if (soc == n) return true;
+    }
+    return false;
+  };
+  if (is({"Ascend910B1", "Ascend910B2", "Ascend910B2C"})) return GetChipInfo(Chip::Ascend910B);
+  if (is({"Ascend910B3", "Ascend910B4", "Ascend910B4-1"})) {
+    ChipInfo info = GetChipInfo(Chip::Ascend910B);
+    info.cube_core_num = 20u;
+    info.core_num = 40u;
+    return info;
+  }
+  if (is({"Ascend310B1", "Ascend310B2", "Ascend310B3", "Ascend310B4"})) {
+    return GetChipInfo(Chip::Ascend310B);
+  }
+  throw std::invalid_argument("twin::GetSocInfo: '" + std::string(soc) +
+                              "' is not a part the twin knows (Ascend910B1-B4, Ascend910B2C, "
+                              "Ascend910B4-1, Ascend310B1-B4)");
+}
+
+// The family of a part named as GetSocInfo takes it.
+inline Chip SocChip(std::string_view soc) {
+  return GetSocInfo(soc).separated ? Chip::Ascend910B : Chip::Ascend310B;
+}
+
 // Element types the cube unit's Matmul API is emulated for.
 enum class CubeDType { Float, Half, BFloat16 };
 
@@ -72,6 +106,54 @@ inline bool MatmulTypesSupported(Chip chip, CubeDType a, CubeDType b, CubeDType 
       return bias == T::Half && chip == Chip::Ascend910B && c != T::BFloat16;
   }
   return false;
+}
+
+// Element types of the per-chip tables below. The table functions take the type's name, so that
+// this header stays free of the kernel-side half/bfloat16_t types.
+enum class ElemType { Int8, UInt8, Int16, UInt16, Half, BFloat16, Int32, UInt32, Float, Other };
+
+inline const char* ElemTypeName(ElemType t) {
+  switch (t) {
+    case ElemType::Int8: return "int8_t";
+    case ElemType::UInt8: return "uint8_t";
+    case ElemType::Int16: return "int16_t";
+    case ElemType::UInt16: return "uint16_t";
+    case ElemType::Half: return "half";
+    case ElemType::BFloat16: return "bfloat16_t";
+    case ElemType::Int32: return "int32_t";
+    case ElemType::UInt32: return "uint32_t";
+    case ElemType::Float: return "float";
+    case ElemType::Other: return "this element type";
+  }
+  return "?";
+}
+
+// DataCopyPad between GM and UB (CANN 8.1 basic_api/impl/dav_*/kernel_operator_data_copy_impl.h
+// and the intrinsics of tikicpulib's stub_fun.h): dav_c220 (910B) picks the byte-width intrinsic
+// copy_{gm_to_ubuf,ubuf_to_gm}_align_b8/_b16/_b32 by sizeof(T), so any 1-, 2- or 4-byte element
+// copies; dav_m300 (310B) calls the typed copy_*_align overloads, which exist for int8, uint8,
+// int16, uint16, half, int32, uint32 and float only: bfloat16_t has no intrinsic (a kernel copies
+// bf16 bits as half, csrc/ascend/kernel_copy.h).
+inline bool DataCopyPadSupported(Chip chip, ElemType t, uint32_t bytes) {
+  if (chip == Chip::Ascend910B) return bytes == 1 || bytes == 2 || bytes == 4;
+  return t != ElemType::BFloat16 && t != ElemType::Other;
+}
+
+// Rounding modes, in AscendC::RoundMode order.
+enum class CastRound { None, Rint, Floor, Ceil, Round, Trunc, Odd };
+
+// Cast between the float types (CastIntrinsicsImpl of dav_c220 and the REGISTER_CAST_* table of
+// dav_m300, kernel_operator_vec_vconv_impl.h; both chips agree): widening half/bfloat16_t ->
+// float takes CAST_NONE only; float -> half takes every mode; float -> bfloat16_t every mode but
+// CAST_NONE and CAST_ODD (on hardware the unsupported case is an assertion compiled out: the
+// destination is simply not written). Pairs outside the float types: true (not tabled here).
+inline bool CastRoundSupported(ElemType dst, ElemType src, CastRound mode) {
+  using T = ElemType;
+  if (dst == T::Float && (src == T::Half || src == T::BFloat16)) return mode == CastRound::None;
+  if (dst == T::BFloat16 && src == T::Float) {
+    return mode != CastRound::None && mode != CastRound::Odd;
+  }
+  return true;
 }
 
 // The system workspace CANN reserves at the start of a kernel's workspace (RESERVED_WORKSPACE in

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 #include "twin_chips.h"
 
@@ -21,8 +22,11 @@ enum class SocVersion { ASCEND910B, ASCEND310B, RESERVED_VERSION };
 
 class PlatformAscendC {
  public:
-  // Twin extension (not in CANN): the platform of one of the twin's chips.
+  // Twin extensions (not in CANN): the platform of one of the twin's chips (its first part,
+  // e.g. 910B1), or of one part by its SOC_VERSION name (twin::GetSocInfo: core counts by part).
   explicit PlatformAscendC(twin::Chip chip) : chip_(chip), info_(twin::GetChipInfo(chip)) {}
+  explicit PlatformAscendC(std::string_view soc)
+      : chip_(twin::SocChip(soc)), info_(twin::GetSocInfo(soc)) {}
 
   // Vector cores on separated chips, AI cores on coupled ones.
   uint32_t GetCoreNum() const { return info_.core_num; }
@@ -55,21 +59,14 @@ class PlatformAscendC {
 
 class PlatformAscendCManager {
  public:
-  // As in CANN a singleton: only the first call's customSocVersion takes effect. Accepts
-  // "Ascend910B1".."Ascend910B4" and "Ascend310B1".."Ascend310B4".
+  // As in CANN a singleton: only the first call's customSocVersion takes effect. Accepts the
+  // parts twin::GetSocInfo knows and throws std::invalid_argument for any other name.
   static PlatformAscendC* GetInstance(const char* customSocVersion) {
     static std::once_flag once;
     static std::unique_ptr<PlatformAscendC> instance;
     std::call_once(once, [&] {
       const std::string soc = customSocVersion == nullptr ? "" : customSocVersion;
-      if (soc.rfind("Ascend910B", 0) == 0) {
-        instance.reset(new PlatformAscendC(twin::Chip::Ascend910B));
-      } else if (soc.rfind("Ascend310B", 0) == 0) {
-        instance.reset(new PlatformAscendC(twin::Chip::Ascend310B));
-      } else {
-        throw std::invalid_argument("PlatformAscendCManager::GetInstance: customSocVersion '" +
-                                    soc + "' is not a twin chip (Ascend910B*, Ascend310B*)");
-      }
+      instance.reset(new PlatformAscendC(std::string_view(soc)));
     });
     return instance.get();
   }
