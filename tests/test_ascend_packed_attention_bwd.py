@@ -238,6 +238,15 @@ def test_gradients_match_reference(binary: Path, tmp_path: Path, name: str) -> N
     assert run.tiling["dqBlocks"] == min(-(-run.tiling["dqItems"] // per_block), cores)
     assert run.tiling["dkvBlocks"] == min(-(-run.tiling["dkvItems"] // per_block), cores)
     assert max(run.tiling["dqUb"], run.tiling["dkvUb"]) <= run.tiling["budget"]
+    # Every vector core the launch brings takes work (a split over GetBlockNum() alone would
+    # leave the second vector core of each 910B block idle, with correct results).
+    active = re.search(r"ACTIVE dq=(\d+)/(\d+) dkv=(\d+)/(\d+)", result.stdout)
+    assert active is not None, result.stdout
+    dq_working, dq_cores, dkv_working, dkv_cores = map(int, active.groups())
+    assert dq_cores == run.tiling["dqBlocks"] * per_block
+    assert dkv_cores == run.tiling["dkvBlocks"] * per_block
+    assert dq_working == min(run.tiling["dqItems"], dq_cores)
+    assert dkv_working == min(run.tiling["dkvItems"], dkv_cores)
     _check_against_reference(case, run)
 
 

@@ -117,6 +117,10 @@ RULE_CASES = {
     "exp-ln-dtype": ("exp-ln-dtype", "Exp: element type of 2 bytes"),
     # per-chip copy and cast tables of CANN's dav_c220 / dav_m300 implementations
     "copy-dtype": ("copy-dtype", "no DataCopyPad intrinsic for bfloat16_t on Ascend310B"),
+    "gm-write-overlap": (
+        "gm-write-overlap",
+        "(GetBlockIdx 0) of block 0 and vector core (AIV) (GetBlockIdx 1) of block 1 both wrote",
+    ),
     "cast-mode-narrow": ("cast-mode", "round mode 0 is not supported from float to bfloat16_t"),
     "cast-mode-widen": ("cast-mode", "round mode 1 is not supported from half to float"),
     "ub-budget": ("ub-budget", "196608 requested"),

@@ -153,11 +153,17 @@ int main(int argc, char** argv) {
     mix.type = twin::KernelType::Mix;
     mix.have_workspace_and_tiling = true;
     mix.wrapper_user_workspace = true;
+    // How many vector cores of each launch did work (wrote GM), of how many there were.
     auto launch = [&](auto dq, auto dkv) {
       twin::Launch(tiling.dqBlockDim, chip, mix, dq, dO.data(), q.data(), k.data(), v.data(),
                    out.data(), lse.data(), cu.data(), gradQ.data(), workspace.data(), tiling);
+      const twin::LaunchActivity dqActivity = twin::LastLaunchActivity();
       twin::Launch(tiling.dkvBlockDim, chip, mix, dkv, dO.data(), q.data(), k.data(), v.data(),
                    lse.data(), cu.data(), gradK.data(), gradV.data(), workspace.data(), tiling);
+      const twin::LaunchActivity dkvActivity = twin::LastLaunchActivity();
+      std::cout << "ACTIVE dq=" << dqActivity.writing_vector_cores << "/"
+                << dqActivity.vector_cores << " dkv=" << dkvActivity.writing_vector_cores << "/"
+                << dkvActivity.vector_cores << std::endl;
     };
     if (isF32) {
       launch(pangu_fastkd_ascend::packed_attention_bwd_dq<float>,

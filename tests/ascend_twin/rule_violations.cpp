@@ -73,6 +73,19 @@ __global__ __aicore__ void exp_ln_dtype(GM_ADDR) {
   }
 }
 
+// Each of two blocks writes 8 floats of output: both to the same 8 (bad, as a work split that
+// gives every block item 0 would) or each to its own (good).
+__global__ __aicore__ void gm_write_overlap(GM_ADDR gm) {
+  TPipe pipe;
+  TBuf<TPosition::VECCALC> buf;
+  pipe.InitBuffer(buf, 32);
+  LocalTensor<float> x = buf.Get<float>();
+  Duplicate(x, float(GetBlockIdx()), 8);
+  GlobalTensor<float> g;
+  g.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(gm), 4096);
+  DataCopy(g[g_bad ? 0 : 8 * GetBlockIdx()], x, 8);
+}
+
 // DataCopyPad of bfloat16_t from GM: dav_m300 (310B) has no copy_gm_to_ubuf_align for it, the
 // 910B copies any 2-byte element (the bad run is on the 310B, the good one on the 910B).
 __global__ __aicore__ void copy_dtype(GM_ADDR gm) {
@@ -639,6 +652,9 @@ struct Case {
   twin::KernelType bad_type = twin::KernelType::AivOnly;
   twin::KernelType good_type = twin::KernelType::AivOnly;
   bool bad_wrapper_event = true;  // LaunchOptions::have_workspace_and_tiling in the bad run
+  // LaunchOptions::check_gm_write_overlap: off for the other cases, whose blocks all write the
+  // same scratch GM because what they write does not matter.
+  bool check_gm_write_overlap = false;
 };
 
 constexpr auto kMix = twin::KernelType::Mix;
@@ -651,6 +667,9 @@ const std::map<std::string, Case>& Cases() {
       {"compare-256b", {compare_256b, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"exp-ln-dtype", {exp_ln_dtype, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"copy-dtype", {copy_dtype, Chip::Ascend310B, Chip::Ascend910B, 1}},
+      {"gm-write-overlap",
+       {gm_write_overlap, Chip::Ascend910B, Chip::Ascend910B, 2, twin::KernelType::AivOnly,
+        twin::KernelType::AivOnly, true, true}},
       {"cast-mode-narrow", {cast_mode_narrow, Chip::Ascend310B, Chip::Ascend310B, 1}},
       {"cast-mode-widen", {cast_mode_widen, Chip::Ascend910B, Chip::Ascend910B, 1}},
       {"ub-budget", {ub_budget, Chip::Ascend910B, Chip::Ascend310B, 1}},
@@ -728,6 +747,7 @@ int main(int argc, char** argv) {
     twin::LaunchOptions options;
     options.type = g_bad ? c.bad_type : c.good_type;
     options.have_workspace_and_tiling = !g_bad || c.bad_wrapper_event;
+    options.check_gm_write_overlap = c.check_gm_write_overlap;
     twin::Launch(c.block_dim, g_bad ? c.bad_chip : c.good_chip, options, c.kernel, GmBase());
   } catch (const twin::HardwareRuleViolation& e) {
     std::cout << "VIOLATION rule=" << e.rule() << " what=" << e.what() << std::endl;

@@ -279,9 +279,19 @@ struct BlockContext {
   uint8_t* sys_workspace = nullptr;
   int matmul_objects = 0;
   const void* active_matmul = nullptr;
+  // GM byte ranges [begin, end) this core wrote with MTE3 copies and non-atomic Matmul output,
+  // checked across cores at the end of the launch (LaunchOptions::check_gm_write_overlap).
+  std::vector<std::pair<uintptr_t, uintptr_t>> gm_writes;
 };
 
 inline thread_local BlockContext* current_block = nullptr;
+
+// Records a GM store of `bytes` bytes at `p` by the current core (no-op outside a launch).
+inline void RecordGmWrite(const void* p, uint64_t bytes) {
+  if (current_block == nullptr || bytes == 0) return;
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  current_block->gm_writes.emplace_back(begin, begin + bytes);
+}
 
 inline BlockContext& Block(const char* call) {
   if (current_block == nullptr) {
@@ -968,6 +978,7 @@ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, const uint3
   dst.CheckRange(0, count, call);
   src.Check(0, count, twin::detail::Access::Read, twin::detail::Unit::MTE3, call, true);
   std::memcpy(dst.GetPhyAddr(0), src.TwinData(), size_t(count) * sizeof(T));
+  twin::detail::RecordGmWrite(dst.GetPhyAddr(0), uint64_t(count) * sizeof(T));
 }
 
 template <class T>
@@ -1108,6 +1119,7 @@ void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src,
   auto* gm = reinterpret_cast<uint8_t*>(dst.GetPhyAddr(0));
   for (uint64_t r = 0; r < p.blockCount; ++r) {
     std::memcpy(gm + r * gm_pitch, ub + r * ub_pitch, p.blockLen);
+    twin::detail::RecordGmWrite(gm + r * gm_pitch, p.blockLen);
   }
 }
 
@@ -1464,13 +1476,60 @@ struct LaunchOptions {
   // GlobalTensor::SetValue through a per-core 64-byte-line data cache, written back whole at
   // kernel end in core order (so neighbouring values of two cores in one line clobber each other).
   bool model_data_cache = true;
+  // Fail the launch when two cores wrote the same GM bytes (DataCopy/DataCopyPad to GM,
+  // non-atomic Matmul output): with no atomics the result is whichever core's copy lands last,
+  // and for kernels like ours it means a work split that hands an item to two cores.
+  bool check_gm_write_overlap = true;
   // The part (SOC_VERSION name, twin::GetSocInfo) whose core counts the launch checks against,
   // e.g. SyncAll's residency limit: "Ascend910B4" has 40 vector cores, "Ascend910B1" 48. Empty:
   // the chip's first part. Must belong to the launch's chip.
   std::string_view soc{};
 };
 
+// What the last twin::Launch of the calling thread did with its vector cores: how many there
+// were and how many wrote any GM (DataCopy/DataCopyPad to GM, Matmul output they asked for).
+// A test can then tell a work split that leaves cores idle from one that uses them all.
+struct LaunchActivity {
+  uint32_t vector_cores = 0;
+  uint32_t writing_vector_cores = 0;
+};
+
 namespace detail {
+inline thread_local LaunchActivity last_launch_activity;
+}  // namespace detail
+
+inline LaunchActivity LastLaunchActivity() { return detail::last_launch_activity; }
+
+namespace detail {
+
+// Two cores' GM writes that share bytes: sweeps the ranges by start, against the range reaching
+// furthest so far (any overlap between two cores meets it).
+inline void CheckGmWriteOverlap(
+    const std::vector<std::vector<std::pair<uintptr_t, uintptr_t>>>& writes,
+    const std::vector<std::string>& core_names) {
+  struct Range {
+    uintptr_t begin, end;
+    size_t core;
+  };
+  std::vector<Range> ranges;
+  for (size_t c = 0; c < writes.size(); ++c) {
+    for (const auto& [b, e] : writes[c]) ranges.push_back({b, e, c});
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& x, const Range& y) { return x.begin < y.begin; });
+  const Range* reach = nullptr;
+  for (const Range& r : ranges) {
+    if (reach != nullptr && r.begin < reach->end && r.core != reach->core) {
+      Violate("gm-write-overlap", "kernel end",
+              Str(core_names[reach->core], " and ", core_names[r.core], " both wrote the ",
+                  std::min(reach->end, r.end) - r.begin, " GM bytes at offset ",
+                  r.begin - reach->begin, " of a ", reach->end - reach->begin,
+                  "-byte store: without atomics the last copy wins (a work split that gives an "
+                  "item to two cores, or a race)"));
+    }
+    if (reach == nullptr || r.end > reach->end) reach = &r;
+  }
+}
 
 inline void AbortPairs(std::vector<std::unique_ptr<MixPair>>& pairs) {
   for (auto& pair : pairs) {
@@ -1535,6 +1594,8 @@ void Launch(uint32_t blockDim, Chip chip, LaunchOptions options, Kernel&& kernel
   // Dirty data-cache lines of each core at its end, written back after all cores finished in
   // launch order (block 0 first): a later core's stale bytes win, deterministically.
   std::vector<detail::Dcache> writebacks(blockDim * (mix ? 3u : 1u));
+  std::vector<std::vector<std::pair<uintptr_t, uintptr_t>>> gm_writes(writebacks.size());
+  std::vector<std::string> core_names(writebacks.size());
   auto run = [&](detail::Core core, uint32_t b, uint32_t sub, size_t thread) {
     detail::BlockContext block;
     block.core = core;
@@ -1551,6 +1612,8 @@ void Launch(uint32_t blockDim, Chip chip, LaunchOptions options, Kernel&& kernel
     block.barrier = &barrier;
     if (wrapper_workspace != nullptr) block.sys_workspace = wrapper_workspace;
     detail::current_block = &block;
+    core_names[thread] = detail::Str(detail::CoreName(core), " (GetBlockIdx ", block.block_idx,
+                                     ") of block ", b);
     const bool vector = core != detail::Core::Aic;
     try {
       std::apply(kernel, kernel_args);
@@ -1565,6 +1628,7 @@ void Launch(uint32_t blockDim, Chip chip, LaunchOptions options, Kernel&& kernel
       }
       // The lines stay dirty until the launch ends; written back below in core order.
       writebacks[thread] = std::move(block.dcache);
+      gm_writes[thread] = std::move(block.gm_writes);
       if (vector) barrier.Exit();
     } catch (const detail::BlockAborted&) {
       // Another core failed first; its error is the one reported.
@@ -1601,6 +1665,14 @@ void Launch(uint32_t blockDim, Chip chip, LaunchOptions options, Kernel&& kernel
     }
   }
   if (first_failure) std::rethrow_exception(first_failure);
+  LaunchActivity activity;
+  for (size_t t = 0; t < gm_writes.size(); ++t) {
+    if (mix && t % 3 == 0) continue;  // the cube core: its stores count for the AIV it served
+    ++activity.vector_cores;
+    if (!gm_writes[t].empty()) ++activity.writing_vector_cores;
+  }
+  detail::last_launch_activity = activity;
+  if (options.check_gm_write_overlap) detail::CheckGmWriteOverlap(gm_writes, core_names);
 }
 
 template <class Kernel, class... Args,

@@ -794,6 +794,13 @@ class Matmul {
 
   void WriteBlockGm(const AscendC::GlobalTensor<DstT>& gm, uint8_t enAtomic) {
     DstT* c = gm.GetPhyAddr(0) + BlockOffsetC();
+    // A plain store; atomic accumulation into shared output is what enAtomic is for.
+    if (enAtomic == 0) {
+      for (int i = 0; i < cur_m_; ++i) {
+        ::twin::detail::RecordGmWrite(c + uint64_t(i) * Ldc(),
+                                             uint64_t(cur_n_) * sizeof(DstT));
+      }
+    }
     std::unique_lock<std::mutex> lock(detail::AtomicMutex(), std::defer_lock);
     if (enAtomic != 0) lock.lock();
     for (int i = 0; i < cur_m_; ++i) {
