@@ -103,14 +103,13 @@ constexpr twin::Chip kChip = kIs910B ? twin::Chip::Ascend910B : twin::Chip::Asce
 // library compiled with HAVE_WORKSPACE HAVE_TILING, whose wrapper sets the system workspace and
 // hands the kernel the user part of the workspace argument.
 // Both launch on the part PANGU_FASTKD_SOC_VERSION names (its core counts).
-constexpr twin::LaunchOptions kVectorKernel{twin::KernelType::AivOnly,
-                                            /*have_workspace_and_tiling=*/true,
-                                            /*wrapper_user_workspace=*/false,
-                                            /*model_data_cache=*/true, kSoc};
-constexpr twin::LaunchOptions kMatmulKernel{twin::KernelType::Mix,
-                                            /*have_workspace_and_tiling=*/true,
-                                            /*wrapper_user_workspace=*/true,
-                                            /*model_data_cache=*/true, kSoc};
+constexpr twin::LaunchOptions kVectorKernel{.type = twin::KernelType::AivOnly,
+                                            .wrapper_user_workspace = false,
+                                            .soc = kSoc};
+constexpr twin::LaunchOptions kMatmulKernel{.type = twin::KernelType::Mix,
+                                            .have_workspace_and_tiling = true,
+                                            .wrapper_user_workspace = true,
+                                            .soc = kSoc};
 
 template <class... Params, class... Args>
 uint32_t RunOnTwin(void (*kernel)(Params...), const char* name, twin::LaunchOptions options,
