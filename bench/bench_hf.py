@@ -39,7 +39,7 @@ from bench_sparse_kd import (
 )
 from hf_baselines import PROVIDERS, SHAPES, build_model, make_batch
 
-from pangu_fastkd.data import atomic_write_text
+from pangu_fastkd.durable import atomic_write_text
 
 OP_NAME = "hf_sft_step"
 BENCH_DIR = Path(__file__).resolve().parent

@@ -44,7 +44,8 @@ from train_step_baselines import (
     train_step,
 )
 
-from pangu_fastkd.data import ByteTokenizer, atomic_write_text
+from pangu_fastkd.data import ByteTokenizer
+from pangu_fastkd.durable import atomic_write_text
 from pangu_fastkd.model import ModelConfig
 
 OP_NAME = "train_step"

@@ -28,12 +28,10 @@ under the ``5K + 8`` budget.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+
+from ..durable import atomic_write_bytes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -52,12 +52,10 @@ __all__ = [
     "Manifest",
     "ShardFile",
     "ShardRecord",
-    "atomic_write_bytes",
     "decode_ids",
     "encode_ids",
     "encode_shard",
     "expected_shard_tensors",
-    "file_sha256",
     "id_encoding_for_vocab",
     "json_bytes",
     "open_shard",
@@ -287,39 +285,6 @@ def shard_name(rank: int, index: int) -> str:
 def progress_name(rank: int) -> str:
     """File name of a rank's progress file."""
     return f"progress-r{rank:03d}.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, tag: str = "") -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
-
-    The bytes go to a temporary file ``.{name}.{tag}XXXX.tmp`` in the same directory, are
-    fsynced, then renamed over ``path``; the directory is fsynced so the rename survives a crash.
-    ``tag`` lets a writer recognise (and clean up) its own leftovers after being killed.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{tag}", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide the cache from others
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def json_bytes(obj: Any) -> bytes:

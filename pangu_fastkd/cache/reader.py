@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..durable import sha256_file
 from ..ops.sparse_kd_targets import SampledTarget, TopKTarget
 from .format import (
     MANIFEST_NAME,
@@ -24,7 +25,6 @@ from .format import (
     Manifest,
     ShardFile,
     decode_ids,
-    file_sha256,
     open_shard,
     read_manifest,
 )
@@ -60,7 +60,7 @@ def load_shard(
             f"{record.name}: shard is {size} bytes, the manifest says {record.num_bytes}; "
             "it is truncated or was altered"
         )
-    if verify_checksum and file_sha256(path) != record.sha256:
+    if verify_checksum and sha256_file(path) != record.sha256:
         raise CacheError(
             f"{record.name}: sha256 does not match the manifest; the shard is corrupt or altered"
         )

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..durable import atomic_write_bytes
 from .format import (
     FORMAT_VERSION,
     SEQUENCES_NAME,
@@ -35,7 +36,6 @@ from .format import (
     CacheSpec,
     Manifest,
     ShardRecord,
-    atomic_write_bytes,
     encode_ids,
     encode_shard,
     json_bytes,

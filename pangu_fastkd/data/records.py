@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..durable import atomic_write_text
 
 __all__ = [
     "MODES",
@@ -28,7 +28,6 @@ __all__ = [
     "Example",
     "Message",
     "RecordError",
-    "atomic_write_text",
     "example_to_record",
     "fingerprint_examples",
     "read_jsonl",
@@ -344,28 +343,6 @@ def write_jsonl(path: str | Path, examples: Iterable[Example] | Iterable[dict[st
         except (TypeError, ValueError) as err:
             raise ValueError(f"write_jsonl: item {i} is not JSON-serializable ({err})") from err
     atomic_write_text(path, "".join(lines))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a fsynced temporary file and ``os.replace``."""
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no temp file behind, whatever interrupted the write.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def fingerprint_examples(examples: Sequence[Example]) -> str:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..durable import fsync_tree, replace_dir
 from ..model.checkpoint import save_pretrained
 from ..model.generation import Generation, GenerationConfig, _prompt_seed, _sample
 from ..model.modeling import (
@@ -370,8 +371,8 @@ def save_hf_student(
             _save_hf_model(model.hf_model, tmp)
         for path in tokenizer_files:
             shutil.copyfile(path, tmp / path.name)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, target)
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -405,45 +406,6 @@ def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
     if not any(p.name in ("tokenizer.json", "tokenizer_config.json") for p in files):
         raise ValueError(f"tokenizer_dir {source} holds no tokenizer.json or tokenizer_config.json")
     return files
-
-
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file in ``directory`` and the directory itself, so the rename is durable."""
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is set aside first, then deleted.
-
-    Two renames, not one: POSIX cannot rename a directory over a non-empty one. Between them
-    the old directory survives under a hidden name beside the target.
-    """
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        old.rmdir()  # only the unique name is wanted
-        os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

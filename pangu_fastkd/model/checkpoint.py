@@ -18,15 +18,13 @@ local checkpoint of the Llama / Qwen2 / Qwen3 / openPangu-Embedded families load
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..durable import atomic_write
 from .config import ModelConfig
 from .modeling import DecoderLM
 
@@ -90,11 +88,11 @@ def save_pretrained(
     hf_config = model.config.to_hf_dict(torch_dtype=str(saved_dtype).removeprefix("torch."))
     config_text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
 
-    _atomic_write(
+    atomic_write(
         directory / WEIGHTS_NAME,
         lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
     )
-    _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(config_text))
+    atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(config_text))
 
 
 def load_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> DecoderLM:
@@ -161,28 +159,6 @@ def load_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` into a temp file next to ``target``, fsync it, then rename over ``target``."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_json(path: Path) -> dict:

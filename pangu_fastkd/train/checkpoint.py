@@ -15,7 +15,6 @@ only ``checkpoint.old`` (a kill between the two renames) uses it.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..durable import fsync_dir, replace_dir, sha256_file
 from .models import LMModel, load_model_dir, save_model_dir
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -39,22 +39,6 @@ class Checkpoint:
     optimizer_state: dict
     next_step: int
     total_steps: int
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -80,7 +64,7 @@ def save_checkpoint(
         torch.save(optimizer_state, f)
         f.flush()
         os.fsync(f.fileno())
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     state = {
         "next_step": next_step,
         "total_steps": total_steps,
@@ -91,14 +75,10 @@ def save_checkpoint(
         json.dump(state, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    final, old = stage_dir / CHECKPOINT, stage_dir / f"{CHECKPOINT}.old"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(stage_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(tmp)
+    # load_checkpoint falls back to the .old name while the swap is under way.
+    final = stage_dir / CHECKPOINT
+    replace_dir(tmp, final, old=stage_dir / f"{CHECKPOINT}.old")
     return final
 
 
@@ -114,7 +94,7 @@ def load_checkpoint(stage_dir: Path) -> Checkpoint | None:
     state = json.loads((directory / "state.json").read_text())
     for relative, digest in state["files"].items():
         path = directory / relative
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise ValueError(f"checkpoint file {path} is missing or damaged (sha256 mismatch)")
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng.clone())

@@ -46,6 +46,7 @@ from ..data import (
     tokenize_example,
 )
 from ..distributed import DistributedContext
+from ..durable import atomic_write_text
 from ..model import DecoderLM, GenerationConfig, ModelConfig, init_weights
 from ..rollout import generate_rollouts, write_rollouts
 from ..scoring import (
@@ -91,12 +92,7 @@ class RunDirError(ValueError):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def tokenizer_source(spec: DataSpec, student_path: str | None) -> str:

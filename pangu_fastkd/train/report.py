@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from pangu_fastkd.cache.format import atomic_write_bytes
+from pangu_fastkd.durable import atomic_write_bytes
 
 __all__ = [
     "EVAL_TABLE_COLUMNS",
