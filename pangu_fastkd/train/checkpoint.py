@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..durable import fsync_dir, replace_dir, sha256_file
+from ..durable import atomic_write, atomic_write_text, replace_dir, sha256_file
 from .models import LMModel, load_model_dir, save_model_dir
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -60,10 +59,7 @@ def save_checkpoint(
     tmp.mkdir()
     save_model_dir(model, tmp / "model")
     optimizer_path = tmp / "optimizer.pt"
-    with open(optimizer_path, "wb") as f:
-        torch.save(optimizer_state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write(optimizer_path, lambda path: torch.save(optimizer_state, path))
     files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     state = {
         "next_step": next_step,
@@ -71,11 +67,7 @@ def save_checkpoint(
         "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "files": files,
     }
-    with open(tmp / "state.json", "w") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
+    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     # load_checkpoint falls back to the .old name while the swap is under way.
     final = stage_dir / CHECKPOINT
     replace_dir(tmp, final, old=stage_dir / f"{CHECKPOINT}.old")
