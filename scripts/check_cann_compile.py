@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compile check of the Ascend C code against real CANN headers (issue 12, item 1).
+"""Compile check of the Ascend C code against real CANN headers.
 
     python scripts/check_cann_compile.py --tree /work/cann/cann81/Ascend/ascend-toolkit/8.1.RC1
     PANGU_FASTKD_CANN_TREES=/path/a:/path/b python scripts/check_cann_compile.py --json

@@ -1,5 +1,5 @@
 // Packed causal attention backward as two Ascend C kernels, products on the cube unit through
-// the Matmul high-level API (issue 6).
+// the Matmul high-level API.
 //
 // Inputs in GM: grad_out dO and out O [T, Hq, D], q [T, Hq, D], k/v [T, Hkv, D] (fp32, bf16 or
 // fp16: TIn float, bfloat16_t or half; the host picks by PackedAttentionBwdTiling::dtype),

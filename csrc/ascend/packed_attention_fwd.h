@@ -1,5 +1,5 @@
 // Packed causal attention forward as an Ascend C MIX kernel: products on the cube unit through
-// the Matmul high-level API, mask and online softmax on the vector unit (issue 6).
+// the Matmul high-level API, mask and online softmax on the vector unit.
 //
 // q [T, Hq, D], k/v [T, Hkv, D] (fp32, bf16 or fp16 in GM), documents laid end to end and
 // delimited by cu_seqlens [B + 1] int32; query head h reads kv head h / G (G = Hq / Hkv). Writes

@@ -1,4 +1,4 @@
-// Sparse-KD / cross-entropy epilogue as an Ascend C vector kernel (issue 6).
+// Sparse-KD / cross-entropy epilogue as an Ascend C vector kernel.
 //
 // The LM-head GEMM stays a torch_npu matmul over row chunks; this kernel takes its logits
 // z [N, V] (fp32, bf16 or fp16 in GM) and, per row, computes the loss of docs/kd-losses.md with
