@@ -43,7 +43,6 @@ which is how tests/test_ascend_smoke.py runs this kit on a machine without an NP
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import importlib
 import importlib.util
@@ -57,7 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
@@ -145,13 +144,6 @@ class Backend:
     ) -> torch.Tensor:
         """``out [T, Hq, D]`` of the vendor's fused attention on the same packed inputs."""
         raise NotImplementedError
-
-    @contextlib.contextmanager
-    def default_device(self) -> Iterator[None]:
-        # The references create masks and zero tensors without a device argument; making the
-        # backend's device the default puts them next to the inputs.
-        with torch.device(self.device):
-            yield
 
 
 class NpuBackend(Backend):
@@ -640,7 +632,7 @@ def _sparse_kd_reference(
         z_loss=case.z_loss,
     )
     loss.backward()
-    grad_bias = bias.grad if bias is not None else torch.empty(0)
+    grad_bias = bias.grad if bias is not None else hidden.new_empty(0)
     return loss.detach(), hidden.grad, weight.grad, grad_bias, stats.detach()
 
 
@@ -698,8 +690,7 @@ def _time_sparse_kd(
     row.baseline = "reference"
 
     def reference() -> None:
-        with backend.default_device():
-            _sparse_kd_reference(case, x)
+        _sparse_kd_reference(case, x)
 
     row.baseline_ms = _time_baseline(timer, reference, row, "reference")
 
@@ -823,11 +814,10 @@ def _time_attention(
 
     def reference(backward: bool) -> Callable[[], None]:
         def call() -> None:
-            with backend.default_device():
-                if backward:
-                    _with_grads(_reference_attention, q, k, v, grad_out, cu, scale)
-                else:
-                    _reference_attention(q, k, v, cu, scale)
+            if backward:
+                _with_grads(_reference_attention, q, k, v, grad_out, cu, scale)
+            else:
+                _reference_attention(q, k, v, cu, scale)
 
         return call
 
