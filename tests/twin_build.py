@@ -14,8 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "tests" / "ascend_twin"
-# The twin's kernel_operator.h, and the kernel headers that include it.
-INCLUDES = (REPO / "csrc" / "ascend" / "twin", REPO / "csrc" / "ascend")
+# The twin's kernel_operator.h, the kernel headers that include it, and csrc for the option
+# rules the host tiling shares with the op (common/sparse_kd_rules.h).
+INCLUDES = (REPO / "csrc" / "ascend" / "twin", REPO / "csrc" / "ascend", REPO / "csrc")
 VIOLATION_EXIT_CODE = 3  # a twin::HardwareRuleViolation escaped the kernel
 TILING_ERROR_EXIT_CODE = 4  # the host tiling rejected the problem
 

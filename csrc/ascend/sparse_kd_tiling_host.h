@@ -3,6 +3,7 @@
 // (see packed_attention_tiling_host.h).
 #pragma once
 
+#include "common/sparse_kd_rules.h"
 #include "sparse_kd_tiling.h"
 
 inline uint32_t SparseKdDtypeBytes(uint32_t dtype) {
@@ -112,18 +113,17 @@ inline SparseKdTiling MakeSparseKdTiling(const SparseKdProblem& p, SparseKdChipB
   }
   const bool sampled = p.targetKind == kSparseKdSampled;
   // The same option checks as the reference's check_options, whatever kdWeight is.
-  if (sampled && p.divergence != kSparseKdForwardKl) {
+  if (!pangu_fastkd::sparse_kd_rules::sampled_divergence_allowed(sampled, p.divergence)) {
     bad("divergence must be 0 (forward_kl) for sampled targets, got " +
         std::to_string(p.divergence));
   }
-  if (sampled && p.includeLabel) {
+  if (!pangu_fastkd::sparse_kd_rules::sampled_label_allowed(sampled, p.includeLabel)) {
     bad("includeLabel must be false for sampled targets (they carry no label logit)");
   }
   const bool kd = p.kdWeight > 0.0f;
   if (kd && p.supportK == 0) bad("kdWeight > 0 needs supportK >= 1 teacher ids per row, got 0");
-  // p_j = exp(t_j / T - Lambda) is a probability only at the cache temperature.
-  if (kd && !sampled && p.missingMass == kSparseKdTail &&
-      !(std::fabs(p.temperature - p.cacheTemperature) <= 1e-6f)) {
+  if (!pangu_fastkd::sparse_kd_rules::tail_rule_holds(kd && !sampled, p.missingMass,
+                                                       p.temperature, p.cacheTemperature)) {
     bad("missingMass = tail needs temperature == cacheTemperature, got " +
         std::to_string(p.temperature) + " != " + std::to_string(p.cacheTemperature) +
         "; use renorm");

@@ -32,7 +32,9 @@
 // support holds all but e^-100 of the student's mass. When S covers the whole vocabulary the rest
 // bucket is empty and p(rest) = 0 (docs/kd-losses.md, project notes).
 #include "vec.h"
+#include "common/sparse_kd_args.h"
 #include "common/sparse_kd_chunks.h"
+#include "common/sparse_kd_rows.h"
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -52,19 +54,22 @@ int64_t default_chunk_budget_bytes();
 
 namespace {
 
-enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
-enum MissingMass : int64_t { kTail = 0, kRenorm = 1 };
-enum TargetKind { kNoTeacher, kTopK, kSampled };
+using sparse_kd::kForwardKL;
+using sparse_kd::kNoTeacher;
+using sparse_kd::kReverseKL;
+using sparse_kd::kSampled;
+using sparse_kd::kTail;
+using sparse_kd::kTopK;
 
 constexpr double kEps = 1e-12;
 const double kLogEps = std::log(kEps);
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-struct Options {
-  TargetKind kind;
-  double kd_weight, beta, temperature, softcap, z_loss, scale;
-  int64_t divergence, missing_mass, K, V;
-  bool include_label, write_grad, compute_stats;
+// The checked loss options (csrc/common/sparse_kd_args.h) and what this call asks of the epilogue.
+struct Options : sparse_kd::LossOptions {
+  double scale = 1;          // of each row's loss and gradient
+  bool write_grad = false;   // overwrite the logits buffer with d(scale * loss)/d(logits)
+  bool compute_stats = false;
 };
 
 // Sparse target rows, converted once to contiguous int32 / fp32 (they are N x K, small).
@@ -266,8 +271,7 @@ BucketTerms divergence_terms(const Options& o, const std::vector<SupportEntry>& 
   // renorm: the teacher renormalised over the support, p~ = softmax_S(t / T).
   double t_max = kNegInf;
   for (const auto& e : sup) t_max = std::max(t_max, e.teacher / T);
-  TORCH_CHECK_VALUE(std::isfinite(t_max), "sparse_kd: row ", row,
-                    " has no finite teacher logit on its support; missing_mass='renorm' needs one");
+  TORCH_INTERNAL_ASSERT(std::isfinite(t_max), "row ", row, ": checked by sparse_kd::check_rows");
   double t_sum = 0;
   for (const auto& e : sup) t_sum += std::exp(e.teacher / T - t_max);
   std::vector<double> logp(n), p(n);
@@ -317,8 +321,7 @@ void build_support(const Options& o, const Target& tg, int64_t row, int64_t y,
   }
   if (o.kind == kTopK && o.include_label && !label_seen) sup.push_back({y, tg.label_logit[row], 0.0});
   std::sort(sup.begin(), sup.end(), [](const SupportEntry& a, const SupportEntry& b) { return a.id < b.id; });
-  TORCH_CHECK_VALUE(!sup.empty(), "sparse_kd: supervised row ", row,
-                    " has an empty teacher support (every id is -1) while kd_weight > 0");
+  TORCH_INTERNAL_ASSERT(!sup.empty(), "row ", row, ": checked by sparse_kd::check_rows");
 }
 
 // Loss and statistics of one row; overwrites z with d(scale * loss)/dz when o.write_grad.
@@ -437,57 +440,6 @@ void chunk_epilogue(const Options& o, const Target& tg, at::Tensor buf, const in
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// Input checks. Shapes and dtypes first, then the data of the sparse target (before any GEMM).
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "sparse_kd: ", name, " must be on the CPU, got ", t.device());
-}
-
-std::string row_msg(int64_t row) { return " (row " + std::to_string(row) + ")"; }
-
-void check_target_rows(const Options& o, const Target& tg, const std::vector<int64_t>& rows) {
-  // Parallel over rows; at::parallel_for rethrows the first error on the calling thread.
-  at::parallel_for(0, int64_t(rows.size()), 256, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> sorted;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = rows[i];
-      const int32_t* ids = tg.ids + r * o.K;
-      const float* vals = tg.logits + r * o.K;
-      sorted.clear();
-      double wsum = 0;
-      for (int64_t j = 0; j < o.K; ++j) {
-        TORCH_CHECK_VALUE(ids[j] >= -1 && ids[j] < o.V, "sparse_kd: target ids must lie in [0, ", o.V,
-                          ") or be -1, got ", ids[j], row_msg(r));
-        if (ids[j] < 0) continue;
-        sorted.push_back(ids[j]);
-        const float v = vals[j];
-        if (o.kind == kTopK) {
-          TORCH_CHECK_VALUE(!std::isnan(v) && v != std::numeric_limits<float>::infinity(),
-                            "sparse_kd: teacher logits must be finite or -inf, got ", v, row_msg(r));
-        } else {
-          TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, "sparse_kd: sampled weights must be >= 0 and finite, got ",
-                            v, row_msg(r));
-          wsum += v;
-        }
-      }
-      std::sort(sorted.begin(), sorted.end());
-      TORCH_CHECK_VALUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(),
-                        "sparse_kd: target ids must be distinct within a row", row_msg(r));
-      if (o.kind == kTopK) {
-        TORCH_CHECK_VALUE(std::isfinite(tg.lse[r]), "sparse_kd: teacher lse must be finite, got ", tg.lse[r],
-                          row_msg(r));
-        const float lab = tg.label_logit[r];
-        TORCH_CHECK_VALUE(!std::isnan(lab) && lab != std::numeric_limits<float>::infinity(),
-                          "sparse_kd: teacher label_logit must be finite or -inf, got ", lab, row_msg(r));
-      } else {
-        TORCH_CHECK_VALUE(std::abs(wsum - 1.0) <= 1e-3, "sparse_kd: sampled weights must sum to 1 (within 1e-3), got ",
-                          wsum, row_msg(r));
-      }
-    }
-  });
-}
-
 using chunks::chunk_rows_for;
 using chunks::GradWeightAccumulator;
 
@@ -517,152 +469,55 @@ struct PhaseTimer {
 // PANGU_FASTKD_CHUNK_MB overrides the 128 MiB default for the logits buffer.
 int64_t default_chunk_budget_bytes() { return chunks::chunk_budget_bytes(); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd_fused_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels_in, const std::optional<at::Tensor>& ids_in,
-    const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& teacher_lse,
-    const std::optional<at::Tensor>& label_logit, const std::optional<at::Tensor>& sample_weights,
-    double kd_weight, int64_t divergence, double beta, double temperature, double cache_temperature,
-    int64_t missing_mass, bool include_label, int64_t ignore_index, double softcap, double z_loss,
-    int64_t reduction, double num_items, int64_t chunk_rows, bool need_grad_input, bool need_grad_weight,
-    bool compute_stats) {
-  // ---- shapes, dtypes, devices, options
-  TORCH_CHECK_VALUE(hidden.dim() == 2, "sparse_kd: hidden must be [N, d], got shape ", hidden.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "sparse_kd: weight must be [V, d], got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "sparse_kd: weight is [V, d] with d = ", weight.size(1),
-                    " but hidden has d = ", hidden.size(1));
-  const auto dtype = hidden.scalar_type();
-  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "sparse_kd: hidden must be a floating tensor, got ", dtype);
-  TORCH_CHECK_TYPE(weight.scalar_type() == dtype, "sparse_kd: weight dtype ", weight.scalar_type(),
-                   " differs from hidden dtype ", dtype);
-  const int64_t N = hidden.size(0), d = hidden.size(1), V = weight.size(0);
-  TORCH_CHECK_VALUE(V > 0 && d > 0, "sparse_kd: empty vocabulary or hidden size");
-  check_cpu(hidden, "hidden");
-  check_cpu(weight, "weight");
-  check_cpu(labels_in, "labels");
-  TORCH_CHECK_VALUE(labels_in.dim() == 1 && labels_in.size(0) == N, "sparse_kd: labels must be [N] = [", N,
-                    "], got shape ", labels_in.sizes());
-  TORCH_CHECK_TYPE(labels_in.scalar_type() == at::kLong || labels_in.scalar_type() == at::kInt,
-                   "sparse_kd: labels must be int64 or int32, got ", labels_in.scalar_type());
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, "sparse_kd: bias must be [V] = [", V,
-                      "], got shape ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, "sparse_kd: bias dtype ", bias->scalar_type(),
-                     " differs from hidden dtype ", dtype);
-  }
-  TORCH_CHECK_VALUE(kd_weight >= 0 && kd_weight <= 1, "sparse_kd: kd_weight must be in [0, 1], got ", kd_weight);
-  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 2, "sparse_kd: unknown divergence code ", divergence);
-  TORCH_CHECK_VALUE(missing_mass == 0 || missing_mass == 1, "sparse_kd: unknown missing_mass code ", missing_mass);
-  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "sparse_kd: beta must be in [0, 1], got ", beta);
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "sparse_kd: temperature must be > 0, got ",
-                    temperature);
-  TORCH_CHECK_VALUE(z_loss >= 0, "sparse_kd: z_loss must be >= 0, got ", z_loss);
-  TORCH_CHECK_VALUE(reduction == 0 || reduction == 1, "sparse_kd: unknown reduction code ", reduction);
+namespace {
 
-  Options o{};
-  o.kd_weight = kd_weight;
-  o.beta = beta;
-  o.temperature = temperature;
-  o.softcap = softcap > 0 ? softcap : 0;
-  o.z_loss = z_loss;
-  o.divergence = divergence;
-  o.missing_mass = missing_mass;
-  o.include_label = include_label;
-  o.V = V;
-  o.compute_stats = compute_stats;
-  o.kind = kNoTeacher;
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "sparse_kd: ", name, " must be on the CPU, got ", t.device());
+}
 
-  // ---- sparse target
-  at::Tensor ids, tvals, tlse, tlabel;
+// The op on CPU tensors. The checks, the target conversion and the output assembly are the
+// shared host prologue and epilogue (csrc/common/sparse_kd_args.h, sparse_kd_rows.h); this is
+// the chunk loop and the deterministic reduction.
+sparse_kd::Outputs sparse_kd_fused_cpu(const sparse_kd::Call& call) {
+  Options o;
+  static_cast<sparse_kd::LossOptions&>(o) = sparse_kd::check_arguments(call, check_cpu);
+  const sparse_kd::Target target = sparse_kd::convert_target(call, o);
+  const sparse_kd::SupervisedRows sup = sparse_kd::check_rows(call, o, target);
+  const int64_t N = o.N, d = o.d, V = o.V, n_sup = sup.count;
+  o.scale = o.loss_scale(n_sup);
+  o.write_grad = call.need_grad_input || call.need_grad_weight;
+  o.compute_stats = call.compute_stats;
+
+  // Raw rows for the epilogue: int32 ids (checked to lie in [-1, V)), f32 values, int64 labels.
+  at::Tensor ids32;
   Target tg;
-  if (kd_weight > 0) {
-    TORCH_CHECK_VALUE(ids_in.has_value(), "sparse_kd: kd_weight > 0 needs a teacher target (ids)");
-    const bool sampled = sample_weights.has_value();
-    TORCH_CHECK_VALUE(sampled != teacher_logits.has_value(),
-                      "sparse_kd: pass either teacher_logits (top-K) or sample_weights (sampled), not both");
-    o.kind = sampled ? kSampled : kTopK;
-    check_cpu(*ids_in, "target ids");
-    TORCH_CHECK_VALUE(ids_in->dim() == 2 && ids_in->size(0) == N, "sparse_kd: target ids must be [N, K] with N = ",
-                      N, ", got shape ", ids_in->sizes());
-    TORCH_CHECK_VALUE(ids_in->size(1) > 0, "sparse_kd: target ids must have K >= 1 columns, got K = 0");
-    TORCH_CHECK_TYPE(at::isIntegralType(ids_in->scalar_type(), false),
-                     "sparse_kd: target ids must be an integer tensor, got ", ids_in->scalar_type());
-    o.K = ids_in->size(1);
-    ids = ids_in->to(at::kInt).contiguous();
-    const auto& vals = sampled ? *sample_weights : *teacher_logits;
-    const char* vname = sampled ? "sample_weights" : "teacher logits";
-    check_cpu(vals, vname);
-    TORCH_CHECK_VALUE(vals.sizes() == ids_in->sizes(), "sparse_kd: ", vname, " must match ids' shape ",
-                      ids_in->sizes(), ", got ", vals.sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(vals.scalar_type()), "sparse_kd: ", vname,
-                     " must be a floating tensor, got ", vals.scalar_type());
-    tvals = vals.to(at::kFloat).contiguous();
-    tg.ids = ids.data_ptr<int32_t>();
-    tg.logits = tvals.data_ptr<float>();
-    if (!sampled) {
-      TORCH_CHECK_VALUE(teacher_lse.has_value() && label_logit.has_value(),
-                        "sparse_kd: a top-K target needs teacher lse and label_logit");
-      for (auto [t, name] : {std::pair{&*teacher_lse, "teacher lse"}, std::pair{&*label_logit, "label_logit"}}) {
-        check_cpu(*t, name);
-        TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == N, "sparse_kd: ", name, " must be [N] = [", N,
-                          "], got shape ", t->sizes());
-        TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "sparse_kd: ", name,
-                         " must be a floating tensor, got ", t->scalar_type());
-      }
-      tlse = teacher_lse->to(at::kFloat).contiguous();
-      tlabel = label_logit->to(at::kFloat).contiguous();
-      tg.lse = tlse.data_ptr<float>();
-      tg.label_logit = tlabel.data_ptr<float>();
-      TORCH_CHECK_VALUE(missing_mass != kTail || std::abs(temperature - cache_temperature) <= 1e-6,
-                        "sparse_kd: missing_mass='tail' needs temperature == cache temperature (", temperature,
-                        " != ", cache_temperature, "); use missing_mass='renorm'");
-    } else {
-      TORCH_CHECK_VALUE(divergence == kForwardKL,
-                        "sparse_kd: sampled targets support only divergence='forward_kl'");
-      TORCH_CHECK_VALUE(!include_label, "sparse_kd: include_label applies to top-K targets only");
+  if (target.defined()) {
+    ids32 = target.ids.to(at::kInt).contiguous();
+    tg.ids = ids32.data_ptr<int32_t>();
+    tg.logits = target.values.data_ptr<float>();
+    if (o.kind == kTopK) {
+      tg.lse = target.teacher_lse.data_ptr<float>();
+      tg.label_logit = target.label_logit.data_ptr<float>();
     }
   }
+  const int64_t* lab = sup.labels.data_ptr<int64_t>();
+  const at::Tensor row_index = sup.all() ? at::arange(N, sup.labels.options()) : sup.index;
+  const int64_t* rows = row_index.data_ptr<int64_t>();
 
-  // ---- supervised rows
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  std::vector<int64_t> rows;
-  rows.reserve(N);
-  for (int64_t i = 0; i < N; ++i) {
-    if (lab[i] == ignore_index) continue;
-    TORCH_CHECK_VALUE(lab[i] >= 0 && lab[i] < V, "sparse_kd: labels must lie in [0, ", V,
-                      ") or equal ignore_index=", ignore_index, ", got ", lab[i], row_msg(i));
-    rows.push_back(i);
-  }
-  const int64_t n_sup = int64_t(rows.size());
-  if (o.kind != kNoTeacher) check_target_rows(o, tg, rows);
-
-  if (num_items > 0) {
-    o.scale = 1.0 / num_items;
-  } else {
-    o.scale = (reduction == 1 && n_sup > 0) ? 1.0 / double(n_sup) : 1.0;
-  }
-  o.write_grad = need_grad_input || need_grad_weight;
-
-  // ---- outputs
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor H = hidden.contiguous(), W = weight.contiguous();
-  const bool all_rows = n_sup == N;
-  at::Tensor row_index = at::from_blob(rows.data(), {n_sup}, at::kLong);
-  at::Tensor H_sup = all_rows ? H : H.index_select(0, row_index);
+  const auto dtype = o.dtype;
+  const at::Tensor H = call.hidden.contiguous(), W = call.weight.contiguous();
+  const at::Tensor H_sup = sup.pick(H);
   at::Tensor grad_h_sup;
-  if (need_grad_input) grad_h_sup = at::empty({n_sup, d}, H.options());
-  at::Tensor stats = compute_stats ? at::zeros({N, 6}, hidden.options().dtype(at::kFloat))
-                                   : at::empty({0, 6}, hidden.options().dtype(at::kFloat));
+  if (call.need_grad_input) grad_h_sup = at::empty({n_sup, d}, H.options());
 
   // ---- chunks
   const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
-  const int64_t chunk = chunk_rows_for(V, d, hidden.element_size(), half && need_grad_weight, chunk_rows, n_sup);
+  const int64_t chunk = chunk_rows_for(V, d, H.element_size(), half && call.need_grad_weight,
+                                       call.chunk_rows, n_sup);
   const int64_t n_chunks = (n_sup + chunk - 1) / chunk;
   at::Tensor buffer = at::empty({n_sup > 0 ? chunk : 0, V}, H.options());
   std::optional<GradWeightAccumulator> grad_w;
-  if (need_grad_weight) grad_w.emplace(W, bias.has_value(), n_chunks);
+  if (call.need_grad_weight) grad_w.emplace(W, call.bias.has_value(), n_chunks);
   std::vector<RowResult> results(n_sup);
   const at::Tensor Wt = W.t();
   PhaseTimer timer;
@@ -671,18 +526,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
     at::Tensor Hc = H_sup.narrow(0, c0, cn);
     at::Tensor buf = buffer.narrow(0, 0, cn);
     timer.lap(3);
-    if (bias.has_value()) {
-      at::addmm_out(buf, *bias, Hc, Wt);
+    if (call.bias.has_value()) {
+      at::addmm_out(buf, *call.bias, Hc, Wt);
     } else {
       at::mm_out(buf, Hc, Wt);
     }
     timer.lap(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "sparse_kd_epilogue", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      chunk_epilogue<scalar_t, acc_t>(o, tg, buf, rows.data() + c0, lab, results.data() + c0);
+      chunk_epilogue<scalar_t, acc_t>(o, tg, buf, rows + c0, lab, results.data() + c0);
     });
     timer.lap(1);
-    if (need_grad_input) {
+    if (call.need_grad_input) {
       at::Tensor gh = grad_h_sup.narrow(0, c0, cn);  // mm_out needs an lvalue
       at::mm_out(gh, buf, W);
     }
@@ -695,33 +550,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd
   // ---- reduction (sequential over rows: the same sum whatever the thread count)
   double total = 0;
   for (const auto& r : results) total += r.loss;
-  at::Tensor loss = at::scalar_tensor(total * o.scale, hidden.options().dtype(acc_dtype));
-  if (compute_stats) {
-    auto acc = stats.accessor<float, 2>();
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::scalar_tensor(total * o.scale, call.hidden.options().dtype(acc_dtype));
+  at::Tensor stats_sup;
+  if (call.compute_stats) {
+    stats_sup = at::empty({n_sup, sparse_kd::kStatColumns}, call.hidden.options().dtype(at::kFloat));
+    auto acc = stats_sup.accessor<float, 2>();
     for (int64_t i = 0; i < n_sup; ++i) {
       const auto& r = results[i];
-      const double vals[6] = {r.divergence, r.ce, r.q_support, r.p_support, r.lse, r.correct};
-      for (int k = 0; k < 6; ++k) acc[rows[i]][k] = float(vals[k]);
+      const double vals[sparse_kd::kStatColumns] = {r.divergence, r.ce,  r.q_support,
+                                                    r.p_support,  r.lse, r.correct};
+      for (int k = 0; k < sparse_kd::kStatColumns; ++k) acc[i][k] = float(vals[k]);
     }
   }
-  at::Tensor grad_hidden = at::empty({0}, H.options());
-  if (need_grad_input) {
-    if (all_rows) {
-      grad_hidden = grad_h_sup;
-    } else {
-      grad_hidden = at::zeros({N, d}, H.options());
-      grad_hidden.index_copy_(0, row_index, grad_h_sup);
-    }
-  }
-  at::Tensor grad_weight = at::empty({0}, W.options());
-  at::Tensor grad_bias = at::empty({0}, W.options());
-  if (grad_w) {
-    grad_weight = grad_w->grad_weight();
-    if (bias.has_value()) grad_bias = grad_w->grad_bias(dtype);
-  }
-  return {loss, grad_hidden, grad_weight, grad_bias, stats};
+  return sparse_kd::assemble_outputs(call, o, sup, loss, grad_h_sup, stats_sup, grad_w);
 }
 
-TORCH_LIBRARY_IMPL(pangu_fastkd, CPU, m) { m.impl("sparse_kd_fused", &sparse_kd_fused_cpu); }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pangu_fastkd, CPU, m) {
+  m.impl("sparse_kd_fused", &sparse_kd::op_entry<sparse_kd_fused_cpu>);
+}
 
 }  // namespace pangu_fastkd

@@ -40,7 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return info;
   });
 #ifdef PANGU_FASTKD_ASCEND_TWIN
-  module.def("sparse_kd_fused", &pangu_fastkd::ascend::sparse_kd_fused_npu,
+  module.def("sparse_kd_fused",
+             &pangu_fastkd::sparse_kd::op_entry<pangu_fastkd::ascend::sparse_kd_fused_npu>,
              "torch.ops.pangu_fastkd.sparse_kd_fused through the Ascend C epilogue on the CPU twin "
              "(arguments as the op schema in csrc/ops.cpp)");
   module.def("packed_attention_fwd", &pangu_fastkd::ascend::packed_attention_fwd_npu,

@@ -22,6 +22,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/sparse_kd_args.h"
 #include "tiling/platform/platform_ascendc.h"
 #include "torch_npu/csrc/core/npu/NPUGuard.h"
 #include "torch_npu/csrc/core/npu/NPUStream.h"
@@ -154,16 +155,9 @@ inline void check_launch(uint32_t status, const char* kernel) {
 // (the real build reaches them through the dispatcher only).
 
 // torch.ops.pangu_fastkd.sparse_kd_fused on the kernel device (csrc/ascend/host/sparse_kd_npu.cpp);
-// arguments and results as the schema in csrc/ops.cpp and the CPU kernel csrc/cpu/sparse_kd.cpp.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_kd_fused_npu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const std::optional<at::Tensor>& ids,
-    const std::optional<at::Tensor>& teacher_logits, const std::optional<at::Tensor>& teacher_lse,
-    const std::optional<at::Tensor>& label_logit, const std::optional<at::Tensor>& sample_weights,
-    double kd_weight, int64_t divergence, double beta, double temperature, double cache_temperature,
-    int64_t missing_mass, bool include_label, int64_t ignore_index, double softcap, double z_loss,
-    int64_t reduction, double num_items, int64_t chunk_rows, bool need_grad_input,
-    bool need_grad_weight, bool compute_stats);
+// arguments and results as the schema in csrc/ops.cpp and the CPU kernel csrc/cpu/sparse_kd.cpp,
+// registered and bound as sparse_kd::op_entry<sparse_kd_fused_npu>.
+sparse_kd::Outputs sparse_kd_fused_npu(const sparse_kd::Call& call);
 
 // torch.ops.pangu_fastkd.packed_attention_fwd on the kernel device
 // (csrc/ascend/host/packed_attention_npu.cpp): out [T, Hq, D] and lse [Hq, T] fp32 as the schema
