@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -37,14 +38,9 @@ from pangu_fastkd.cache import (
 )
 from pangu_fastkd.cache import reader as reader_module
 from pangu_fastkd.cache.__main__ import main as cli_main
-from pangu_fastkd.cache.format import (
-    decode_ids,
-    encode_ids,
-    encode_shard,
-    id_encoding_for_vocab,
-    read_manifest,
-    write_manifest,
-)
+from pangu_fastkd.cache.manifest import read_manifest, write_manifest
+from pangu_fastkd.cache.shards import encode_shard, open_shard, shard_name
+from pangu_fastkd.cache.spec import decode_ids, encode_ids, id_encoding_for_vocab
 from pangu_fastkd.ops import SampledTarget, TopKTarget, fused_linear_sparse_kd
 
 # Supervised tokens per sequence: awkward sizes, one sequence without supervised tokens.
@@ -714,6 +710,63 @@ def test_truncated_shard_detected_without_checksums(tmp_path, pristine):
     reader = CacheReader(directory, verify_checksums=False)
     with pytest.raises(CacheError, match=rf"{name}: shard is \d+ bytes, the manifest says"):
         reader.topk_target(range(len(LENGTHS)))
+
+
+def _bad_header_length(data: bytearray) -> None:
+    data[:8] = len(data).to_bytes(8, "little")  # the header would run past the end of the file
+
+
+def _bad_header_json(data: bytearray) -> None:
+    data[8:9] = b"x"  # the header's opening brace
+
+
+@pytest.mark.parametrize("damage", [_bad_header_length, _bad_header_json])
+def test_garbled_shard_of_recorded_size_detected_without_checksums(tmp_path, pristine, damage):
+    """safetensors' own header checks surface as a CacheError naming the shard."""
+    directory = tmp_path / "cache"
+    shutil.copytree(pristine, directory)
+    path = shard_files(directory)[1]
+    data = bytearray(path.read_bytes())
+    damage(data)
+    path.write_bytes(bytes(data))
+    reader = CacheReader(directory, verify_checksums=False)
+    reader.topk_target([0])  # shard 0 is intact
+    with pytest.raises(
+        CacheError, match=rf"^{path.name}: not a valid safetensors file .*truncated or corrupt"
+    ):
+        reader.topk_target(range(len(LENGTHS)))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_open_shard_refuses_a_fifo_instead_of_blocking(tmp_path):
+    fifo = tmp_path / shard_name(0, 0)
+    os.mkfifo(fifo)
+    with pytest.raises(CacheError, match=rf"^{fifo.name}: not a regular file"):
+        open_shard(fifo, make_spec())
+
+
+def test_shard_bytes_are_those_written_before():
+    """A shard's bytes are pinned: caches written by earlier versions keep verifying against
+    the sha256s in their manifests, and earlier readers read what this code writes."""
+    tensors = {
+        "ids": torch.tensor([[3, 1], [0, -1]], dtype=torch.int16),
+        "values": torch.tensor([[-0.5, -1.0], [-0.25, -math.inf]]).to(torch.bfloat16),
+        "lse": torch.tensor([2.0, 3.5]),
+        "label_value": torch.tensor([-0.5, -0.25]).to(torch.bfloat16),
+        "seq_offsets": torch.tensor([0, 1, 2]),
+    }
+    metadata = {
+        "format_version": 1,
+        "rank": 0,
+        "seq_start": 0,
+        "seq_stop": 2,
+        "id_encoding": "int16",
+        "value_dtype": "bf16",
+    }
+    data = encode_shard(tensors, metadata)
+    assert len(data) == 540
+    digest = "e6d3c20bab406e896c8b049152e39215d682591affea64f98e51af5edde79189"
+    assert hashlib.sha256(data).hexdigest() == digest
 
 
 def _rewrite_shard(directory: Path, index: int, edit: Callable[[dict], None]) -> str:

@@ -4,13 +4,17 @@ A teacher scores the data once; ``CacheWriter`` stores top-K log-probs (and opti
 targets) in safetensors shards, resumably and per rank; ``finalize_cache`` writes the manifest;
 ``CacheReader`` hands the trainer ``TopKTarget`` / ``SampledTarget`` rows aligned with its packed
 batches; ``verify_cache`` (``python -m pangu_fastkd.cache verify DIR``) checks everything.
-The layout is described in ``format.py``.
+The spec and id encodings are in ``spec.py``, the shard layout in ``shards.py``, the manifest
+in ``manifest.py``; docs/cache-format.md describes the whole directory.
 """
 
-from .format import FORMAT_VERSION, CacheError, CacheSpec, Manifest, ShardRecord
+from .finalize import finalize_cache
+from .manifest import Manifest, ShardRecord
 from .reader import CacheReader
+from .rows import SequenceScores
+from .spec import FORMAT_VERSION, CacheError, CacheSpec
 from .verify import verify_cache
-from .writer import CacheWriter, SequenceScores, finalize_cache
+from .writer import CacheWriter
 
 __all__ = [
     "FORMAT_VERSION",

@@ -12,7 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .format import CacheError, Manifest, read_manifest
+from .manifest import Manifest, read_manifest
+from .spec import CacheError
 from .verify import verify_cache
 
 

@@ -19,21 +19,15 @@ import torch
 
 from ..durable import sha256_file
 from ..ops.sparse_kd_targets import SampledTarget, TopKTarget
-from .format import (
-    MANIFEST_NAME,
-    CacheError,
-    Manifest,
-    ShardFile,
-    decode_ids,
-    open_shard,
-    read_manifest,
-)
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .shards import ShardFile, open_shard
+from .spec import CacheError, decode_ids
 
 __all__ = ["CacheReader", "load_shard"]
 
 TARGET_KINDS = ("topk", "sampled")
-# Each memory map holds a file descriptor: a cache of thousands of shards read over an epoch
-# would run into the descriptor limit, so only the most recently used shards stay mapped.
+# Each open shard holds a memory map: a cache of thousands of shards read over an epoch would
+# pile up mappings (and address space), so only the most recently used shards stay mapped.
 MAX_OPEN_SHARDS = 64
 
 

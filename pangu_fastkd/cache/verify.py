@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import CacheError, CacheSpec, ShardFile, decode_ids, read_manifest
+from .manifest import read_manifest
 from .reader import load_shard
+from .shards import ShardFile
+from .spec import CacheError, CacheSpec, decode_ids
 
 __all__ = ["verify_cache"]
 

@@ -1,0 +1,192 @@
+"""Shard files of the teacher-logit cache: names, tensor layout, bytes, memory-mapped reads.
+
+A shard is a safetensors file holding a contiguous range of one rank's sequences (``n``
+supervised tokens, ``S`` sequences, ``K`` = ``spec.k``)::
+
+    ids             [n, K] int16 | [n, K, 3] uint8 (little-endian 24 bit) | [n, K] int32
+    values          [n, K] value dtype: teacher log-prob at T_c, v_j = t_j / T_c - Lambda
+    lse             [n]    float32: Lambda = logsumexp_u(t_u / T_c) over the full vocabulary
+    label_value     [n]    value dtype: the label token's log-prob at T_c, t_y / T_c - Lambda
+    sampled_ids     [n, Ks] (id encoding)          only when spec.sampled_k > 0
+    sampled_counts  [n, Ks] uint8 | int16 | int32  draws per id; each row sums to sampled_draws
+    seq_offsets     [S + 1] int64: row offsets of the shard's sequences
+
+Why log-probs and not raw logits: bf16 keeps 8 significant bits, so a raw logit of 20 is off by up
+to 0.06 (6% in probability). A log-prob is close to 0 exactly for the tokens that carry the mass,
+where bf16 is precise; the reader decodes ``t_j = T_c * (v_j + Lambda)`` in fp32, which gives the
+loss back ``exp(t_j / T_c - Lambda) == exp(v_j)``. The label's logit is stored the same way (in
+the value dtype, not as a raw fp32 logit) so that bf16 values with 3-byte ids cost
+``2K + 3K + 4 + 2 = 5K + 6`` bytes per token, which leaves room for the shard headers and offsets
+under the ``5K + 8`` budget.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .spec import CacheError, CacheSpec
+
+__all__ = [
+    "SHARD_METADATA_KEY",
+    "ShardFile",
+    "encode_shard",
+    "expected_shard_tensors",
+    "open_shard",
+    "shard_name",
+]
+
+# The shard's own description lives under one safetensors metadata key: safetensors keeps
+# metadata in a hash map, so with several keys their order (and the file's bytes) could vary.
+SHARD_METADATA_KEY = "pangu_fastkd.cache"
+
+_VALUE_STORAGE = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+_ID_STORAGE = {"int16": ("I16", ()), "uint24": ("U8", (3,)), "int32": ("I32", ())}
+_COUNTS_STORAGE = {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32"}
+
+
+def shard_name(rank: int, index: int) -> str:
+    """File name of a rank's ``index``-th shard."""
+    return f"shard-r{rank:03d}-{index:05d}.safetensors"
+
+
+def expected_shard_tensors(spec: CacheSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Per-row tensors of a shard: name -> (safetensors dtype, shape after the row dimension)."""
+    id_dtype, id_tail = _ID_STORAGE[spec.id_encoding]
+    value_dtype = _VALUE_STORAGE[spec.value_dtype]
+    tensors = {
+        "ids": (id_dtype, (spec.k, *id_tail)),
+        "values": (value_dtype, (spec.k,)),
+        "lse": ("F32", ()),
+        "label_value": (value_dtype, ()),
+    }
+    if spec.sampled_k:
+        tensors["sampled_ids"] = (id_dtype, (spec.sampled_k, *id_tail))
+        tensors["sampled_counts"] = (_COUNTS_STORAGE[spec.counts_dtype], (spec.sampled_k,))
+    return tensors
+
+
+def encode_shard(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:
+    """Serialise a shard. The bytes depend only on the arguments (no timestamps, fixed order)."""
+    text = json.dumps(metadata, sort_keys=True)
+    return safetensors.torch.save(tensors, metadata={SHARD_METADATA_KEY: text})
+
+
+@dataclass
+class ShardFile:
+    """A shard whose layout was checked, memory-mapped; rows are copied out on demand.
+
+    Attributes:
+        path: the shard file.
+        metadata: the shard's own description (rank, seq_start, seq_stop, encodings).
+        seq_offsets: ``[S + 1]`` int64 row offsets of its sequences.
+        num_rows: supervised tokens in the shard.
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    seq_offsets: np.ndarray
+    num_rows: int
+    _slices: dict[str, Any]  # tensor name -> safetensors slice of the memory map
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name``: a ``[stop - start, ...]`` tensor of the
+        stored dtype; only those rows are read from the file.
+
+        safetensors returns a view of its (copy-on-write) map; the copy keeps the map's lifetime
+        that of this object, so ``close`` (or eviction by the reader) really releases it.
+        """
+        return self._slices[name][start:stop].clone()
+
+    def close(self) -> None:
+        """Drop the memory map (it is also released when the object is collected)."""
+        self._slices.clear()
+
+
+def _map_shard(path: Path) -> Any:
+    """``safe_open`` of a shard, every failure a CacheError naming it.
+
+    safe_open checks the header (length, JSON, dtypes, shapes) and that the tensors tile the data
+    bytes exactly, so a truncated, padded or garbled shard fails here.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CacheError(f"{path.name}: shard file is missing ({path})") from None
+    except OSError as exc:
+        raise CacheError(f"{path.name}: cannot read shard: {exc.strerror}") from None
+    # The one check safe_open lacks: opening a FIFO (or device) for reading blocks until a
+    # writer appears, so a non-regular file at a shard's name would hang the reader.
+    if not stat.S_ISREG(mode):
+        raise CacheError(f"{path.name}: not a regular file; the shard is corrupt")
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise CacheError(f"{path.name}: shard file is missing ({path})") from None
+    except SafetensorError as exc:
+        raise CacheError(
+            f"{path.name}: not a valid safetensors file ({exc}); the shard is truncated or corrupt"
+        ) from None
+    except OSError as exc:
+        raise CacheError(f"{path.name}: cannot read shard: {exc.strerror}") from None
+
+
+def _shard_metadata(path: Path, handle: Any) -> dict[str, Any]:
+    try:
+        metadata = json.loads((handle.metadata() or {})[SHARD_METADATA_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise CacheError(f"{path.name}: corrupt shard header") from None
+    if not isinstance(metadata, dict):
+        raise CacheError(f"{path.name}: corrupt shard header")
+    return metadata
+
+
+def open_shard(path: Path, spec: CacheSpec) -> ShardFile:
+    """Memory-map a shard and check its layout against ``spec``.
+
+    On top of safetensors' own checks (see ``_map_shard``): the cache metadata is there, the
+    expected tensors are there with the right dtype and shape, all per-row tensors agree on the
+    row count and ``seq_offsets`` runs from 0 to it without going backwards. Anything else is a
+    CacheError naming the shard. Nothing but ``seq_offsets`` is read here.
+
+    The mapping stays valid while a new cache file is renamed over the shard (the old inode
+    lives on); truncating a mapped shard in place, which no writer here does, would fault.
+    """
+    path = Path(path)
+    handle = _map_shard(path)
+    metadata = _shard_metadata(path, handle)
+    slices = {name: handle.get_slice(name) for name in handle.keys()}
+    layout = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
+
+    expected = expected_shard_tensors(spec)
+    wanted = {*expected, "seq_offsets"}
+    if set(layout) != wanted:
+        raise CacheError(
+            f"{path.name}: holds tensors {sorted(layout)}, expected {sorted(wanted)} for this spec"
+        )
+    offsets_dtype, offsets_shape = layout["seq_offsets"]
+    if offsets_dtype != "I64" or len(offsets_shape) != 1 or offsets_shape[0] < 2:
+        raise CacheError(f"{path.name}: seq_offsets must be I64 [S + 1] with S >= 1")
+    num_rows = layout["ids"][1][0] if layout["ids"][1] else -1
+    for name, (dtype, tail) in expected.items():
+        got_dtype, got_shape = layout[name]
+        if got_dtype != dtype or got_shape != (num_rows, *tail):
+            raise CacheError(
+                f"{path.name}: tensor {name!r} is {got_dtype} {list(got_shape)}, "
+                f"expected {dtype} {[num_rows, *tail]}"
+            )
+    seq_offsets = slices.pop("seq_offsets")[:].numpy().copy()  # a copy: see ``rows``
+    if seq_offsets[0] != 0 or seq_offsets[-1] != num_rows or np.any(np.diff(seq_offsets) < 0):
+        raise CacheError(
+            f"{path.name}: seq_offsets must rise from 0 to the row count {num_rows}, "
+            f"got {seq_offsets.tolist()[:8]}..."
+        )
+    return ShardFile(path, metadata, seq_offsets, num_rows, slices)
