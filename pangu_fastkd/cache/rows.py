@@ -16,7 +16,7 @@ import torch
 
 from .spec import CacheSpec, encode_ids
 
-__all__ = ["MASS_TOLERANCE", "SequenceScores", "encode_sequence"]
+__all__ = ["MASS_TOLERANCE", "SequenceScores", "encode_sequence", "find_bad_id", "first_row"]
 
 # The top-K probabilities exp(t / T_c - Lambda) of a row may exceed 1 by this much (rounding of
 # an fp32 Lambda); more means Lambda is not the log-partition of these logits at T_c.
@@ -67,28 +67,43 @@ def _check_shape(where: str, name: str, tensor: torch.Tensor, shape: tuple[int, 
         raise ValueError(f"{where}: {name} must have shape {expected}, got {list(tensor.shape)}")
 
 
-def _first_row(mask: torch.Tensor) -> int:
+def first_row(mask: torch.Tensor) -> int:
+    """The first row of ``mask`` (``[n, ...]`` bool, some entry True) holding a True entry."""
     return int(mask.reshape(mask.shape[0], -1).any(dim=1).nonzero()[0, 0])
+
+
+def find_bad_id(ids: torch.Tensor, vocab_size: int) -> tuple[int, int, bool] | None:
+    """The first bad id of ``[n, K]`` integer ``ids`` (``-1`` = empty slot), or None.
+
+    Returns ``(row, id, out_of_range)``: an id outside ``[-1, vocab_size)`` if a row holds one
+    (``out_of_range`` True), else an id repeated within its row. Shared by the writer, which
+    refuses such rows, and ``verify_cache``, which finds them in a written cache.
+    """
+    bad = (ids < -1) | (ids >= vocab_size)
+    if bad.any():
+        row = first_row(bad)
+        return row, int(ids[row][bad[row]][0]), True
+    ordered = ids.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if repeated.any():
+        row = first_row(repeated)
+        return row, int(ordered[row, 1:][repeated[row]][0]), False
+    return None
 
 
 def _check_ids(where: str, name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``ids`` as int64 after checking the range and that no row repeats an id."""
     ids = ids.to(torch.int64)
-    bad = (ids < -1) | (ids >= vocab_size)
-    if bad.any():
-        row = _first_row(bad)
-        value = int(ids[row][bad[row]][0])
+    problem = find_bad_id(ids, vocab_size)
+    if problem is None:
+        return ids
+    row, value, out_of_range = problem
+    if out_of_range:
         raise ValueError(
             f"{where}: {name} row {row} holds id {value}, expected -1 (empty) or "
             f"0 <= id < vocab_size ({vocab_size})"
         )
-    ordered = ids.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if repeated.any():
-        row = _first_row(repeated)
-        value = int(ordered[row, 1:][repeated[row]][0])
-        raise ValueError(f"{where}: {name} row {row} holds id {value} more than once")
-    return ids
+    raise ValueError(f"{where}: {name} row {row} holds id {value} more than once")
 
 
 def _log_probs(
@@ -98,7 +113,7 @@ def _log_probs(
     the probabilities of a row add up to at most 1."""
     bad = torch.isnan(logits) | (logits == math.inf)
     if bad.any():
-        raise ValueError(f"{where}: {name} row {_first_row(bad)} holds NaN or +inf")
+        raise ValueError(f"{where}: {name} row {first_row(bad)} holds NaN or +inf")
     values = logits / spec.temperature - (lse if logits.dim() == 1 else lse[:, None])
     mass = values.exp() if logits.dim() == 1 else values.exp().sum(dim=1)
     too_much = mass > 1 + MASS_TOLERANCE
@@ -172,7 +187,7 @@ def _encode_sampled(
     counts = counts.to(torch.int64)
     bad = torch.where(ids < 0, counts != 0, counts < 1)
     if bad.any():
-        row = _first_row(bad)
+        row = first_row(bad)
         raise ValueError(
             f"{where}: sampled_counts row {row} must be >= 1 for every id and 0 for empty "
             f"slots, got counts {counts[row].tolist()} for ids {ids[row].tolist()}"

@@ -18,6 +18,7 @@ import torch
 
 from .manifest import read_manifest
 from .reader import load_shard
+from .rows import find_bad_id, first_row
 from .shards import ShardFile
 from .spec import CacheError, CacheSpec, decode_ids
 
@@ -82,21 +83,14 @@ def _mass_tolerance(spec: CacheSpec) -> float:
     return 1e-3 + eps * max(1.0, math.log(spec.k))
 
 
-def _first(mask: torch.Tensor) -> int:
-    return int(mask.reshape(mask.shape[0], -1).any(dim=1).nonzero()[0, 0])
-
-
 def _check_id_rows(ids: torch.Tensor, vocab_size: int, name: str) -> tuple[int, str] | None:
-    bad = (ids < -1) | (ids >= vocab_size)
-    if bad.any():
-        row = _first(bad)
-        return row, f"{name} holds id {int(ids[row][bad[row]][0])} outside [0, {vocab_size})"
-    ordered = ids.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if repeated.any():
-        row = _first(repeated)
-        return row, f"{name} holds id {int(ordered[row, 1:][repeated[row]][0])} twice"
-    return None
+    problem = find_bad_id(ids, vocab_size)
+    if problem is None:
+        return None
+    row, value, out_of_range = problem
+    if out_of_range:
+        return row, f"{name} holds id {value} outside [0, {vocab_size})"
+    return row, f"{name} holds id {value} twice"
 
 
 def _check_rows(shard: ShardFile, spec: CacheSpec, start: int, stop: int) -> tuple[int, str] | None:
@@ -109,10 +103,10 @@ def _check_rows(shard: ShardFile, spec: CacheSpec, start: int, stop: int) -> tup
     values = shard.rows("values", start, stop).to(torch.float32)
     bad = torch.isnan(values) | (values == math.inf)
     if bad.any():
-        problems.append((_first(bad), "values hold NaN or +inf"))
+        problems.append((first_row(bad), "values hold NaN or +inf"))
     empty_with_value = (ids < 0) & (values != -math.inf)
     if empty_with_value.any():
-        problems.append((_first(empty_with_value), "an empty id slot has a finite value"))
+        problems.append((first_row(empty_with_value), "an empty id slot has a finite value"))
     mass = values.exp().sum(dim=1)
     too_much = mass > 1 + _mass_tolerance(spec)
     if too_much.any():
@@ -121,12 +115,12 @@ def _check_rows(shard: ShardFile, spec: CacheSpec, start: int, stop: int) -> tup
 
     lse = shard.rows("lse", start, stop)
     if not torch.isfinite(lse).all():
-        problems.append((_first(~torch.isfinite(lse)), "lse is not finite"))
+        problems.append((first_row(~torch.isfinite(lse)), "lse is not finite"))
     label = shard.rows("label_value", start, stop).to(torch.float32)
     if not torch.isfinite(label).all():
-        problems.append((_first(~torch.isfinite(label)), "label value is not finite"))
+        problems.append((first_row(~torch.isfinite(label)), "label value is not finite"))
     elif (label > _mass_tolerance(spec)).any():
-        problems.append((_first(label > _mass_tolerance(spec)), "label probability above 1"))
+        problems.append((first_row(label > _mass_tolerance(spec)), "label probability above 1"))
 
     if spec.sampled_k:
         sampled_ids = decode_ids(shard.rows("sampled_ids", start, stop), spec.id_encoding)
@@ -134,7 +128,7 @@ def _check_rows(shard: ShardFile, spec: CacheSpec, start: int, stop: int) -> tup
         counts = shard.rows("sampled_counts", start, stop).to(torch.int64)
         bad = torch.where(sampled_ids < 0, counts != 0, counts < 1)
         if bad.any():
-            problems.append((_first(bad), "sampled_counts are not >= 1 for ids, 0 for empty"))
+            problems.append((first_row(bad), "sampled_counts are not >= 1 for ids, 0 for empty"))
         wrong = counts.sum(dim=1) != spec.sampled_draws
         if wrong.any():
             problems.append(
