@@ -5,7 +5,8 @@
     PANGU_FASTKD_CANN_TREES=/path/a:/path/b python scripts/check_cann_compile.py --json
 
 Nothing else in the repo compiles the kernels against Huawei's headers: the tests build them
-against the CPU twin (csrc/ascend/twin). This check runs ``g++ -fsyntax-only -std=c++17`` on
+against the CPU twin (tests/ascend_twin/include). This check runs ``g++ -fsyntax-only
+-std=c++17`` on
 
 * every kernel entry file ``csrc/ascend/*.cpp`` x chip (ascend910B1, ascend310B1) x dtype
   (``-DPANGU_FASTKD_ENTRY_DTYPE=1/2/3``: the fp32 / bf16 / fp16 entry points only), in CANN's
@@ -73,7 +74,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "csrc" / "ascend"
 HOST_DIR = KERNEL_DIR / "host"
-TWIN_DIR = KERNEL_DIR / "twin"
+TWIN_DIR = REPO / "tests" / "ascend_twin" / "include"
 DEFAULT_WORK_DIR = REPO / "build" / "cann_compile"
 # Where scripts/setup.sh --dev extracts the torch-npu wheel's headers.
 TORCH_NPU_HEADERS = REPO / "build" / "torch_npu_headers" / "torch_npu" / "include"
@@ -680,10 +681,13 @@ def twin_tiling_dir(dst: Path) -> Path:
         "kernel_tiling/kernel_tiling.h",
         "twin_chips.h",
     ):
-        link = dst / rel
+        link, target = dst / rel, TWIN_DIR / rel
         link.parent.mkdir(parents=True, exist_ok=True)
+        # A work dir from before the twin moved holds links to its old place: point them anew.
+        if link.is_symlink() and link.readlink() != target:
+            link.unlink()
         if not link.is_symlink():
-            link.symlink_to(TWIN_DIR / rel)
+            link.symlink_to(target)
     return dst
 
 
@@ -1010,7 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"   note: {host_note}")
         if args.twin_tiling:
             print(
-                "   note: twin-tiling rows use csrc/ascend/twin's tiling/tiling_api.h and"
+                "   note: twin-tiling rows use tests/ascend_twin/include's tiling/tiling_api.h and"
                 " tiling/platform/platform_ascendc.h (with the kernel_tiling.h and twin_chips.h"
                 " they include) instead of CANN's"
             )

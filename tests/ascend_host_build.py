@@ -2,9 +2,9 @@
 
 The host code (csrc/ascend/host/*.cpp), the kernel entry points (csrc/ascend/*.cpp) and the twin
 launchers are compiled with ``PANGU_FASTKD_ASCEND_TWIN`` against stand-ins for the CANN and
-torch_npu headers (csrc/ascend/host/twin) and the CPU twin of the Ascend C API (csrc/ascend/twin):
-one module per chip holds every op, and the host tests of all ops share it (each compile costs
-tens of seconds). See csrc/ascend/host/twin/README.md.
+torch_npu headers (tests/ascend_twin/host) and the CPU twin of the Ascend C API
+(tests/ascend_twin/include): one module per chip holds every op, and the host tests of all ops
+share it (each compile costs tens of seconds). See tests/ascend_twin/host/README.md.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ SOURCES = (
     "csrc/ascend/host/packed_attention_npu.cpp",
     "csrc/ascend/host/sparse_kd_npu.cpp",
     *(f"csrc/ascend/{stem}.cpp" for stem in KERNELS),
-    "csrc/ascend/host/twin/twin_launchers.cpp",
+    "tests/ascend_twin/host/twin_launchers.cpp",
 )
-INCLUDES = ("csrc/ascend/host/twin", "csrc/ascend/twin", "csrc/ascend", "csrc")
+INCLUDES = ("tests/ascend_twin/host", "tests/ascend_twin/include", "csrc/ascend", "csrc")
 # The chips the host tests build for: several blocks on the 910B, one on the 310B.
 SOC_910B = "Ascend910B1"
 SOC_310B = "Ascend310B4"

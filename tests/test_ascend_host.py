@@ -2,16 +2,16 @@
 
 The host code, its kernel entry points (csrc/ascend/sparse_kd_epilogue.cpp) and the module
 (csrc/ascend/host/module.cpp) are compiled with ``PANGU_FASTKD_ASCEND_TWIN`` against stand-ins for
-the CANN and torch_npu headers (csrc/ascend/host/twin) and the CPU twin of the Ascend C API
-(csrc/ascend/twin), in the twin module every host test shares (tests/ascend_host_build.py): the
-chunk loop's ATen GEMMs run on CPU tensors and every epilogue launch goes through
-``ACLRT_LAUNCH_KERNEL`` into ``twin::Launch``. The result is compared with the CPU
-kernel ``torch.ops.pangu_fastkd.sparse_kd_fused`` called with the same arguments: fp32 tightly,
-bf16 and fp16 by the project's rule (error against an exact result at most 2x plain PyTorch's error
-in that dtype).
+the CANN and torch_npu headers (tests/ascend_twin/host) and the CPU twin of the Ascend C API
+(tests/ascend_twin/include), in the twin module every host test shares
+(tests/ascend_host_build.py): the chunk loop's ATen GEMMs run on CPU tensors and every epilogue
+launch goes through ``ACLRT_LAUNCH_KERNEL`` into ``twin::Launch``. The result is compared with
+the CPU kernel ``torch.ops.pangu_fastkd.sparse_kd_fused`` called with the same arguments: fp32
+tightly, bf16 and fp16 by the project's rule (error against an exact result at most 2x plain
+PyTorch's error in that dtype).
 
 What this does not cover: torch_npu's stream, allocator and copies, and anything about timing;
-the launch is synchronous on the twin (docs/ascend.md, csrc/ascend/host/twin/README.md).
+the launch is synchronous on the twin (docs/ascend.md, tests/ascend_twin/host/README.md).
 """
 
 from __future__ import annotations

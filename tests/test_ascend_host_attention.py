@@ -13,7 +13,7 @@ compared with the CPU kernel ``torch.ops.pangu_fastkd.packed_attention_bwd``, an
 backward through the twin with ``torch.autograd`` of the reference.
 
 What this does not cover: torch_npu's stream, allocator and copies (the cu_seqlens read-back is a
-no-op on CPU tensors), and timing; see csrc/ascend/host/twin/README.md.
+no-op on CPU tensors), and timing; see tests/ascend_twin/host/README.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ torch_npu queues ATen ops on a task queue that a worker thread submits to the st
 launched on ``getCurrentNPUStream().stream(false)`` can overtake the ops queued before it (the
 logits GEMM, the tiling copy); and ``getCurrentNPUStream()`` is the *current* device's stream, the
 inputs' one only under a device guard. On CPU both mistakes would go unnoticed, so the host twin
-(csrc/ascend/host/twin/twin_npu_runtime.h) keeps the state they depend on: the ATen ops run since
+(tests/ascend_twin/host/twin_npu_runtime.h) keeps the state they depend on: the ATen ops run since
 the last ``stream(true)`` (counted by a RecordFunction callback) and the thread's current device
 (set by the twin ``c10_npu::NPUGuard``). Its launchers refuse a launch with queued ops or on a
 device other than the tensors' (device 0).

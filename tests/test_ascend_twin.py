@@ -1,4 +1,4 @@
-"""The CPU twin of the Ascend C API (csrc/ascend/twin/kernel_operator.h).
+"""The CPU twin of the Ascend C API (tests/ascend_twin/include/kernel_operator.h).
 
 Compiles the C++ programs in tests/ascend_twin/ with g++ and runs them:
 - softmax_rows.cpp, an Ascend C style kernel (chunked, ragged tail, double-buffered TQue,

@@ -1,4 +1,4 @@
-"""The twin's core model (csrc/ascend/twin/README.md, "Cores, blocks and the data cache").
+"""The twin's core model (tests/ascend_twin/include/README.md, "Cores, blocks and the data cache").
 
 Runs tests/ascend_twin/core_model.cpp:
 - on a 910B MIX kernel each block is one cube core and two vector cores; GetBlockIdx on a vector

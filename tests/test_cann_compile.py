@@ -8,9 +8,9 @@ layouts it understands and the overlay it builds). Without that variable those t
 The host code is also compiled in every run against the real torch_npu headers (the torch-npu
 wheel's ``torch_npu/include``, which ``scripts/setup.sh --dev`` extracts into
 build/torch_npu_headers) and torch's, with generated ``aclrtlaunch_<kernel>.h`` launchers. With no
-CANN tree at hand, the host Matmul tiling API comes from the CPU twin instead: csrc/ascend/twin's
-``tiling/tiling_api.h`` and ``tiling/platform/platform_ascendc.h`` (and the ``kernel_tiling.h`` and
-``twin_chips.h`` they include), nothing else of the twin.
+CANN tree at hand, the host Matmul tiling API comes from the CPU twin instead:
+tests/ascend_twin/include's ``tiling/tiling_api.h`` and ``tiling/platform/platform_ascendc.h``
+(and the ``kernel_tiling.h`` and ``twin_chips.h`` they include), nothing else of the twin.
 
 All compiles of a session run up front on every core (one fixture), each test reads its row.
 """

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "tests" / "ascend_twin"
 # The twin's kernel_operator.h, the kernel headers that include it, and csrc for the option
 # rules the host tiling shares with the op (common/sparse_kd_rules.h).
-INCLUDES = (REPO / "csrc" / "ascend" / "twin", REPO / "csrc" / "ascend", REPO / "csrc")
+INCLUDES = (SOURCES / "include", REPO / "csrc" / "ascend", REPO / "csrc")
 VIOLATION_EXIT_CODE = 3  # a twin::HardwareRuleViolation escaped the kernel
 TILING_ERROR_EXIT_CODE = 4  # the host tiling rejected the problem
 

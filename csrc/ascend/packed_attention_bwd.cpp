@@ -1,8 +1,9 @@
 // Kernel entry points of the packed causal attention backward (packed_attention_bwd.h): the dQ
 // pass and the dK/dV pass, one per input dtype each. ascendc_library (cmake/ascend.cmake)
 // compiles this file for the NPU and generates the host launchers
-// aclrtlaunch_packed_attention_bwd_{dq,dkv}_{fp32,bf16,fp16}; built against csrc/ascend/twin the
-// same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches it there).
+// aclrtlaunch_packed_attention_bwd_{dq,dkv}_{fp32,bf16,fp16}; built against the CPU twin of the
+// Ascend C API (tests/ascend_twin/include) the same source runs on CPU
+// (tests/ascend_twin/host/twin_launchers.cpp launches it there).
 //
 // The tiling arrives as a GM address (kernel_entry.h says why), with its three TCubeTilings; it
 // is copied to device memory once and both launches read it back. The two passes share one

@@ -1,8 +1,8 @@
 // Kernel entry points of the packed causal attention forward (packed_attention_fwd.h), one per
 // input dtype. ascendc_library (cmake/ascend.cmake) compiles this file for the NPU and generates
 // the host launchers aclrtlaunch_packed_attention_fwd_{fp32,bf16,fp16}; built against
-// csrc/ascend/twin the same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches
-// it there).
+// tests/ascend_twin/include the same source runs on CPU
+// (tests/ascend_twin/host/twin_launchers.cpp launches it there).
 //
 // The tiling arrives as a GM address (kernel_entry.h says why), with the two TCubeTilings inside
 // it; packed_attention_fwd registers its Matmul objects with the TCubeTilings of that local copy.

@@ -4,9 +4,9 @@
 // q [T, Hq, D], k/v [T, Hkv, D] (fp32, bf16 or fp16 in GM), documents laid end to end and
 // delimited by cu_seqlens [B + 1] int32; query head h reads kv head h / G (G = Hq / Hkv). Writes
 // out [T, Hq, D] in the input dtype and lse [Hq, T] fp32, the semantics of
-// packed_attention_reference (causal, no window). Built against csrc/ascend/twin it runs on CPU;
-// it uses only the Ascend C API subset the twin emulates, so it is meant to compile unchanged
-// with ascendc.
+// packed_attention_reference (causal, no window). Built against tests/ascend_twin/include it runs
+// on CPU; it uses only the Ascend C API subset the twin emulates, so it is meant to compile
+// unchanged with ascendc.
 //
 // Work split: every (document, kv head g, query tile of `tile` rows) is one work item; items are
 // dealt round-robin to the blocks. The G query heads of the group are stacked head by head into

@@ -1,8 +1,9 @@
 // Kernel entry points of the sparse-KD / cross-entropy epilogue (sparse_kd_epilogue.h), one per
 // logits dtype. ascendc_library (cmake/ascend.cmake) compiles this file for the NPU and generates
 // the host launchers aclrtlaunch_sparse_kd_epilogue_{fp32,bf16,fp16}; built against
-// csrc/ascend/twin the same source runs on CPU (csrc/ascend/host/twin/twin_launchers.cpp launches
-// it there). The tiling arrives as a GM address (kernel_entry.h says why).
+// tests/ascend_twin/include the same source runs on CPU
+// (tests/ascend_twin/host/twin_launchers.cpp launches it there). The tiling arrives as a GM
+// address (kernel_entry.h says why).
 #include "kernel_operator.h"
 #include "kernel_entry.h"
 #include "sparse_kd_epilogue.h"

@@ -3,9 +3,9 @@
 // The LM-head GEMM stays a torch_npu matmul over row chunks; this kernel takes its logits
 // z [N, V] (fp32, bf16 or fp16 in GM) and, per row, computes the loss of docs/kd-losses.md with
 // every option of that page, writes d(loss)/d(z) * scale over z in place (in z's dtype), and
-// writes the per-row loss and the six statistics of KDStats. Built against csrc/ascend/twin it
-// runs on CPU; it uses only the Ascend C API subset the twin emulates, so it is meant to compile
-// unchanged with ascendc.
+// writes the per-row loss and the six statistics of KDStats. Built against
+// tests/ascend_twin/include it runs on CPU; it uses only the Ascend C API subset the twin
+// emulates, so it is meant to compile unchanged with ascendc.
 //
 // Math (one supervised row, label y). Softcap first: z <- c tanh(z / c), built from Exp as
 // tanh(x) = (e - 1) / (e + 1), e = exp(2x), with x clamped to [-20, 20] (tanh(20) rounds to 1 in

@@ -56,7 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("packed_attention_bwd_plan", &pangu_fastkd::ascend::packed_attention_bwd_plan_npu,
              "(tile, dQ blockDim, dK/dV blockDim, workspace bytes) the backward would launch for "
              "(q, k, v, cu_seqlens, scale)");
-  // The twin runtime state the launchers check (csrc/ascend/host/twin/twin_npu_runtime.h), for
+  // The twin runtime state the launchers check (tests/ascend_twin/host/twin_npu_runtime.h), for
   // the tests: a thread whose current device is not the inputs' one, as torch.npu.set_device
   // would leave it, and the count of ATen ops run since torch_npu's task queue was last flushed.
   module.def(

@@ -1,7 +1,7 @@
 // Host-side helpers shared by the launch code of every Ascend C kernel (csrc/ascend/host/*.cpp).
 // Compiled in the Ascend build (cmake/ascend.cmake), which needs CANN and torch_npu, and in the
 // CPU twin build (PANGU_FASTKD_ASCEND_TWIN, tests/test_ascend_host.py), which finds stand-ins
-// for the CANN and torch_npu headers in csrc/ascend/host/twin and runs the kernels on CPU.
+// for the CANN and torch_npu headers in tests/ascend_twin/host and runs the kernels on CPU.
 //
 // A kernel `foo` compiled by ascendc_library gets a generated launcher header
 // `aclrtlaunch_foo.h`; the host calls it as `ACLRT_LAUNCH_KERNEL(foo)(block_dim, stream, args...)`,
