@@ -7,30 +7,12 @@
 // tests/ascend_twin/include it runs on CPU; it uses only the Ascend C API subset the twin
 // emulates, so it is meant to compile unchanged with ascendc.
 //
-// Math (one supervised row, label y). Softcap first: z <- c tanh(z / c), built from Exp as
-// tanh(x) = (e - 1) / (e + 1), e = exp(2x), with x clamped to [-20, 20] (tanh(20) rounds to 1 in
-// fp32, and e stays finite). Then
-//   s = softmax(z), lse = logsumexp(z), CE = lse - z_y                        (temperature 1)
-//   q = softmax(z / T), L_T = logsumexp(z / T), u = z / T
-//   loss = kd T^2 D + (1 - kd) CE + zl lse^2
-// Support S: the valid stored ids (-1 = empty slot), plus, for top-K targets with the label
-// included, y with its stored teacher logit when y is not among them. A divergence D over
-// buckets b with student masses q_b (sums of q_v) has dD/du_v = q_v (g_b(v) - gbar), g_b = dD/dq_b
-// and gbar = sum_b q_b g_b, so every token outside S shares one coefficient of q_v:
-//   top-K, tail (T == T_c): p_j = exp(t_j / T - Lambda), P_S = sum_S p, buckets S + {rest} with
-//     p_rest = max(0, 1 - P_S) (0 when S covers V), q_rest = sum_{v not in S} q_v summed directly
-//     (no 1 - Q_S cancellation);
-//     forward KL   D = sum p (log p - log q)          dD/du_j = P q_j - p_j, rest: (P - p_r/q_r) q_v
-//     reverse KL   D = sum q (log q - log p)          g_b - gbar = log q_b - log p_b - D
-//     JSD(beta)    m = beta p + (1 - beta) q          g_b = (1 - beta)(log q_b - log m_b)
-//   top-K, renorm (any T): p~ = softmax_S(t / T);
-//     forward KL against the full-vocabulary q:      dD/du_j = q_j - p~_j, rest: q_v
-//     reverse KL / JSD against q~ = softmax_S(u):    dD/du_j = q~_j (g_j - gbar~), rest: 0
-//   sampled (forward KL only): D = -sum_S w_j log q_j, W = sum w: dD/du_j = W q_j - w_j, rest: W q_v
-// (log p and log q floored at log 1e-12 inside reverse KL and JSD; log m at 1e-12; p = 0 terms
-// of forward KL are 0.) The gradient with respect to the capped logits is
-//   g_v = kd T dD/du_v + ((1 - kd) + 2 zl lse) s_v - (1 - kd) [v == y]
-// and with respect to the raw logits g_v (1 - (z_v / c)^2), z_v the capped value.
+// Math: the loss of docs/kd-losses.md for one supervised row, and its gradient as derived in
+// that page's 'Gradients' section (names here: s = softmax(z), q = softmax(z / T), u = z / T,
+// kd = kdWeight, zl = zLoss, S the support: the valid stored ids plus, for top-K targets with
+// the label included, y with its stored teacher logit when y is not among them). Specific to
+// this kernel: the softcap z <- c tanh(z / c) is built from Exp as tanh(x) = (e - 1) / (e + 1),
+// e = exp(2x), with x clamped to [-20, 20] (tanh(20) rounds to 1 in fp32, and e stays finite).
 // The kernel writes "coefS s_v + coefQ q_v" for every element with vector ops, then overwrites
 // the support elements (at most K + 1 per row) with their values computed as a vector beforehand,
 // subtracts (1 - kd) at the label, and applies the softcap factor. kd == 0 has no support.
@@ -49,9 +31,10 @@
 // hardware's float -> half Cast does by default (documented as saturating) and keeps the twin,
 // whose Cast rounds to inf, in step. For the usual scale (1 / num_items <= 1) a valid row's
 // gradient is far below the bound, so the clamp only matters for a huge upstream gradient.
-// Inputs are validated by the host (labels in [0, V) or ignoreIndex, ids in [-1, V) and distinct,
-// teacher logits finite or -inf, Lambda finite, weights >= 0 summing to 1, a non-empty support,
-// renorm: a finite teacher logit on the support), as the PyTorch path does before its kernel.
+// Inputs are validated by the host (csrc/common/sparse_kd_rows.h: labels in [0, V) or
+// ignoreIndex, ids in [-1, V) and distinct, teacher logits finite or -inf, Lambda finite, weights
+// >= 0 summing to 1, a non-empty support, renorm: a finite teacher logit on the support), as the
+// PyTorch path does before its kernel.
 #pragma once
 
 #include "kernel_operator.h"

@@ -14,23 +14,13 @@
 // the same precision plain PyTorch gets in bf16 (tests/test_sparse_kd.py checks the error against
 // it). grad_W is accumulated over chunks in fp32.
 //
-// Math of the epilogue (docs/kd-losses.md). Per row, with z the (soft-capped) logits, u = z / T,
-// q = softmax(u), pi = softmax(z), a support S of teacher ids and buckets S + {rest}:
-//   For a divergence D(p, q_buckets), dD/du_v = q_v (g_b(v) - gbar), g_b = dD/dq_b,
-//   gbar = sum_b q_b g_b. Every token outside S shares one coefficient kr, so the whole row's
-//   gradient is "kr * exp((z_v - m_rest) / T)" plus K fix-ups at the support ids:
-//   forward KL (tail):  dD/du_j = q_j P - p_j,   dD/du_v = q_v P - p_rest q_v / q_rest (v outside S)
-//   reverse KL (tail):  dD/du_b = q_b (log q_b - log p_b - D)
-//   JSD (tail):         g_b = (1 - beta) log(q_b / m_b),   dD/du_b = q_b (g_b - gbar)
-//   renorm: forward KL  dD/du_j = q_j - p~_j; reverse KL / JSD over q~ = q / Q_S:
-//           dD/du_j = q~_j (g_j - gbar~), and 0 outside S
-//   sampled:            D = -sum w_j log q_j, dD/du_j = q_j W - w_j  (W = sum w)
-//   d loss / d z_v = kd_weight T dD/du_v + ((1 - kd_weight) + 2 z_loss lse1) pi_v
-//                    - (1 - kd_weight) [v == y],   times (1 - (z_v / c)^2) under softcap c.
-// The tokens outside S ("rest") are summed over the gaps between the sorted support ids, relative
-// to their own maximum m_rest: q(rest) then has no cancellation and no underflow, even when the
-// support holds all but e^-100 of the student's mass. When S covers the whole vocabulary the rest
-// bucket is empty and p(rest) = 0 (docs/kd-losses.md, project notes).
+// Math: the loss of docs/kd-losses.md and its gradient as derived in that page's 'Gradients'
+// section (z the soft-capped logits, u = z / T, q = softmax(u), pi = softmax(z), S the support).
+// Specific to this kernel: every token outside S shares one coefficient kr of
+// exp((z_v - m_rest) / T), so the row's gradient is one vector pass plus fix-ups at the support
+// ids and the label. The tokens outside S ("rest") are summed over the gaps between the sorted
+// support ids, relative to their own maximum m_rest, so q(rest) has neither cancellation nor
+// underflow.
 #include "vec.h"
 #include "common/sparse_kd_args.h"
 #include "common/sparse_kd_chunks.h"
