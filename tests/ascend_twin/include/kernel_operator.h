@@ -1452,7 +1452,7 @@ namespace twin {
 // How the kernel runs on a chip with separated cores (910B). CANN decides it at compile time
 // (KERNEL_TASK_TYPE_DEFAULT, or the compiler seeing cube code); the twin is told at launch.
 enum class KernelType {
-  // Pre-issue-12 model, kept while launchers migrate: one thread per block that owns its Matmul
+  // The earlier block model, kept while launchers migrate: one thread per block that owns its Matmul
   // objects, GetTaskRation() == 1. Not faithful for Matmul kernels on the 910B.
   Unspecified,
   AivOnly,  // KERNEL_TYPE_AIV_ONLY: blockDim vector cores, GetBlockIdx 0..blockDim-1
