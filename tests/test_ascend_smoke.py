@@ -1,4 +1,4 @@
-"""The NPU first-run kit (pangu_fastkd/ascend_smoke.py), run on the CPU twin of the host code.
+"""The NPU first-run kit (pangu_fastkd/ascend_smoke/), run on the CPU twin of the host code.
 
 The kit's NPU backend calls ``torch.ops.pangu_fastkd.*`` on NPU tensors; here ``TwinBackend``
 sends the same calls to the twin host module (tests/ascend_host_build.py), so the whole grid,
@@ -23,8 +23,13 @@ import pytest
 import torch
 from ascend_host_build import SOC_910B, host_twin, needs_host_twin
 
-from pangu_fastkd import ascend_smoke
-from pangu_fastkd.ascend_smoke import TwinBackend
+from pangu_fastkd.ascend_smoke.cases import DTYPES, attention_cases, sparse_kd_cases
+from pangu_fastkd.ascend_smoke.cli import main
+from pangu_fastkd.ascend_smoke.environment import cann_version
+from pangu_fastkd.ascend_smoke.errors import BackendUnavailableError
+from pangu_fastkd.ascend_smoke.op_backends import NpuBackend, TwinBackend
+from pangu_fastkd.ascend_smoke.report import markdown_table
+from pangu_fastkd.ascend_smoke.runner import run_grid
 from pangu_fastkd.ops import packed_attention_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,12 +53,10 @@ def twin(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
 
 def _expected_rows(quick: bool = True) -> list[tuple[str, str, str]]:
     rows = [
-        ("sparse_kd_fused", case.name, dtype)
-        for case in ascend_smoke.sparse_kd_cases(quick)
-        for dtype in ascend_smoke.DTYPES
+        ("sparse_kd_fused", case.name, dtype) for case in sparse_kd_cases(quick) for dtype in DTYPES
     ]
-    for case in ascend_smoke.attention_cases(quick):
-        for dtype in ascend_smoke.DTYPES:
+    for case in attention_cases(quick):
+        for dtype in DTYPES:
             rows += [
                 ("packed_attention fwd", case.name, dtype),
                 ("packed_attention fwd+bwd", case.name, dtype),
@@ -61,17 +64,27 @@ def _expected_rows(quick: bool = True) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _run_quick(
+    backend: TwinBackend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, dict[str, Any]]:
+    """``--quick --no-timing --json`` on ``backend``: exit status, stdout, the JSON record."""
+    out_json = tmp_path / "smoke.json"
+    status = main(["--quick", "--no-timing", "--json", str(out_json)], backend=backend)
+    stdout = capsys.readouterr().out
+    return status, stdout, json.loads(out_json.read_text())
+
+
 def test_quick_grid_covers_what_the_issue_asks() -> None:
-    sparse = ascend_smoke.sparse_kd_cases(quick=True)
+    sparse = sparse_kd_cases(quick=True)
     assert any(c.vocab % 2 == 1 for c in sparse)
     assert any(c.missing_mass == "tail" and c.include_label and c.target for c in sparse)
     assert any(c.missing_mass == "renorm" and c.divergence == "reverse_kl" for c in sparse)
     assert any(not c.target and c.kd_weight == 0 for c in sparse)
-    attention = ascend_smoke.attention_cases(quick=True)
+    attention = attention_cases(quick=True)
     assert any(1 in c.lengths for c in attention)
     assert any(c.hq > c.hkv for c in attention)
     assert {c.d for c in attention} == {64, 128}
-    assert set(ascend_smoke.DTYPES) == {"fp32", "bf16", "fp16"}
+    assert set(DTYPES) == {"fp32", "bf16", "fp16"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +95,7 @@ def test_quick_grid_covers_what_the_issue_asks() -> None:
 def test_quick_grid_passes_on_the_twin(
     twin: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out_json = tmp_path / "smoke.json"
-    status = ascend_smoke.main(
-        ["--quick", "--no-timing", "--json", str(out_json)], backend=TwinBackend(twin)
-    )
-    stdout = capsys.readouterr().out
+    status, stdout, record = _run_quick(TwinBackend(twin), tmp_path, capsys)
     assert status == 0, stdout
     expected = _expected_rows()
     assert stdout.rstrip().endswith(f"PASS: all {len(expected)} rows passed")
@@ -96,7 +105,6 @@ def test_quick_grid_passes_on_the_twin(
     assert len(table) == 1 + len(expected)  # the header and one line per row
     assert sum("| PASS |" in line for line in table) == len(expected)
 
-    record = json.loads(out_json.read_text())
     assert record["passed"] is True
     assert record["environment"]["backend"] == "twin"
     assert "build_info" in record["environment"]
@@ -126,7 +134,7 @@ class _TwinWithFusion(TwinBackend):
 
 @needs_twin
 def test_timing_fills_ours_baseline_and_reference(twin: ModuleType) -> None:
-    rows = ascend_smoke.run_grid(
+    rows = run_grid(
         _TwinWithFusion(twin), quick=True, timing=True, reps=1, warmup=0, dtypes=("fp32",)
     )
     assert rows and all(r.passed for r in rows), [r for r in rows if not r.passed]
@@ -137,7 +145,7 @@ def test_timing_fills_ours_baseline_and_reference(twin: ModuleType) -> None:
             assert (r.baseline, r.reference_ms) == ("reference", None)
         else:
             assert r.baseline == "npu_fusion_attention" and r.reference_ms, r
-    line = next(s for s in ascend_smoke.markdown_table(rows).splitlines() if "fwd+bwd" in s)
+    line = next(s for s in markdown_table(rows).splitlines() if "fwd+bwd" in s)
     assert "npu_fusion_attention" in line and "x |" in line
 
 
@@ -174,13 +182,9 @@ class _BrokenTwin(TwinBackend):
 def test_a_broken_backend_makes_fail_rows_and_a_nonzero_status(
     twin: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out_json = tmp_path / "broken.json"
-    status = ascend_smoke.main(
-        ["--quick", "--no-timing", "--json", str(out_json)], backend=_BrokenTwin(twin)
-    )
-    stdout = capsys.readouterr().out
+    # The record is strict JSON: the NaN error is a string.
+    status, stdout, record = _run_quick(_BrokenTwin(twin), tmp_path, capsys)
     assert status == 1
-    record = json.loads(out_json.read_text())  # strict JSON: the NaN error is a string
     assert record["passed"] is False
     rows = {(r["op"], r["case"], r["dtype"]): r for r in record["rows"]}
     assert list(rows) == _expected_rows()
@@ -229,8 +233,8 @@ def test_without_torch_npu_it_says_so_in_one_line() -> None:
 
 @no_torch_npu
 def test_npu_backend_refuses_without_torch_npu() -> None:
-    with pytest.raises(ascend_smoke.BackendUnavailableError, match="torch_npu is not installed"):
-        ascend_smoke.NpuBackend("npu:0")
+    with pytest.raises(BackendUnavailableError, match="torch_npu is not installed"):
+        NpuBackend("npu:0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,17 +247,17 @@ def test_cann_version_from_the_toolkit_install_info(tmp_path: Path) -> None:
     info = root / "x86_64-linux" / "ascend_toolkit_install.info"
     info.write_text("package_name=Ascend-cann-toolkit\nversion=8.0.RC3\ninnerversion=V100R001\n")
     missing = str(tmp_path / "nowhere")
-    assert ascend_smoke.cann_version({"ASCEND_HOME_PATH": str(root)}, missing) == (
+    assert cann_version({"ASCEND_HOME_PATH": str(root)}, missing) == (
         "8.0.RC3",
         str(info),
     )
     # ASCEND_TOOLKIT_HOME is read when ASCEND_HOME_PATH points nowhere; so is the default root.
     env = {"ASCEND_HOME_PATH": missing, "ASCEND_TOOLKIT_HOME": str(root)}
-    assert ascend_smoke.cann_version(env, missing)[0] == "8.0.RC3"
-    assert ascend_smoke.cann_version({}, str(root))[0] == "8.0.RC3"
+    assert cann_version(env, missing)[0] == "8.0.RC3"
+    assert cann_version({}, str(root))[0] == "8.0.RC3"
     # A top-level version.info wins over the per-arch file.
     (root / "version.info").write_text("Version=8.1.RC1\n")
-    assert ascend_smoke.cann_version({}, str(root)) == ("8.1.RC1", str(root / "version.info"))
+    assert cann_version({}, str(root)) == ("8.1.RC1", str(root / "version.info"))
 
 
 def test_cann_version_unknown_says_where_it_looked(tmp_path: Path) -> None:
@@ -261,6 +265,6 @@ def test_cann_version_unknown_says_where_it_looked(tmp_path: Path) -> None:
     (root / "compiler").mkdir(parents=True)
     (root / "compiler" / "version.info").write_text("no version line here\n")
     missing = str(tmp_path / "nowhere")
-    version, reason = ascend_smoke.cann_version({"ASCEND_HOME_PATH": str(root)}, missing)
+    version, reason = cann_version({"ASCEND_HOME_PATH": str(root)}, missing)
     assert version == "unknown"
     assert str(root) in reason and f"{missing} (no such directory)" in reason
