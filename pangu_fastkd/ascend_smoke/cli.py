@@ -7,7 +7,9 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
+from ..durable import atomic_write_text
 from .environment import environment
 from .errors import BackendUnavailableError
 from .op_backends import Backend, NpuBackend
@@ -67,6 +69,6 @@ def main(argv: Sequence[str] | None = None, backend: Backend | None = None) -> i
             "passed": passed,
             "rows": [{**asdict(r), "speedup": r.speedup} for r in rows],
         }
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(jsonable(record), f, indent=2, allow_nan=False)
+        # Atomic: a run killed while writing leaves the previous report, never half a file.
+        atomic_write_text(Path(args.json), json.dumps(jsonable(record), indent=2, allow_nan=False))
     return 0 if passed else 1
