@@ -10,13 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .backends import CausalLM, generate
 from .data import ChatRenderer, Example, Message, Tokenizer, write_jsonl
-from .model import DecoderLM, GenerationConfig, generate
-
-if TYPE_CHECKING:
-    from .hf.model import HFCausalLM
+from .model import GenerationConfig
 
 __all__ = ["Rollout", "generate_rollouts", "rollout_record", "write_rollouts"]
 
@@ -40,7 +37,7 @@ class Rollout:
 
 
 def generate_rollouts(
-    model: DecoderLM | HFCausalLM,
+    model: CausalLM,
     tokenizer: Tokenizer,
     template: ChatRenderer,
     examples: Sequence[Example],

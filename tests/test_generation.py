@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from pangu_fastkd.model import DecoderLM, Generation, GenerationConfig, ModelConfig, generate
+from pangu_fastkd.backends import generate
+from pangu_fastkd.model import DecoderLM, Generation, GenerationConfig, ModelConfig
 
 PROMPTS = [
     [5],

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from pangu_fastkd.backends import generate  # noqa: E402
 from pangu_fastkd.hf.model import (  # noqa: E402
     HFCausalLM,
     load_hf_causal_lm,
@@ -24,7 +25,6 @@ from pangu_fastkd.hf.model import (  # noqa: E402
 from pangu_fastkd.model import (  # noqa: E402
     DecoderLM,
     GenerationConfig,
-    generate,
     load_pretrained,
 )
 from pangu_fastkd.ops import cu_seqlens_from_lengths  # noqa: E402

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
+from pangu_fastkd.backends import load_model_spec  # noqa: E402
 from pangu_fastkd.cache import CacheReader  # noqa: E402
 from pangu_fastkd.data import (  # noqa: E402
     CHATML_TEMPLATE,
@@ -41,7 +42,6 @@ from pangu_fastkd.train import ConfigError, load_config  # noqa: E402
 from pangu_fastkd.train.__main__ import main  # noqa: E402
 from pangu_fastkd.train.config import KDStage, config_from_dict  # noqa: E402
 from pangu_fastkd.train.loop import LossModule, StageRunner  # noqa: E402
-from pangu_fastkd.train.models import load_model_spec  # noqa: E402
 from pangu_fastkd.train.pipeline import Pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from pangu_fastkd.backends import generate
 from pangu_fastkd.data import ByteTokenizer, Example, Message, default_template, read_jsonl
-from pangu_fastkd.model import DecoderLM, GenerationConfig, ModelConfig, generate, init_weights
+from pangu_fastkd.model import DecoderLM, GenerationConfig, ModelConfig, init_weights
 from pangu_fastkd.rollout import generate_rollouts, rollout_record, write_rollouts
 
 TOKENIZER = ByteTokenizer()

@@ -14,7 +14,6 @@ from .model import (
     TOKENIZER_FILES,
     HFCausalLM,
     HFModelConfig,
-    generate_hf,
     load_hf_causal_lm,
     save_hf_student,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "MissingHFExtraError",
     "TemplatePrefixError",
     "causal_lm_loss",
-    "generate_hf",
     "lm_head_parts",
     "load_hf_causal_lm",
     "packed_attention_forward",

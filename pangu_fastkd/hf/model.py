@@ -5,8 +5,8 @@ rollouts and eval use for the embedded ``DecoderLM``: ``hidden_states(input_ids 
 cu_seqlens [B + 1]) -> [T, d]`` on a packed row (through ``attn_implementation="pangu_fastkd"``,
 no logits built), ``output_weight [V, d]``, ``config.vocab_size`` /
 ``max_position_embeddings`` / ``eos_token_ids``, ``weights_fingerprint()``; and
-``pangu_fastkd.model.generate`` accepts it (decoding runs transformers' ``generate`` with SDPA,
-since our attention refuses KV-cache decoding).
+``generate`` (transformers' ``generate`` with SDPA, since our attention refuses KV-cache
+decoding; ``hf/generation.py``).
 
 ``save_hf_student`` writes an embedded ``DecoderLM`` or an ``HFCausalLM`` as one Hugging Face
 directory (config, safetensors, generation config, tokenizer files), replacing the target
@@ -30,7 +30,6 @@ from torch import Tensor
 
 from ..durable import fsync_tree, replace_dir
 from ..model.checkpoint import save_pretrained
-from ..model.generation import Generation, GenerationConfig, _prompt_seed, _sample
 from ..model.modeling import (
     DecoderLM,
     _check_position_ids,
@@ -38,16 +37,17 @@ from ..model.modeling import (
     hash_tensors,
     positions_from_cu_seqlens,
 )
+from ..model.sampling import Generation, GenerationConfig, check_prompts
 from ..ops import cu_seqlens_from_position_ids
 from ._require import require_transformers
 from .attention import DEFAULT_NAME, register_attention
+from .generation import generate_hf
 from .loss import lm_head_parts
 
 __all__ = [
     "TOKENIZER_FILES",
     "HFCausalLM",
     "HFModelConfig",
-    "generate_hf",
     "load_hf_causal_lm",
     "save_hf_student",
 ]
@@ -70,8 +70,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-# Decoding needs a KV cache, which pangu_fastkd attention refuses; SDPA is in every torch build.
-_DECODE_ATTENTION = "sdpa"
 # Config entries that say where a model came from or how it runs, not what it computes (plus
 # every ``_``-prefixed one, e.g. ``_name_or_path``); save_pretrained itself sets architectures.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "attn_implementation", "architectures"}
@@ -107,7 +105,10 @@ class HFCausalLM(torch.nn.Module):
         hf_model: the wrapped ``PreTrainedModel`` (a submodule: ``.parameters()``, ``.to()``,
             ``.train()`` reach it; parameter names are prefixed ``hf_model.``).
         config: the ``HFModelConfig``.
+        backend: ``"transformers"``, the loader's name for this backend.
     """
+
+    backend = "transformers"
 
     def __init__(self, hf_model: torch.nn.Module) -> None:
         super().__init__()
@@ -242,6 +243,25 @@ class HFCausalLM(torch.nn.Module):
         hash_tensors(digest, self.hf_model.state_dict())
         return digest.hexdigest()
 
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, batch_size: int = 16
+    ) -> list[Generation]:
+        """Continue every prompt, ``batch_size`` at a time, with transformers' ``generate``
+        (``hf.generation.generate_hf``); the same checks and sampling rules as ``DecoderLM``.
+
+        Returns:
+            One ``Generation`` per prompt, in order.
+        """
+        checked = check_prompts(
+            prompts,
+            config,
+            batch_size,
+            vocab_size=self.config.vocab_size,
+            max_positions=self.config.max_position_embeddings,
+        )
+        return generate_hf(self, checked, config, batch_size=batch_size)
+
     def _check_input_ids(self, input_ids: Tensor) -> Tensor:
         # Ids must fit both the head's V and the embedding table (they may differ when resized).
         embeddings = self.hf_model.get_input_embeddings().weight.shape[0]
@@ -356,7 +376,7 @@ def save_hf_student(
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)
-        if isinstance(model, DecoderLM):
+        if model.backend == "embedded":
             save_pretrained(model, tmp)
             generation = {
                 key: getattr(model.config, key)
@@ -406,110 +426,3 @@ def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
     if not any(p.name in ("tokenizer.json", "tokenizer_config.json") for p in files):
         raise ValueError(f"tokenizer_dir {source} holds no tokenizer.json or tokenizer_config.json")
     return files
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-
-
-@torch.no_grad()
-def generate_hf(
-    model: HFCausalLM,
-    prompts: Sequence[Sequence[int]],
-    config: GenerationConfig,
-    *,
-    batch_size: int = 16,
-) -> list[Generation]:
-    """``pangu_fastkd.model.generate`` for an ``HFCausalLM``, through transformers' ``generate``.
-
-    Called by ``generate`` after it has checked the prompts (non-empty, in the vocabulary,
-    within ``max_position_embeddings``). Each batch is left-padded and decoded with SDPA
-    attention (switched back to ``pangu_fastkd`` afterwards) and a neutral transformers
-    generation config, so the model's own ``generation_config.json`` (top-k, repetition
-    penalty, ...) does not leak in. Tokens are picked by transformers' greedy argmax; with
-    ``temperature > 0`` a logits processor first draws the token with ``generate``'s own
-    sampler and per-prompt generators, so a prompt's sample depends on the seed and its index,
-    not on ``batch_size``.
-
-    Returns:
-        One ``Generation`` per prompt, in order.
-    """
-    transformers = require_transformers()
-    hf_model = model.hf_model
-    device = hf_model.get_input_embeddings().weight.device
-    stop_ids = list(config.stop_token_ids)
-    # Any id will do for padding: padded positions are masked and the tokens after a stop are
-    # cut off below by position, never by value.
-    pad_id = stop_ids[0] if stop_ids else 0
-    hf_config = transformers.GenerationConfig(
-        max_new_tokens=config.max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=stop_ids or None,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-
-    saved_attention = hf_model.config._attn_implementation
-    saved_generation_config = hf_model.generation_config
-    results: list[Generation] = []
-    try:
-        hf_model.set_attn_implementation(_DECODE_ATTENTION)
-        hf_model.generation_config = transformers.GenerationConfig()
-        for start in range(0, len(prompts), batch_size):
-            batch = [list(p) for p in prompts[start : start + batch_size]]
-            processors = transformers.LogitsProcessorList()
-            if config.temperature > 0:
-                generators = [
-                    torch.Generator().manual_seed(_prompt_seed(config.seed, start + i))
-                    for i in range(len(batch))
-                ]
-                processors.append(_SampleProcessor(config, generators))
-            width = max(len(p) for p in batch)
-            # Left padding: every prompt's last token sits in the last column, where decoding
-            # continues; the mask hides the padding and transformers derives positions from it.
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.int64)
-            mask = torch.zeros((len(batch), width), dtype=torch.int64)
-            for row, prompt in enumerate(batch):
-                ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                mask[row, width - len(prompt) :] = 1
-            out = hf_model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=hf_config,
-                logits_processor=processors,
-            )
-            new_tokens = out[:, width:].tolist()
-            results.extend(_as_generation(row, stop_ids) for row in new_tokens)
-    finally:
-        hf_model.generation_config = saved_generation_config
-        hf_model.set_attn_implementation(saved_attention)
-    return results
-
-
-def _as_generation(tokens: list[int], stop_ids: list[int]) -> Generation:
-    """Cut a row of generated ids after its first stop token (the rest is padding)."""
-    for index, token in enumerate(tokens):
-        if token in stop_ids:
-            return Generation(tokens=tokens[: index + 1], stopped=True)
-    return Generation(tokens=tokens, stopped=False)
-
-
-class _SampleProcessor:
-    """A transformers logits processor that samples with ``generate``'s rules and generators.
-
-    Returns scores that are ``-inf`` except at the drawn token of each row, so transformers'
-    greedy argmax takes exactly that token. Row ``b`` of the batch is prompt ``b`` (transformers
-    keeps finished rows in the batch; their extra draws are discarded with their tokens).
-    """
-
-    def __init__(self, config: GenerationConfig, generators: list[torch.Generator]) -> None:
-        self.config = config
-        self.generators = generators
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        rows = list(range(scores.shape[0]))
-        chosen = _sample(scores.float(), self.config, self.generators, rows)
-        out = torch.full_like(scores, float("-inf"))
-        index = torch.tensor(chosen, device=scores.device)[:, None]
-        return out.scatter(1, index, 0.0)

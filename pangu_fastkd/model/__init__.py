@@ -2,15 +2,14 @@
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
-from .generation import Generation, GenerationConfig, generate
 from .modeling import DecoderLM, init_weights
+from .sampling import Generation, GenerationConfig
 
 __all__ = [
     "DecoderLM",
     "Generation",
     "GenerationConfig",
     "ModelConfig",
-    "generate",
     "init_weights",
     "load_pretrained",
     "save_pretrained",

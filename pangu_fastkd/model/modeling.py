@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from ..ops.packed_attention import packed_attention
 from ..ops.packed_attention_reference import cu_seqlens_from_position_ids
 from .config import ModelConfig
+from .generation import decode_with_kv_cache
+from .sampling import Generation, GenerationConfig, check_prompts
 
 __all__ = [
     "Attend",
@@ -173,7 +175,14 @@ class DecoderLM(nn.Module):
         layers: the decoder layers.
         norm: the final RMSNorm.
         lm_head: ``[V, hidden]`` LM head, or None when tied to ``embed_tokens``.
+        backend: ``"embedded"``, the loader's name for this backend.
+        output_bias: None (the head has no bias), as the ``CausalLM`` protocol asks.
+        logit_softcap: None (no softcap).
     """
+
+    backend = "embedded"
+    output_bias: Tensor | None = None
+    logit_softcap: float | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -275,6 +284,33 @@ class DecoderLM(nn.Module):
         digest = hashlib.sha256(self.config.fingerprint().encode("utf-8"))
         hash_tensors(digest, self.state_dict())
         return digest.hexdigest()
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, batch_size: int = 16
+    ) -> list[Generation]:
+        """Continue every prompt, ``batch_size`` prompts at a time, with a KV cache.
+
+        Args:
+            prompts: non-empty token-id lists, ids in ``[0, vocab_size)``.
+            config: sampling options.
+            batch_size: prompts per prefill/decode batch; greedy results do not depend on it.
+
+        Returns:
+            One ``Generation`` per prompt, in order.
+
+        Raises:
+            ValueError: an empty prompt, an id outside the vocabulary, or a prompt whose length
+                plus ``max_new_tokens`` exceeds ``max_position_embeddings``.
+        """
+        checked = check_prompts(
+            prompts,
+            config,
+            batch_size,
+            vocab_size=self.config.vocab_size,
+            max_positions=self.config.max_position_embeddings,
+        )
+        return decode_with_kv_cache(self, checked, config, batch_size)
 
     def _check_input_ids(self, input_ids: Tensor) -> Tensor:
         return check_packed_input_ids(input_ids, self.config.vocab_size)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import load_model_spec
 from ..cache import CacheError
 from ..data import default_template, load_tokenizer, read_jsonl
 from ..distributed import init_distributed
@@ -67,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         has_own = (args.teacher / "tokenizer.json").exists()
         tokenizer_spec = str(args.teacher) if has_own else "byte"
     try:
-        # Imported here: the trainer package imports this one.
-        from ..train.models import load_model_spec
-
         tokenizer = load_tokenizer(tokenizer_spec)
         template = None
         if args.chat_template == "auto" and Path(tokenizer_spec).is_dir():

@@ -13,20 +13,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..backends import CausalLM, head_parts
 from ..cache import CacheSpec, CacheWriter, Manifest, SequenceScores, finalize_cache
 from ..data import ChatRenderer, Example, Tokenizer, fingerprint_examples
 from ..distributed import DistributedContext
-from ..model import DecoderLM
 from ..ops import cu_seqlens_from_lengths
 from .sequences import DEFAULT_CONDITION_TEMPLATE, TeacherSequence, teacher_sequence
 from .targets import RowTargets, rows_to_targets
-
-if TYPE_CHECKING:
-    from ..hf.model import HFCausalLM
 
 __all__ = ["ScoringConfig", "ScoringReport", "score_to_cache"]
 
@@ -170,7 +166,7 @@ def _sequence_generator(seed: int, seq_index: int) -> torch.Generator:
 
 
 def score_to_cache(
-    teacher: DecoderLM | HFCausalLM,
+    teacher: CausalLM,
     tokenizer: Tokenizer,
     template: ChatRenderer,
     examples: Sequence[Example],
@@ -228,10 +224,9 @@ def score_to_cache(
     started = time.perf_counter()
     was_training = teacher.training
     teacher.eval()
-    weight = teacher.output_weight.detach().float()
-    bias = getattr(teacher, "output_bias", None)
+    weight, bias, softcap = head_parts(teacher)
+    weight = weight.detach().float()
     bias = None if bias is None else bias.detach().float()
-    softcap = getattr(teacher, "logit_softcap", None)
     try:
         with torch.inference_mode():
             for batch in _batches(seqs, todo, config.batch_tokens):

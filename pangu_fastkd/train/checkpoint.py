@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..backends import CausalLM, load_model_dir, save_model_dir
 from ..durable import atomic_write, atomic_write_text, replace_dir, sha256_file
-from .models import LMModel, load_model_dir, save_model_dir
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -42,7 +42,7 @@ class Checkpoint:
 
 def save_checkpoint(
     stage_dir: Path,
-    model: LMModel,
+    model: CausalLM,
     optimizer_state: dict,
     *,
     next_step: int,
@@ -99,6 +99,6 @@ def load_checkpoint(stage_dir: Path) -> Checkpoint | None:
     )
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, backend: str = "embedded") -> LMModel:
+def load_model(model_dir: Path, dtype: torch.dtype, backend: str = "embedded") -> CausalLM:
     """A model directory written by a stage, on ``backend`` (``"embedded"``/``"transformers"``)."""
     return load_model_dir(model_dir, backend, dtype)

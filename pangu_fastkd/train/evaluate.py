@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ..backends import CausalLM, generate, head_parts
 from ..data import ChatRenderer, Example, Tokenizer, pack_examples, tokenize_example
-from ..model import GenerationConfig, generate
+from ..model import GenerationConfig
 from ..ops import fused_linear_cross_entropy
 from .config import EvalSpec
-from .models import LMModel, head_parts
 
 __all__ = ["answer_matches", "eval_loss", "evaluate", "exact_match_accuracy"]
 
@@ -28,7 +28,7 @@ def answer_matches(generated: str, answer: str) -> bool:
 
 @torch.no_grad()
 def eval_loss(
-    model: LMModel,
+    model: CausalLM,
     tokenizer: Tokenizer,
     template: ChatRenderer,
     examples: Sequence[Example],
@@ -57,7 +57,7 @@ def eval_loss(
 
 @torch.no_grad()
 def exact_match_accuracy(
-    model: LMModel,
+    model: CausalLM,
     tokenizer: Tokenizer,
     template: ChatRenderer,
     examples: Sequence[Example],
@@ -82,7 +82,7 @@ def exact_match_accuracy(
 
 
 def evaluate(
-    model: LMModel,
+    model: CausalLM,
     tokenizer: Tokenizer,
     template: ChatRenderer,
     eval_sets: dict[str, Sequence[Example]],

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import CausalLM, head_parts
 from ..cache import CacheReader
 from ..data import PackedBatch
 from ..distributed import DistributedContext
 from ..ops import fused_linear_cross_entropy, fused_linear_sparse_kd
 from .config import KDStage, OptimSpec, TrainSpec
-from .models import LMModel, head_parts
 
 __all__ = ["LossModule", "StageRunner", "StepPlan", "lr_at", "make_optimizer"]
 
@@ -96,7 +96,7 @@ class LossModule(torch.nn.Module):
     of the model's exact logits.
     """
 
-    def __init__(self, model: LMModel, kd: KDStage | None = None, autocast_bf16: bool = False):
+    def __init__(self, model: CausalLM, kd: KDStage | None = None, autocast_bf16: bool = False):
         super().__init__()
         self.model = model
         self.kd = kd

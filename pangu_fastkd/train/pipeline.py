@@ -32,6 +32,16 @@ from pathlib import Path
 
 import torch
 
+from ..backends import (
+    CausalLM,
+    backend_of,
+    copy_model,
+    load_model_dir,
+    load_model_spec,
+    reload_like,
+    resolve_backend,
+    save_model_dir,
+)
 from ..cache import CacheReader
 from ..data import (
     ChatRenderer,
@@ -69,16 +79,6 @@ from .config import (
 )
 from .evaluate import evaluate
 from .loop import LossModule, StageRunner, StepPlan, make_optimizer
-from .models import (
-    LMModel,
-    copy_model,
-    is_hf_model,
-    load_model_dir,
-    load_model_spec,
-    reload_like,
-    resolve_backend,
-    save_model_dir,
-)
 from .report import MetricsLog, Progress, plot_run, write_eval_table
 
 __all__ = ["Pipeline", "RunDirError"]
@@ -209,17 +209,17 @@ class Pipeline:
         # Saved model directories carry the tokenizer when it is a directory.
         self.tokenizer_dir = source if Path(source).is_dir() else None
 
-    def _save_model_dir(self, model: LMModel, directory: Path) -> None:
+    def _save_model_dir(self, model: CausalLM, directory: Path) -> None:
         """A Hugging Face model directory (with the tokenizer files), replaced atomically."""
         save_model_dir(model, directory, self.tokenizer_dir)
 
     # -----------------------------------------------------------------------------------------
     # Models
 
-    def _initial_student(self) -> LMModel:
+    def _initial_student(self) -> CausalLM:
         return self._build_model(self.config.student, "student")
 
-    def _build_model(self, spec: ModelSpec, name: str) -> LMModel:
+    def _build_model(self, spec: ModelSpec, name: str) -> CausalLM:
         dtype = DTYPES[spec.dtype]
         if spec.path is not None:
             model = load_model_spec(spec.path, spec.backend, dtype)
@@ -234,7 +234,7 @@ class Pipeline:
             )
         return model
 
-    def _teacher(self, name: str) -> LMModel:
+    def _teacher(self, name: str) -> CausalLM:
         spec = self.config.teachers[name]
         if not spec.train_on:
             return self._build_model(spec, name)
@@ -299,14 +299,14 @@ class Pipeline:
 
     def _train(
         self,
-        model: LMModel,
+        model: CausalLM,
         examples: Sequence[Example],
         train: TrainSpec,
         stage_dir: Path,
         stage_name: str,
         kd: KDStage | None,
         cache: CacheReader | None = None,
-    ) -> LMModel:
+    ) -> CausalLM:
         tokenized = [tokenize_example(ex, self.tokenizer, self.template) for ex in examples]
         batches = pack_examples(tokenized, train.batch_tokens, order="keep")
         plan = StepPlan.build(len(batches), train, self.context.world_size)
@@ -381,7 +381,7 @@ class Pipeline:
         if not self.context.enabled:
             return module
         if self.config.fsdp:
-            if is_hf_model(module.model):
+            if backend_of(module.model) == "transformers":
                 raise ValueError(
                     "fsdp = true: a model on the transformers backend trains with DDP only; "
                     "set fsdp = false"
@@ -395,7 +395,7 @@ class Pipeline:
 
     def _checkpoint(
         self, stage_dir: Path, wrapped: torch.nn.Module, optimizer, next_step: int, total: int
-    ) -> LMModel:
+    ) -> CausalLM:
         """Saves a checkpoint (rank 0 writes) and returns the student with full weights."""
         if self._sharded:
             # Every rank takes part in gathering the shards; every rank gets the full weights
@@ -433,7 +433,7 @@ class Pipeline:
             source = self.config.stage(source).data
         return f"{'SFT' if isinstance(stage, SFTStage) else 'KD'}({MODE_LETTER[source]})"
 
-    def _evaluate(self, model: LMModel, stage_name: str, schedule: str) -> dict:
+    def _evaluate(self, model: CausalLM, stage_name: str, schedule: str) -> dict:
         row = {"stage": stage_name, "schedule": schedule}
         if self.context.is_main:
             row.update(
@@ -499,7 +499,7 @@ class Pipeline:
         initial_student = self._initial_student()
         self._preflight()
         # lineage: a trained student per training stage ("init" before any), with its schedule.
-        lineage: dict[str, tuple[LMModel, list[str]]] = {"init": (initial_student, [])}
+        lineage: dict[str, tuple[CausalLM, list[str]]] = {"init": (initial_student, [])}
         latest = "init"
         init_done = self.run_dir / "stages" / "init.json"
         if init_done.exists():
@@ -510,7 +510,7 @@ class Pipeline:
             if self.context.is_main:
                 init_done.parent.mkdir(parents=True, exist_ok=True)
                 _write_json(init_done, row)
-        teachers: dict[str, LMModel] = {}
+        teachers: dict[str, CausalLM] = {}
         for stage in self.config.stages:
             stage_dir = self._stage_dir(stage)
             done = stage_dir / "done.json"
@@ -568,7 +568,7 @@ class Pipeline:
         print(f"run finished in {seconds:.0f} s: {self.run_dir}", file=self.out)
         return self.eval_rows
 
-    def _rollout(self, stage: RolloutStage, student: LMModel, stage_dir: Path) -> None:
+    def _rollout(self, stage: RolloutStage, student: CausalLM, stage_dir: Path) -> None:
         if self.context.is_main:
             examples = self._stage_examples(stage.data, None, stage.mode)
             config = GenerationConfig(
@@ -592,7 +592,7 @@ class Pipeline:
             print(f"{stage.name}: {len(rollouts)} responses, {stopped:.0%} ended", file=self.out)
         self.context.barrier()
 
-    def _score(self, stage: ScoreStage, teacher: LMModel, stage_dir: Path) -> None:
+    def _score(self, stage: ScoreStage, teacher: CausalLM, stage_dir: Path) -> None:
         examples = self._stage_examples(stage.data, None, stage.mode)
         config = ScoringConfig(
             k=stage.k,

@@ -1,31 +1,31 @@
-"""The pipeline's models on either backend: the embedded ``DecoderLM`` or an ``HFCausalLM``.
+"""Model backends behind one protocol: the embedded ``DecoderLM`` or an ``HFCausalLM``.
 
-Both follow one protocol (``hidden_states(input_ids [T], cu_seqlens [B + 1]) -> [T, d]``,
-``output_weight [V, d]``, ``config.vocab_size``, ``weights_fingerprint()``; an ``HFCausalLM``
-adds ``output_bias [V]`` and ``logit_softcap``), so training, scoring, rollouts and eval take
-either. This module decides which backend a checkpoint directory runs on, loads, copies and
-saves models, and hands out the LM head's parts.
+Both implement ``CausalLM`` (packed-row hidden states, the LM head's parts, the config, a
+weights fingerprint, ``generate``), so training, scoring, rollouts and eval take either without
+asking which it is. This module decides which backend a checkpoint directory runs on, loads,
+copies and saves models, and hands out the LM head's parts; it is the only place that names the
+backend classes.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Protocol, runtime_checkable
 
 import torch
+from torch import Tensor
 
-from ..model import DecoderLM, ModelConfig, load_pretrained
-
-if TYPE_CHECKING:
-    from ..hf.model import HFCausalLM
+from .model import DecoderLM, Generation, GenerationConfig, ModelConfig, load_pretrained
 
 __all__ = [
-    "LMModel",
+    "CausalLM",
+    "backend_of",
     "copy_model",
+    "generate",
     "head_parts",
-    "is_hf_model",
     "load_model_dir",
     "load_model_spec",
     "reload_like",
@@ -33,8 +33,48 @@ __all__ = [
     "save_model_dir",
 ]
 
-# Union, not "|": the HF member is a forward reference (transformers is optional).
-LMModel = Union[DecoderLM, "HFCausalLM"]
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """What training, scoring, rollouts and eval use of a model (a ``torch.nn.Module``).
+
+    ``logits = c * tanh((hidden_states(...) @ output_weight.T + output_bias) / c)`` with
+    ``c = logit_softcap`` (no bias or softcap when they are None); ``config`` has ``vocab_size``,
+    ``max_position_embeddings`` and ``eos_token_ids``.
+    """
+
+    backend: str  # "embedded" or "transformers": the loader's name for the backend
+    config: object
+
+    def hidden_states(self, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """``[T, d]`` final-normed hidden states of a packed row ``input_ids [T]`` whose
+        documents end at ``cu_seqlens [B + 1]``."""
+        ...
+
+    @property
+    def output_weight(self) -> Tensor:
+        """``[V, d]`` LM-head weight."""
+        ...
+
+    @property
+    def output_bias(self) -> Tensor | None:
+        """``[V]`` LM-head bias or None."""
+        ...
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final-logit softcap or None."""
+        ...
+
+    def weights_fingerprint(self) -> str:
+        """sha256 (hex) of the config and weights, the provenance of caches and rollouts."""
+        ...
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, batch_size: int = 16
+    ) -> list[Generation]:
+        """One ``Generation`` per prompt, sampled by ``model.sampling``'s rules."""
+        ...
 
 
 def embedded_unsupported(directory: str | Path) -> str | None:
@@ -70,7 +110,7 @@ def resolve_backend(path: str | Path, backend: str) -> str:
     return "embedded" if embedded_unsupported(path) is None else "transformers"
 
 
-def load_model_spec(path: str | Path, backend: str, dtype: torch.dtype) -> LMModel:
+def load_model_spec(path: str | Path, backend: str, dtype: torch.dtype) -> CausalLM:
     """Loads a model spec's checkpoint directory on its ``backend`` (``"auto"`` resolved here).
 
     Raises:
@@ -90,40 +130,49 @@ def load_model_spec(path: str | Path, backend: str, dtype: torch.dtype) -> LMMod
         ) from err
 
 
-def load_model_dir(path: str | Path, backend: str, dtype: torch.dtype) -> LMModel:
+def load_model_dir(path: str | Path, backend: str, dtype: torch.dtype) -> CausalLM:
     """Loads a checkpoint directory on a resolved backend (``"embedded"`` / ``"transformers"``)."""
     if backend == "embedded":
         return load_pretrained(path, dtype=dtype)
     if backend == "transformers":
-        from ..hf.model import load_hf_causal_lm
+        from .hf.model import load_hf_causal_lm
 
         return load_hf_causal_lm(path, dtype=dtype)
     raise ValueError(f"backend {backend!r} is not 'embedded' or 'transformers'")
 
 
-def is_hf_model(model: torch.nn.Module) -> bool:
-    """True for an ``HFCausalLM`` (checked without importing transformers)."""
-    if isinstance(model, DecoderLM):
-        return False
-    from ..hf.model import HFCausalLM
-
-    return isinstance(model, HFCausalLM)
+def backend_of(model: CausalLM) -> str:
+    """``"embedded"`` or ``"transformers"``: the backend ``model`` was loaded on."""
+    return model.backend
 
 
-def backend_of(model: LMModel) -> str:
-    return "transformers" if is_hf_model(model) else "embedded"
+def generate(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    *,
+    batch_size: int = 16,
+) -> list[Generation]:
+    """``model.generate(prompts, config, batch_size=batch_size)`` for any backend.
+
+    Raises:
+        TypeError: ``model`` does not implement ``CausalLM``.
+    """
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model must be a DecoderLM or an HFCausalLM, got {type(model).__name__}")
+    return model.generate(prompts, config, batch_size=batch_size)
 
 
-def reload_like(model: LMModel, path: str | Path) -> LMModel:
+def reload_like(model: CausalLM, path: str | Path) -> CausalLM:
     """A directory written by ``save_model_dir`` for ``model``, loaded on ``model``'s backend
     and in its dtype (resume and skipped stages)."""
     dtype = next(model.parameters()).dtype
     return load_model_dir(path, backend_of(model), dtype)
 
 
-def copy_model(model: LMModel) -> LMModel:
+def copy_model(model: CausalLM) -> CausalLM:
     """An independent copy (same config and weights, same backend, training mode kept)."""
-    if is_hf_model(model):
+    if model.backend == "transformers":
         return copy.deepcopy(model)
     dtype = next(model.parameters()).dtype
     out = DecoderLM(model.config).to(dtype)
@@ -132,20 +181,16 @@ def copy_model(model: LMModel) -> LMModel:
 
 
 def save_model_dir(
-    model: LMModel, directory: str | Path, tokenizer_dir: str | Path | None = None
+    model: CausalLM, directory: str | Path, tokenizer_dir: str | Path | None = None
 ) -> None:
     """``model`` as a Hugging Face directory (replaced atomically as a whole) that transformers'
     ``AutoModelForCausalLM`` loads, with the tokenizer files of ``tokenizer_dir`` when given."""
-    from ..hf.model import save_hf_student
+    from .hf.model import save_hf_student
 
     save_hf_student(model, directory, tokenizer_dir=tokenizer_dir)
 
 
-def head_parts(model: LMModel) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+def head_parts(model: CausalLM) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """The LM head: ``weight [V, d]``, ``bias [V]`` or None, softcap ``c`` or None, such that
     ``logits = c * tanh((hidden @ weight.T + bias) / c)`` (the embedded model has neither)."""
-    return (
-        model.output_weight,
-        getattr(model, "output_bias", None),
-        getattr(model, "logit_softcap", None),
-    )
+    return model.output_weight, model.output_bias, model.logit_softcap
