@@ -114,7 +114,7 @@ setup(
     description="Kernel-first toolkit for knowledge-distillation post-training of small LMs",
     packages=find_packages(include=["pangu_fastkd", "pangu_fastkd.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "safetensors", "matplotlib"],
+    install_requires=["numpy", "safetensors", "matplotlib", "tqdm"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "tokenizers"],
         # Local Hugging Face tokenizer.json files (pangu_fastkd.data.HFTokenizer).

@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pangu_fastkd.train.report import (
-    MetricsError,
-    MetricsLog,
-    Progress,
-    eval_table,
-    plot_run,
-    read_metrics,
-    write_eval_table,
-)
+from pangu_fastkd.train.eval_table import eval_table, write_eval_table
+from pangu_fastkd.train.metrics import MetricsError, MetricsLog, read_metrics
+from pangu_fastkd.train.plots import plot_run
+from pangu_fastkd.train.progress import Progress
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

@@ -77,9 +77,12 @@ from .config import (
     SFTStage,
     TrainSpec,
 )
+from .eval_table import write_eval_table
 from .evaluate import evaluate
 from .loop import LossModule, StageRunner, StepPlan, make_optimizer
-from .report import MetricsLog, Progress, plot_run, write_eval_table
+from .metrics import MetricsLog
+from .plots import plot_run
+from .progress import Progress
 
 __all__ = ["Pipeline", "RunDirError"]
 
