@@ -12,38 +12,39 @@ model's loss) and ``pangu_fastkd`` (the same row, ``attn_implementation="pangu_f
 ``pangu_fastkd.hf.causal_lm_loss``). Shapes: a small model (d = 512, 4 layers, V = 32000,
 T = 2048) and openPangu-1B's widths cut to 2 layers (V = 153376, T = 4096); fp32 and bf16
 weights (no autocast). Every configuration runs in its own process (this file with
-``--worker``) and is measured by bench_sparse_kd.py's helpers, as the other benchmarks.
+``--worker``), run and measured by bench/harness.py as the other benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import shlex
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_sparse_kd import (
-    MIB,
-    _fmt,
-    _meminfo_kib,
-    _percentiles,
-    _ratio,
-    machine_info,
-    run_in_subprocess,
+from harness import (
+    DTYPES,
+    Benchmark,
+    add_above_grads,
+    add_common_args,
+    fmt,
+    group_rows,
+    limit_worker,
+    machine_line,
+    metric_rows,
+    mib,
+    ok_p50,
+    ratio,
+    render_table,
+    tensor_bytes,
     time_and_peak_memory,
 )
+from harness import main as run_main
 from hf_baselines import PROVIDERS, SHAPES, build_model, make_batch
-
-from pangu_fastkd.durable import atomic_write_text
 
 OP_NAME = "hf_sft_step"
 BENCH_DIR = Path(__file__).resolve().parent
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = ["small", "openpangu-1b-2l"]
 BASELINES = ("hf_padded", "hf_packed_sdpa")  # what the ratios are taken against
 
@@ -80,12 +81,7 @@ def run_worker(config: Config) -> dict[str, Any]:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {config.shape!r}")
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    if config.mem_limit_bytes > 0:
-        # An allocation past the limit fails as a RuntimeError (a failed row) instead of waking
-        # the OOM killer on a shared machine.
-        resource.setrlimit(resource.RLIMIT_AS, (config.mem_limit_bytes, config.mem_limit_bytes))
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    limit_worker(config.mem_limit_bytes, config.threads)
     shape = SHAPES[config.shape]
     batch = make_batch(config.t, config.n_docs, shape.vocab_size, config.seed)
     model = build_model(config.provider, shape, DTYPES[config.dtype], config.seed)
@@ -101,7 +97,7 @@ def run_worker(config: Config) -> dict[str, Any]:
     def clear_grads() -> None:
         model.zero_grad(set_to_none=True)
 
-    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    grad_bytes = tensor_bytes(params)
     padded = config.provider == "hf_padded"
     result: dict[str, Any] = {
         "config": asdict(config),
@@ -122,11 +118,9 @@ def run_worker(config: Config) -> dict[str, Any]:
     # The warmup step runs on the initial weights (no update): every step's loss is the same, and
     # every provider must report the same loss up to rounding.
     result["first_loss"] = losses[0] if losses else None
-    if result["status"] == "ok":
-        peaks = result.pop("peak_bytes")
-        result["above_grads_mib"] = _percentiles([(p - grad_bytes) / MIB for p in peaks])
-        if not bool(torch.isfinite(torch.tensor(losses)).all()):
-            result.update(status="failed", error=f"non-finite loss: {losses}")
+    add_above_grads(result, grad_bytes)
+    if result["status"] == "ok" and not bool(torch.isfinite(torch.tensor(losses)).all()):
+        result.update(status="failed", error=f"non-finite loss: {losses}")
     return result
 
 
@@ -158,59 +152,34 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
     return configs
 
 
-def _mib(n_bytes: int | None) -> float | None:
-    return None if n_bytes is None else n_bytes / MIB
+def label(config: Config) -> str:
+    return f"{config.provider} {config.shape} {config.dtype} T={config.t}"
 
 
 def to_rows(result: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Liger-Kernel's benchmark fields (as bench_sparse_kd.py), one row per metric."""
+    """Liger-Kernel's benchmark fields (bench/harness.py), one row per metric."""
     config = result["config"]
     model = result.get("model", {})
-    metrics = [
-        ("speed", "ms", "time_ms"),
-        ("memory_peak_extra", "MiB", "peak_extra_mib"),
-        ("memory_above_grads", "MiB", "above_grads_mib"),
-    ]
-    rows = []
-    for metric, unit, key in metrics:
-        stats = result.get(key, {})
-        rows.append(
-            {
-                "op": OP_NAME,
-                "provider": config["provider"],
-                "mode": "full",
-                "metric": metric,
-                "unit": unit,
-                "x_name": "T",
-                "x": config["t"],
-                "p20": stats.get("p20"),
-                "p50": stats.get("p50"),
-                "p80": stats.get("p80"),
-                "config": {
-                    "shape": config["shape"],
-                    "dtype": config["dtype"],
-                    "V": model.get("vocab_size"),
-                    "d": model.get("hidden_size"),
-                    "layers": model.get("layers"),
-                    "parameters": model.get("parameters"),
-                    "documents": config["n_docs"],
-                    "supervised": result.get("n_supervised"),
-                    "computed": result.get("n_computed"),
-                    "reps": config["reps"],
-                    "threads": result.get("threads_used"),
-                    "weights_mib": _mib(result.get("weight_bytes")),
-                    "grad_mib": _mib(result.get("grad_bytes")),
-                    "first_loss": result.get("first_loss"),
-                    "memory_method": result.get("memory_method"),
-                },
-                "status": result["status"],
-                "error": result.get("error"),
-                "device": f"cpu: {meta['cpu']}",
-                "torch_version": meta["torch_version"],
-                "timestamp": meta["date"],
-            }
-        )
-    return rows
+    row_config = {
+        "shape": config["shape"],
+        "dtype": config["dtype"],
+        "V": model.get("vocab_size"),
+        "d": model.get("hidden_size"),
+        "layers": model.get("layers"),
+        "parameters": model.get("parameters"),
+        "documents": config["n_docs"],
+        "supervised": result.get("n_supervised"),
+        "computed": result.get("n_computed"),
+        "reps": config["reps"],
+        "threads": result.get("threads_used"),
+        "weights_mib": mib(result.get("weight_bytes")),
+        "grad_mib": mib(result.get("grad_bytes")),
+        "first_loss": result.get("first_loss"),
+        "memory_method": result.get("memory_method"),
+    }
+    return metric_rows(
+        result, meta, op=OP_NAME, mode="full", x_name="T", x=config["t"], config=row_config
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,19 +193,9 @@ HEADER = [
 ]  # fmt: skip
 
 
-def _group_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[str, Any]]]:
-    """``(provider, shape, dtype, T) -> metric -> row``, in the order of the rows."""
-    by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        cfg = row["config"]
-        key = (row["provider"], cfg["shape"], cfg["dtype"], row["x"])
-        by_key.setdefault(key, {})[row["metric"]] = row
-    return by_key
-
-
-def _p50(by_key: dict, key: tuple, metric: str) -> float | None:
-    row = by_key.get(key, {}).get(metric, {})
-    return row.get("p50") if row.get("status") == "ok" else None
+def _row_key(row: dict[str, Any]) -> tuple:
+    """``(provider, shape, dtype, T)``."""
+    return (row["provider"], row["config"]["shape"], row["config"]["dtype"], row["x"])
 
 
 def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
@@ -245,7 +204,7 @@ def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
     speed x B = B's median time / this median time (above 1: faster than B); mem x B = this
     peak extra / B's peak extra (below 1: less memory than B).
     """
-    by_key = _group_rows(rows)
+    by_key = group_rows(rows, _row_key)
     lines, failures = [], []
     for key, metrics in by_key.items():
         provider, shape, dtype, t = key
@@ -258,11 +217,11 @@ def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
         median, cfg = speed["p50"], speed["config"]
         peak = metrics["memory_peak_extra"]["p50"]
         speed_ratios = [
-            _fmt(_ratio(_p50(by_key, (b, shape, dtype, t), "speed"), median), ".2f", "x")
+            fmt(ratio(ok_p50(by_key, (b, shape, dtype, t), "speed"), median), ".2f", "x")
             for b in BASELINES
         ]
         mem_ratios = [
-            _fmt(_ratio(peak, _p50(by_key, (b, shape, dtype, t), "memory_peak_extra")), ".2f", "x")
+            fmt(ratio(peak, ok_p50(by_key, (b, shape, dtype, t), "memory_peak_extra")), ".2f", "x")
             for b in BASELINES
         ]
         cells = [
@@ -271,23 +230,17 @@ def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
             dtype,
             str(t),
             str(cfg["computed"]),
-            _fmt(median, ".1f"),
+            fmt(median, ".1f"),
             f"{speed['p20']:.1f}-{speed['p80']:.1f}",
-            _fmt(t / (median * 1e-3), ".0f"),
+            fmt(t / (median * 1e-3), ".0f"),
             *speed_ratios,
-            _fmt(peak, ".0f"),
-            _fmt(metrics["memory_above_grads"]["p50"], ".0f"),
+            fmt(peak, ".0f"),
+            fmt(metrics["memory_above_grads"]["p50"], ".0f"),
             *mem_ratios,
-            _fmt(cfg["first_loss"], ".6f"),
+            fmt(cfg["first_loss"], ".6f"),
         ]
         lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        out += ["| " + " | ".join(cells) + " |" for cells in lines]
-        return out + [""] + [f"- {failure}" for failure in failures] if failures else out
-    widths = [max(len(r[i]) for r in [HEADER, *lines]) for i in range(len(HEADER))]
-    out = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [HEADER, *lines]]
-    return out + failures
+    return render_table(HEADER, lines, failures, markdown)
 
 
 def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -306,9 +259,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         f"### Qwen3ForCausalLM SFT step, pangu_fastkd vs stock transformers ({meta['date']})",
         "",
-        f"- CPU: {meta['cpu']}, {meta['cores']} cores available, "
-        f"torch {meta['torch_version']} ({meta['torch_threads']} threads), "
-        f"transformers {meta.get('transformers_version', '?')}, Python {meta['python']}",
+        machine_line(meta, f"transformers {meta.get('transformers_version', '?')}, "),
         f"- Command: `{meta['command']}`",
         f"- Shapes: {shape_text or '-'}.",
         f"- One step: forward and backward of the causal-LM cross-entropy (mean over the "
@@ -341,28 +292,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shape", nargs="+", choices=list(SHAPES), default=DEFAULT_SHAPES, help="model shapes"
     )
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument(
         "--t", type=int, default=None, help="tokens per batch (default: per shape, 2048 / 4096)"
     )
     parser.add_argument("--n-docs", type=int, default=8, help="documents per batch")
     parser.add_argument("--reps", type=int, default=3, help="timed steps after 1 warmup step")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=0, help="weights and batch")
-    parser.add_argument(
-        "--mem-limit-gb",
-        type=float,
-        default=round(_meminfo_kib("MemAvailable") / (1 << 20), 1),
-        help="address-space limit of each worker (0: none; default: MemAvailable now)",
-    )
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out" / "hf.json")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown report")
-    parser.add_argument(
-        "--from-json", type=Path, help="print the table of a saved result file; run nothing"
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_args(parser, PROVIDERS, out=BENCH_DIR / "out" / "hf.json", timeout_s=3600)
     return parser.parse_args(argv)
 
 
@@ -378,43 +314,29 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--t must be at least 2 x --n-docs = {2 * args.n_docs}, got {t}")
 
 
-def print_report(meta: dict[str, Any], rows: list[dict[str, Any]], markdown: bool) -> None:
-    if markdown:
-        print(markdown_report(meta, rows))
-    else:
-        print("\n".join(table_lines(rows, markdown=False)))
+def transformers_meta() -> dict[str, Any]:
+    """The driver records transformers' version; the workers import it to run."""
+    import transformers
+
+    return {"transformers_version": transformers.__version__}
+
+
+BENCHMARK = Benchmark(
+    script=Path(__file__).resolve(),
+    config_type=Config,
+    run_worker=run_worker,
+    make_configs=make_configs,
+    label=label,
+    to_rows=to_rows,
+    table_lines=table_lines,
+    markdown_report=markdown_report,
+    check_args=check_args,
+    extra_meta=transformers_meta,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(Config(**json.loads(args.worker)))))
-        return
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        print_report(saved["meta"], saved["rows"], args.markdown)
-        return
-    check_args(args)
-
-    import transformers  # the driver records its version; the workers import it to run
-
-    meta = machine_info()
-    meta["transformers_version"] = transformers.__version__
-    script_argv = ["bench/bench_hf.py", *(sys.argv[1:] if argv is None else argv)]
-    meta["command"] = "PYTHONPATH=. python " + shlex.join(script_argv)
-    rows = []
-    configs = make_configs(args)
-    for i, config in enumerate(configs, 1):
-        label = f"{config.provider} {config.shape} {config.dtype} T={config.t}"
-        print(f"[{i}/{len(configs)}] {label} ...", file=sys.stderr, flush=True)
-        result = run_in_subprocess(config, args.timeout, Path(__file__).resolve())
-        if result["status"] != "ok":
-            print(f"    failed: {result['error']}", file=sys.stderr, flush=True)
-        rows += to_rows(result, meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print_report(meta, rows, args.markdown)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    run_main(BENCHMARK, parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -6,39 +6,40 @@
 Providers (bench/packed_attention_baselines.py): the C++ kernel, a per-document loop of SDPA,
 one SDPA call with a dense block-diagonal causal mask, and the GEMM rate of the machine. Shapes
 are openPangu-1B attention (Hq = 12, Hkv = 6, D = 128). Every configuration runs in its own
-process (this file with ``--worker``), as in bench_sparse_kd.py, whose measurement helpers
-(PeakRSS, percentiles, machine info) are reused here.
+process (this file with ``--worker``), run and measured by bench/harness.py as the other
+benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import shlex
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_sparse_kd import (
-    _fmt,
-    _meminfo_kib,
-    _ratio,
-    machine_info,
-    run_in_subprocess,
+from harness import (
+    DTYPES,
+    Benchmark,
+    add_common_args,
+    fmt,
+    group_rows,
+    limit_worker,
+    machine_line,
+    metric_rows,
+    ratio,
+    render_table,
     time_and_peak_memory,
 )
+from harness import main as run_main
 from packed_attention_baselines import PROVIDERS, attention_flops, layout_lengths, make_inputs
 
 OP_NAME = "packed_attention"
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = {"fwd": 1.0, "fwd+bwd": 3.5}  # FLOPs as a multiple of the causal forward's
 LAYOUTS = ["uniform", "skewed", "many"]
 HQ, HKV, HEAD_DIM = 12, 6, 128  # openPangu-1B attention
+METRICS = [("speed", "ms", "time_ms"), ("memory_peak_extra", "MiB", "peak_extra_mib")]
 LONG_T = 4096  # above this, the default --reps is 2 (sdpa_dense at T = 8192 is ~5-17 s a call)
 
 
@@ -74,10 +75,7 @@ def config_flops(config: Config) -> int:
 def run_worker(config: Config) -> dict[str, Any]:
     """Warm up once, then time ``reps`` calls; peak RSS growth over each call (inputs excluded,
     the dense mask of sdpa_dense included in the inputs, gradients of q, k, v included)."""
-    if config.mem_limit_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (config.mem_limit_bytes, config.mem_limit_bytes))
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    limit_worker(config.mem_limit_bytes, config.threads)
     fn = PROVIDERS[config.provider]
     backward = config.mode == "fwd+bwd"
     lengths = [config.t] if config.provider == "gemm" else layout_lengths(config.layout, config.t)
@@ -139,44 +137,34 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
     return configs
 
 
+def label(config: Config) -> str:
+    return f"{config.provider} {config.dtype} {config.mode} T={config.t} {config.layout}"
+
+
 def to_rows(result: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Liger-Kernel's benchmark fields (as bench_sparse_kd.py), one row per metric."""
+    """Liger-Kernel's benchmark fields (bench/harness.py), one row per metric."""
     config = result["config"]
-    rows = []
-    metrics = [("speed", "ms", "time_ms"), ("memory_peak_extra", "MiB", "peak_extra_mib")]
-    for metric, unit, key in metrics:
-        stats = result.get(key, {})
-        rows.append(
-            {
-                "op": OP_NAME,
-                "provider": config["provider"],
-                "mode": config["mode"],
-                "metric": metric,
-                "unit": unit,
-                "x_name": "T",
-                "x": config["t"],
-                "p20": stats.get("p20"),
-                "p50": stats.get("p50"),
-                "p80": stats.get("p80"),
-                "config": {
-                    "layout": config["layout"],
-                    "dtype": config["dtype"],
-                    "Hq": config["n_heads_q"],
-                    "Hkv": config["n_heads_kv"],
-                    "D": config["head_dim"],
-                    "flops": result.get("flops"),
-                    "reps": config["reps"],
-                    "threads": result.get("threads_used"),
-                    "memory_method": result.get("memory_method"),
-                },
-                "status": result["status"],
-                "error": result.get("error"),
-                "device": f"cpu: {meta['cpu']}",
-                "torch_version": meta["torch_version"],
-                "timestamp": meta["date"],
-            }
-        )
-    return rows
+    row_config = {
+        "layout": config["layout"],
+        "dtype": config["dtype"],
+        "Hq": config["n_heads_q"],
+        "Hkv": config["n_heads_kv"],
+        "D": config["head_dim"],
+        "flops": result.get("flops"),
+        "reps": config["reps"],
+        "threads": result.get("threads_used"),
+        "memory_method": result.get("memory_method"),
+    }
+    return metric_rows(
+        result,
+        meta,
+        op=OP_NAME,
+        mode=config["mode"],
+        x_name="T",
+        x=config["t"],
+        config=row_config,
+        metrics=METRICS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,13 +177,13 @@ HEADER = [
 ]  # fmt: skip
 
 
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (row["provider"], row["config"]["dtype"], row["mode"], row["x"], row["config"]["layout"])
+
+
 def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
     """One line per configuration. Ratios are against the same run's other configurations."""
-    by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        cfg = row["config"]
-        key = (row["provider"], cfg["dtype"], row["mode"], row["x"], cfg["layout"])
-        by_key.setdefault(key, {})[row["metric"]] = row
+    by_key = group_rows(rows, _row_key)
 
     def speed(key: tuple) -> dict[str, Any]:
         return by_key.get(key, {}).get("speed", {})
@@ -225,22 +213,16 @@ def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
             mode,
             str(t),
             layout,
-            _fmt(median, ".1f"),
+            fmt(median, ".1f"),
             f"{row['p20']:.1f}-{row['p80']:.1f}",
-            _fmt(gflops(row), ".1f"),
-            _fmt(_ratio(gflops(row), gemm_rate), ".2f") if provider != "gemm" else "-",
-            _fmt(_ratio(loop, median), ".2f", "x"),
-            _fmt(_ratio(dense, median), ".2f", "x"),
-            _fmt(metrics["memory_peak_extra"]["p50"], ".0f"),
+            fmt(gflops(row), ".1f"),
+            fmt(ratio(gflops(row), gemm_rate), ".2f") if provider != "gemm" else "-",
+            fmt(ratio(loop, median), ".2f", "x"),
+            fmt(ratio(dense, median), ".2f", "x"),
+            fmt(metrics["memory_peak_extra"]["p50"], ".0f"),
         ]
         lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        out += ["| " + " | ".join(cells) + " |" for cells in lines]
-        return out + [""] + [f"- {failure}" for failure in failures] if failures else out
-    widths = [max(len(r[i]) for r in [HEADER, *lines]) for i in range(len(HEADER))]
-    out = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [HEADER, *lines]]
-    return out + failures
+    return render_table(HEADER, lines, failures, markdown)
 
 
 def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -251,9 +233,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"### packed attention, Hq = {cfg.get('Hq')}, Hkv = {cfg.get('Hkv')}, "
         f"D = {cfg.get('D')} ({meta['date']})",
         "",
-        f"- CPU: {meta['cpu']}, {meta['cores']} cores available, "
-        f"torch {meta['torch_version']} ({meta['torch_threads']} threads), "
-        f"Python {meta['python']}",
+        machine_line(meta),
         f"- Command: `{meta['command']}`",
         "- Median and p20-p80 of the timed repetitions after one warmup, each configuration in "
         "its own process; repetitions per T: "
@@ -284,67 +264,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--layout", nargs="+", default=LAYOUTS, help=f"{LAYOUTS} or lengths like 40,24,32"
     )
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--mode", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument(
         "--reps",
         type=int,
         default=None,
         help=f"timed repetitions after 1 warmup (default 3; 2 for T > {LONG_T})",
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument(
-        "--mem-limit-gb",
-        type=float,
-        default=round(_meminfo_kib("MemAvailable") / (1 << 20), 1),
-        help="address-space limit of each worker (0: none; default: MemAvailable now)",
+    add_common_args(
+        parser, PROVIDERS, out=BENCH_DIR / "out" / "packed_attention.json", timeout_s=1800
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out" / "packed_attention.json")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown report")
-    parser.add_argument(
-        "--from-json", type=Path, help="print the table of a saved result file; run nothing"
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def print_report(meta: dict[str, Any], rows: list[dict[str, Any]], markdown: bool) -> None:
-    print(markdown_report(meta, rows) if markdown else "\n".join(table_lines(rows, False)))
+def check_args(args: argparse.Namespace) -> None:
+    """Fail in the driver, before any worker starts, on values a worker would refuse."""
+    if args.reps is not None and args.reps < 1:
+        raise SystemExit(f"--reps must be at least 1, got {args.reps}")
+    for t in args.t:
+        for layout in args.layout:
+            layout_lengths(layout, t)  # raises ValueError on a layout that does not fit T
+
+
+BENCHMARK = Benchmark(
+    script=Path(__file__).resolve(),
+    config_type=Config,
+    run_worker=run_worker,
+    make_configs=make_configs,
+    label=label,
+    to_rows=to_rows,
+    table_lines=table_lines,
+    markdown_report=markdown_report,
+    check_args=check_args,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.reps is not None and args.reps < 1:
-        raise SystemExit(f"--reps must be at least 1, got {args.reps}")
-    if args.worker:
-        print(json.dumps(run_worker(Config(**json.loads(args.worker)))))
-        return
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        print_report(saved["meta"], saved["rows"], args.markdown)
-        return
-    for t in args.t:
-        for layout in args.layout:
-            layout_lengths(layout, t)  # fail now, not in a worker
-
-    meta = machine_info()
-    script_argv = ["bench/bench_packed_attention.py", *sys.argv[1:]]
-    meta["command"] = "PYTHONPATH=. python " + shlex.join(script_argv)
-    rows = []
-    configs = make_configs(args)
-    for i, config in enumerate(configs, 1):
-        label = f"{config.provider} {config.dtype} {config.mode} T={config.t} {config.layout}"
-        print(f"[{i}/{len(configs)}] {label} ...", file=sys.stderr, flush=True)
-        result = run_in_subprocess(config, args.timeout, Path(__file__).resolve())
-        if result["status"] != "ok":
-            print(f"    failed: {result['error']}", file=sys.stderr, flush=True)
-        rows += to_rows(result, meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print_report(meta, rows, args.markdown)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    run_main(BENCHMARK, parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,18 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from harness import machine_info
 
 from pangu_fastkd.cache import CacheReader
 from pangu_fastkd.data import ByteTokenizer, Example, Message, default_template, tokenize_example
 from pangu_fastkd.model import DecoderLM, ModelConfig, init_weights
 from pangu_fastkd.ops import cu_seqlens_from_lengths
 from pangu_fastkd.scoring import ScoringConfig, score_to_cache
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparse_kd import machine_info
 
 
 def synthetic_examples(n: int, prompt_chars: int, response_chars: int, seed: int) -> list[Example]:

@@ -11,31 +11,35 @@ SDPA, materialised logits, ``sparse_kd_reference``). Shapes: the embedded demo s
 (``small`` preset, byte vocabulary, T = 2048) and openPangu-1B cut to 2 layers (V = 153376,
 T = 4096); fp32, and bf16 parameters (bf16 weights, gradients and AdamW state, no autocast) for
 both providers alike. Every configuration runs in its own process (this file with
-``--worker``) and is measured by bench_sparse_kd.py's helpers, as the other benchmarks.
+``--worker``), run and measured by bench/harness.py as the other benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import shlex
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_sparse_kd import (
-    MIB,
-    _fmt,
-    _meminfo_kib,
-    _percentiles,
-    _ratio,
-    machine_info,
-    run_in_subprocess,
+from harness import (
+    DTYPES,
+    Benchmark,
+    add_above_grads,
+    add_common_args,
+    fmt,
+    group_rows,
+    limit_worker,
+    machine_line,
+    metric_rows,
+    mib,
+    ok_p50,
+    ratio,
+    render_table,
+    tensor_bytes,
     time_and_peak_memory,
 )
+from harness import main as run_main
 from train_step_baselines import (
     PROVIDERS,
     build_model,
@@ -45,12 +49,10 @@ from train_step_baselines import (
 )
 
 from pangu_fastkd.data import ByteTokenizer
-from pangu_fastkd.durable import atomic_write_text
 from pangu_fastkd.model import ModelConfig
 
 OP_NAME = "train_step"
 BENCH_DIR = Path(__file__).resolve().parent
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The issue's targets, pangu_fastkd over plain at the same (shape, dtype, T).
 TARGET_SPEEDUP = 1.5  # tokens/s ratio, at least
 TARGET_MEMORY = 0.5  # peak extra ratio, at most
@@ -101,10 +103,6 @@ class Config:
 # Worker: one configuration, in its own process
 
 
-def _tensor_bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 def run_worker(config: Config) -> dict[str, Any]:
     """Warm up with one step, then time ``reps`` steps and their peak RSS growth.
 
@@ -117,12 +115,7 @@ def run_worker(config: Config) -> dict[str, Any]:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {config.shape!r}")
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    if config.mem_limit_bytes > 0:
-        # An allocation past the limit fails as a RuntimeError (a failed row) instead of waking
-        # the OOM killer on a shared machine.
-        resource.setrlimit(resource.RLIMIT_AS, (config.mem_limit_bytes, config.mem_limit_bytes))
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    limit_worker(config.mem_limit_bytes, config.threads)
     model_config = SHAPES[config.shape].model_config()
     batch = make_train_batch(
         config.t, config.n_docs, model_config.vocab_size, config.top_k, config.seed
@@ -138,7 +131,7 @@ def run_worker(config: Config) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
 
     params = list(model.parameters())
-    grad_bytes = _tensor_bytes(params)
+    grad_bytes = tensor_bytes(params)
     result: dict[str, Any] = {
         "config": asdict(config),
         "threads_used": torch.get_num_threads(),
@@ -153,14 +146,12 @@ def run_worker(config: Config) -> dict[str, Any]:
     }
     result.update(time_and_peak_memory(step, clear_grads, config.reps))
     state_tensors = [t for state in optimizer.state.values() for t in state.values()]
-    result["state_bytes"] = _tensor_bytes(params) + _tensor_bytes(state_tensors)
+    result["state_bytes"] = tensor_bytes(params) + tensor_bytes(state_tensors)
     # The warmup step runs on the initial weights: both providers must report the same loss.
     result["first_loss"] = losses[0] if losses else None
-    if result["status"] == "ok":
-        peaks = result.pop("peak_bytes")
-        result["above_grads_mib"] = _percentiles([(p - grad_bytes) / MIB for p in peaks])
-        if not bool(torch.isfinite(torch.tensor(losses)).all()):
-            result.update(status="failed", error=f"non-finite loss: {losses}")
+    add_above_grads(result, grad_bytes)
+    if result["status"] == "ok" and not bool(torch.isfinite(torch.tensor(losses)).all()):
+        result.update(status="failed", error=f"non-finite loss: {losses}")
     return result
 
 
@@ -193,60 +184,35 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
     return configs
 
 
+def label(config: Config) -> str:
+    return f"{config.provider} {config.shape} {config.dtype} T={config.t}"
+
+
 def to_rows(result: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Liger-Kernel's benchmark fields (as bench_sparse_kd.py), one row per metric."""
+    """Liger-Kernel's benchmark fields (bench/harness.py), one row per metric."""
     config = result["config"]
     model = result.get("model", {})
-    metrics = [
-        ("speed", "ms", "time_ms"),
-        ("memory_peak_extra", "MiB", "peak_extra_mib"),
-        ("memory_above_grads", "MiB", "above_grads_mib"),
-    ]
-    rows = []
-    for metric, unit, key in metrics:
-        stats = result.get(key, {})
-        rows.append(
-            {
-                "op": OP_NAME,
-                "provider": config["provider"],
-                "mode": "full",
-                "metric": metric,
-                "unit": unit,
-                "x_name": "T",
-                "x": config["t"],
-                "p20": stats.get("p20"),
-                "p50": stats.get("p50"),
-                "p80": stats.get("p80"),
-                "config": {
-                    "shape": config["shape"],
-                    "dtype": config["dtype"],
-                    "V": model.get("vocab_size"),
-                    "d": model.get("hidden_size"),
-                    "layers": model.get("layers"),
-                    "parameters": model.get("parameters"),
-                    "documents": config["n_docs"],
-                    "supervised": result.get("n_supervised"),
-                    "K": config["top_k"],
-                    "kd_weight": config["kd_weight"],
-                    "reps": config["reps"],
-                    "threads": result.get("threads_used"),
-                    "state_mib": _mib(result.get("state_bytes")),
-                    "grad_mib": _mib(result.get("grad_bytes")),
-                    "first_loss": result.get("first_loss"),
-                    "memory_method": result.get("memory_method"),
-                },
-                "status": result["status"],
-                "error": result.get("error"),
-                "device": f"cpu: {meta['cpu']}",
-                "torch_version": meta["torch_version"],
-                "timestamp": meta["date"],
-            }
-        )
-    return rows
-
-
-def _mib(n_bytes: int | None) -> float | None:
-    return None if n_bytes is None else n_bytes / MIB
+    row_config = {
+        "shape": config["shape"],
+        "dtype": config["dtype"],
+        "V": model.get("vocab_size"),
+        "d": model.get("hidden_size"),
+        "layers": model.get("layers"),
+        "parameters": model.get("parameters"),
+        "documents": config["n_docs"],
+        "supervised": result.get("n_supervised"),
+        "K": config["top_k"],
+        "kd_weight": config["kd_weight"],
+        "reps": config["reps"],
+        "threads": result.get("threads_used"),
+        "state_mib": mib(result.get("state_bytes")),
+        "grad_mib": mib(result.get("grad_bytes")),
+        "first_loss": result.get("first_loss"),
+        "memory_method": result.get("memory_method"),
+    }
+    return metric_rows(
+        result, meta, op=OP_NAME, mode="full", x_name="T", x=config["t"], config=row_config
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,19 +225,9 @@ HEADER = [
 ]  # fmt: skip
 
 
-def _group_rows(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, dict[str, Any]]]:
-    """``(provider, shape, dtype, T) -> metric -> row``, in the order of the rows."""
-    by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        cfg = row["config"]
-        key = (row["provider"], cfg["shape"], cfg["dtype"], row["x"])
-        by_key.setdefault(key, {})[row["metric"]] = row
-    return by_key
-
-
-def _p50(by_key: dict, key: tuple, metric: str) -> float | None:
-    row = by_key.get(key, {}).get(metric, {})
-    return row.get("p50") if row.get("status") == "ok" else None
+def _row_key(row: dict[str, Any]) -> tuple:
+    """``(provider, shape, dtype, T)``."""
+    return (row["provider"], row["config"]["shape"], row["config"]["dtype"], row["x"])
 
 
 def _tokens_per_s(t: int, median_ms: float | None) -> float | None:
@@ -280,7 +236,7 @@ def _tokens_per_s(t: int, median_ms: float | None) -> float | None:
 
 def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
     """One line per configuration; ratios against plain at the same (shape, dtype, T)."""
-    by_key = _group_rows(rows)
+    by_key = group_rows(rows, _row_key)
     lines, failures = [], []
     for key, metrics in by_key.items():
         provider, shape, dtype, t = key
@@ -299,29 +255,23 @@ def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
             shape,
             dtype,
             str(t),
-            _fmt(median, ".1f"),
+            fmt(median, ".1f"),
             f"{speed['p20']:.1f}-{speed['p80']:.1f}",
-            _fmt(tokens_per_s, ".0f"),
-            _fmt(_ratio(tokens_per_s, _tokens_per_s(t, _p50(by_key, plain, "speed"))), ".2f", "x"),
-            _fmt(peak, ".0f"),
-            _fmt(metrics["memory_above_grads"]["p50"], ".0f"),
-            _fmt(_ratio(peak, _p50(by_key, plain, "memory_peak_extra")), ".2f", "x"),
-            _fmt(cfg["state_mib"], ".0f"),
-            _fmt(cfg["first_loss"], ".6f"),
+            fmt(tokens_per_s, ".0f"),
+            fmt(ratio(tokens_per_s, _tokens_per_s(t, ok_p50(by_key, plain, "speed"))), ".2f", "x"),
+            fmt(peak, ".0f"),
+            fmt(metrics["memory_above_grads"]["p50"], ".0f"),
+            fmt(ratio(peak, ok_p50(by_key, plain, "memory_peak_extra")), ".2f", "x"),
+            fmt(cfg["state_mib"], ".0f"),
+            fmt(cfg["first_loss"], ".6f"),
         ]
         lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        out += ["| " + " | ".join(cells) + " |" for cells in lines]
-        return out + [""] + [f"- {failure}" for failure in failures] if failures else out
-    widths = [max(len(r[i]) for r in [HEADER, *lines]) for i in range(len(HEADER))]
-    out = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [HEADER, *lines]]
-    return out + failures
+    return render_table(HEADER, lines, failures, markdown)
 
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's two targets per (shape, dtype, T) that has both providers' results."""
-    by_key = _group_rows(rows)
+    by_key = group_rows(rows, _row_key)
     header = [
         "shape", "dtype", "T", f"tokens/s pangu / plain (>= {TARGET_SPEEDUP}x)",
         f"peak extra pangu / plain (<= {TARGET_MEMORY}x)", "with weights+AdamW",
@@ -330,15 +280,15 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     groups = dict.fromkeys(key[1:] for key in by_key)
     for shape, dtype, t in groups:
         pangu, plain = ("pangu_fastkd", shape, dtype, t), ("plain", shape, dtype, t)
-        speedup = _ratio(_p50(by_key, plain, "speed"), _p50(by_key, pangu, "speed"))
-        mem_pangu = _p50(by_key, pangu, "memory_peak_extra")
-        mem_plain = _p50(by_key, plain, "memory_peak_extra")
-        memory = _ratio(mem_pangu, mem_plain)
+        speedup = ratio(ok_p50(by_key, plain, "speed"), ok_p50(by_key, pangu, "speed"))
+        mem_pangu = ok_p50(by_key, pangu, "memory_peak_extra")
+        mem_plain = ok_p50(by_key, plain, "memory_peak_extra")
+        memory = ratio(mem_pangu, mem_plain)
         # The same ratio with the resident weights and AdamW state counted, for the reader who
         # reads "peak memory" as the whole process's.
         state = by_key.get(pangu, {}).get("speed", {}).get("config", {}).get("state_mib")
         total = (
-            _ratio(mem_pangu + state, mem_plain + state)
+            ratio(mem_pangu + state, mem_plain + state)
             if None not in (mem_pangu, mem_plain, state)
             else None
         )
@@ -351,7 +301,7 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
                     str(t),
                     _verdict(speedup, lambda r: r >= TARGET_SPEEDUP),
                     _verdict(memory, lambda r: r <= TARGET_MEMORY),
-                    _fmt(total, ".2f", "x"),
+                    fmt(total, ".2f", "x"),
                 ]
             )
             + " |"
@@ -359,10 +309,10 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _verdict(ratio: float | None, met: Any) -> str:
-    if ratio is None:
+def _verdict(value: float | None, met: Any) -> str:
+    if value is None:
         return "- (a provider failed or was not run)"
-    return f"{ratio:.2f}x: " + ("met" if met(ratio) else "**not met**")
+    return f"{value:.2f}x: " + ("met" if met(value) else "**not met**")
 
 
 def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -381,9 +331,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         f"### student training step, pangu_fastkd vs plain PyTorch ({meta['date']})",
         "",
-        f"- CPU: {meta['cpu']}, {meta['cores']} cores available, "
-        f"torch {meta['torch_version']} ({meta['torch_threads']} threads), "
-        f"Python {meta['python']}",
+        machine_line(meta),
         f"- Command: `{meta['command']}`",
         f"- Shapes: {shape_text or '-'}.",
         f"- One step: forward, loss, backward, fused AdamW update, on one packed batch of T "
@@ -420,8 +368,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shape", nargs="+", choices=list(SHAPES), default=DEFAULT_SHAPES, help="model shapes"
     )
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument(
         "--t", type=int, default=None, help="tokens per batch (default: per shape, 2048 / 4096)"
     )
@@ -429,21 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=16, help="K of the teacher target")
     parser.add_argument("--kd-weight", type=float, default=0.5, help="0.5: half KL, half CE")
     parser.add_argument("--reps", type=int, default=3, help="timed steps after 1 warmup step")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=0, help="weights, batch and target")
-    parser.add_argument(
-        "--mem-limit-gb",
-        type=float,
-        default=round(_meminfo_kib("MemAvailable") / (1 << 20), 1),
-        help="address-space limit of each worker (0: none; default: MemAvailable now)",
-    )
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out" / "train_step.json")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown report")
-    parser.add_argument(
-        "--from-json", type=Path, help="print the table of a saved result file; run nothing"
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_args(parser, PROVIDERS, out=BENCH_DIR / "out" / "train_step.json", timeout_s=3600)
     return parser.parse_args(argv)
 
 
@@ -469,40 +402,21 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"T = {t} of {shape} is below 2 x --n-docs = {2 * args.n_docs}")
 
 
-def print_report(meta: dict[str, Any], rows: list[dict[str, Any]], markdown: bool) -> None:
-    if markdown:
-        print(markdown_report(meta, rows))
-    else:
-        print("\n".join(table_lines(rows, markdown=False)))
+BENCHMARK = Benchmark(
+    script=Path(__file__).resolve(),
+    config_type=Config,
+    run_worker=run_worker,
+    make_configs=make_configs,
+    label=label,
+    to_rows=to_rows,
+    table_lines=table_lines,
+    markdown_report=markdown_report,
+    check_args=check_args,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(Config(**json.loads(args.worker)))))
-        return
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        print_report(saved["meta"], saved["rows"], args.markdown)
-        return
-    check_args(args)
-
-    meta = machine_info()
-    script_argv = ["bench/bench_train_step.py", *(sys.argv[1:] if argv is None else argv)]
-    meta["command"] = "PYTHONPATH=. python " + shlex.join(script_argv)
-    rows = []
-    configs = make_configs(args)
-    for i, config in enumerate(configs, 1):
-        label = f"{config.provider} {config.shape} {config.dtype} T={config.t}"
-        print(f"[{i}/{len(configs)}] {label} ...", file=sys.stderr, flush=True)
-        result = run_in_subprocess(config, args.timeout, Path(__file__).resolve())
-        if result["status"] != "ok":
-            print(f"    failed: {result['error']}", file=sys.stderr, flush=True)
-        rows += to_rows(result, meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print_report(meta, rows, args.markdown)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    run_main(BENCHMARK, parse_args(argv), argv)
 
 
 if __name__ == "__main__":
