@@ -18,6 +18,7 @@ weights (no autocast). Every configuration runs in its own process (this file wi
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,20 +26,20 @@ from typing import Any
 import torch
 from harness import (
     DTYPES,
-    Benchmark,
     add_above_grads,
     add_common_args,
     fmt,
     group_rows,
     limit_worker,
-    machine_line,
     metric_rows,
     mib,
     ok_p50,
     ratio,
     render_table,
+    report_head,
     tensor_bytes,
     time_and_peak_memory,
+    worker_limits,
 )
 from harness import main as run_main
 from hf_baselines import PROVIDERS, SHAPES, build_model, make_batch
@@ -144,9 +145,8 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
                         t=t,
                         n_docs=args.n_docs,
                         reps=args.reps,
-                        threads=args.threads,
                         seed=args.seed,
-                        mem_limit_bytes=int(args.mem_limit_gb * (1 << 30)),
+                        **worker_limits(args),
                     )
                 )
     return configs
@@ -257,10 +257,11 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     )
     cfg = rows[0]["config"] if rows else {}
     lines = [
-        f"### Qwen3ForCausalLM SFT step, pangu_fastkd vs stock transformers ({meta['date']})",
-        "",
-        machine_line(meta, f"transformers {meta.get('transformers_version', '?')}, "),
-        f"- Command: `{meta['command']}`",
+        *report_head(
+            "Qwen3ForCausalLM SFT step, pangu_fastkd vs stock transformers",
+            meta,
+            f"transformers {meta.get('transformers_version', '?')}, ",
+        ),
         f"- Shapes: {shape_text or '-'}.",
         f"- One step: forward and backward of the causal-LM cross-entropy (mean over the "
         f"supervised tokens) on {cfg.get('documents')} documents of mixed lengths, T tokens in "
@@ -314,29 +315,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--t must be at least 2 x --n-docs = {2 * args.n_docs}, got {t}")
 
 
-def transformers_meta() -> dict[str, Any]:
+def extra_meta() -> dict[str, Any]:
     """The driver records transformers' version; the workers import it to run."""
     import transformers
 
     return {"transformers_version": transformers.__version__}
 
 
-BENCHMARK = Benchmark(
-    script=Path(__file__).resolve(),
-    config_type=Config,
-    run_worker=run_worker,
-    make_configs=make_configs,
-    label=label,
-    to_rows=to_rows,
-    table_lines=table_lines,
-    markdown_report=markdown_report,
-    check_args=check_args,
-    extra_meta=transformers_meta,
-)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_main(BENCHMARK, parse_args(argv), argv)
+    run_main(sys.modules[__name__], parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ benchmarks.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,16 @@ from typing import Any
 import torch
 from harness import (
     DTYPES,
-    Benchmark,
     add_common_args,
     fmt,
     group_rows,
     limit_worker,
-    machine_line,
     metric_rows,
     ratio,
     render_table,
+    report_head,
     time_and_peak_memory,
+    worker_limits,
 )
 from harness import main as run_main
 from packed_attention_baselines import PROVIDERS, attention_flops, layout_lengths, make_inputs
@@ -118,13 +119,11 @@ def default_reps(t: int, reps: int | None) -> int:
 
 def make_configs(args: argparse.Namespace) -> list[Config]:
     """Per (T, dtype): the GEMM first, then every mode x layout x attention provider."""
-    mem_limit = int(args.mem_limit_gb * (1 << 30))
     configs = []
     for t in args.t:
         reps = default_reps(t, args.reps)
         for dtype in args.dtype:
-            common = {"t": t, "dtype": dtype, "reps": reps, "threads": args.threads}
-            common["mem_limit_bytes"] = mem_limit
+            common = {"t": t, "dtype": dtype, "reps": reps, **worker_limits(args)}
             if "gemm" in args.providers:
                 configs.append(Config(provider="gemm", layout="-", mode="fwd", **common))
             for mode in args.mode:
@@ -230,11 +229,10 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     cfg = rows[0]["config"] if rows else {}
     reps = sorted({(r["x"], r["config"]["reps"]) for r in rows})
     lines = [
-        f"### packed attention, Hq = {cfg.get('Hq')}, Hkv = {cfg.get('Hkv')}, "
-        f"D = {cfg.get('D')} ({meta['date']})",
-        "",
-        machine_line(meta),
-        f"- Command: `{meta['command']}`",
+        *report_head(
+            f"packed attention, Hq = {cfg.get('Hq')}, Hkv = {cfg.get('Hkv')}, D = {cfg.get('D')}",
+            meta,
+        ),
         "- Median and p20-p80 of the timed repetitions after one warmup, each configuration in "
         "its own process; repetitions per T: "
         + ", ".join(f"T={t}: {n}" for t, n in reps)
@@ -286,21 +284,8 @@ def check_args(args: argparse.Namespace) -> None:
             layout_lengths(layout, t)  # raises ValueError on a layout that does not fit T
 
 
-BENCHMARK = Benchmark(
-    script=Path(__file__).resolve(),
-    config_type=Config,
-    run_worker=run_worker,
-    make_configs=make_configs,
-    label=label,
-    to_rows=to_rows,
-    table_lines=table_lines,
-    markdown_report=markdown_report,
-    check_args=check_args,
-)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_main(BENCHMARK, parse_args(argv), argv)
+    run_main(sys.modules[__name__], parse_args(argv), argv)
 
 
 if __name__ == "__main__":

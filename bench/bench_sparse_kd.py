@@ -14,6 +14,7 @@ ratio to the GEMM floor of the same (N, dtype) and to naive PyTorch, measured in
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,18 @@ from typing import Any
 import torch
 from harness import (
     DTYPES,
-    Benchmark,
     add_above_grads,
     add_common_args,
     fmt,
     group_rows,
     limit_worker,
-    machine_line,
     metric_rows,
     ok_p50,
     ratio,
     render_table,
+    report_head,
     time_and_peak_memory,
+    worker_limits,
 )
 from harness import main as run_main
 from sparse_kd_baselines import PROVIDERS, make_inputs
@@ -113,9 +114,8 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
                             vocab=args.vocab,
                             hidden_size=args.hidden,
                             reps=args.reps,
-                            threads=args.threads,
                             kd_weight=args.kd_weight,
-                            mem_limit_bytes=int(args.mem_limit_gb * (1 << 30)),
+                            **worker_limits(args),
                         )
                     )
     return configs
@@ -196,10 +196,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The table with the machine and the command, ready for bench/RESULTS.md."""
     cfg = rows[0]["config"] if rows else {}
     lines = [
-        f"### fused linear sparse-KD, V = {cfg.get('V')}, d = {cfg.get('d')} ({meta['date']})",
-        "",
-        machine_line(meta),
-        f"- Command: `{meta['command']}`",
+        *report_head(f"fused linear sparse-KD, V = {cfg.get('V')}, d = {cfg.get('d')}", meta),
         "- Forward+backward of a mean loss (forward KL, tail, label, T = 1); median of the timed "
         "repetitions after one warmup; each configuration in its own process. x floor: time over "
         "the three LM-head GEMMs alone at the same (N, dtype); GFLOP/s: 6 N d V / time. Peak "
@@ -233,21 +230,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--reps must be at least 1, got {args.reps}")
 
 
-BENCHMARK = Benchmark(
-    script=Path(__file__).resolve(),
-    config_type=Config,
-    run_worker=run_worker,
-    make_configs=make_configs,
-    label=label,
-    to_rows=to_rows,
-    table_lines=table_lines,
-    markdown_report=markdown_report,
-    check_args=check_args,
-)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_main(BENCHMARK, parse_args(argv), argv)
+    run_main(sys.modules[__name__], parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ both providers alike. Every configuration runs in its own process (this file wit
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,20 @@ from typing import Any
 import torch
 from harness import (
     DTYPES,
-    Benchmark,
     add_above_grads,
     add_common_args,
     fmt,
     group_rows,
     limit_worker,
-    machine_line,
     metric_rows,
     mib,
     ok_p50,
     ratio,
     render_table,
+    report_head,
     tensor_bytes,
     time_and_peak_memory,
+    worker_limits,
 )
 from harness import main as run_main
 from train_step_baselines import (
@@ -176,9 +177,8 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
                         top_k=args.top_k,
                         kd_weight=args.kd_weight,
                         reps=args.reps,
-                        threads=args.threads,
                         seed=args.seed,
-                        mem_limit_bytes=int(args.mem_limit_gb * (1 << 30)),
+                        **worker_limits(args),
                     )
                 )
     return configs
@@ -329,10 +329,7 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     )
     cfg = rows[0]["config"] if rows else {}
     lines = [
-        f"### student training step, pangu_fastkd vs plain PyTorch ({meta['date']})",
-        "",
-        machine_line(meta),
-        f"- Command: `{meta['command']}`",
+        *report_head("student training step, pangu_fastkd vs plain PyTorch", meta),
         f"- Shapes: {shape_text or '-'}.",
         f"- One step: forward, loss, backward, fused AdamW update, on one packed batch of T "
         f"tokens in {cfg.get('documents')} documents (random ids; prompts unsupervised); loss "
@@ -402,21 +399,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"T = {t} of {shape} is below 2 x --n-docs = {2 * args.n_docs}")
 
 
-BENCHMARK = Benchmark(
-    script=Path(__file__).resolve(),
-    config_type=Config,
-    run_worker=run_worker,
-    make_configs=make_configs,
-    label=label,
-    to_rows=to_rows,
-    table_lines=table_lines,
-    markdown_report=markdown_report,
-    check_args=check_args,
-)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_main(BENCHMARK, parse_args(argv), argv)
+    run_main(sys.modules[__name__], parse_args(argv), argv)
 
 
 if __name__ == "__main__":

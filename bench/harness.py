@@ -5,7 +5,7 @@ current process) and its table; this module runs each configuration in a fresh i
 (the script itself with ``--worker``), measures time and peak resident memory inside the
 worker, and writes the results as Liger-Kernel-style JSON rows and a plain or Markdown table.
 
-    driver:  main(benchmark, args) -> for each config: run_in_subprocess(config, script)
+    driver:  main(script module, args) -> for each config: run_in_subprocess(config, script)
     worker:  script --worker '{config}' -> benchmark.run_worker(config) -> one JSON line
 """
 
@@ -25,9 +25,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -37,7 +37,7 @@ __all__ = [
     "DTYPES",
     "MIB",
     "STANDARD_METRICS",
-    "Benchmark",
+    "BenchmarkScript",
     "PeakRSS",
     "add_above_grads",
     "add_common_args",
@@ -45,7 +45,6 @@ __all__ = [
     "group_rows",
     "limit_worker",
     "machine_info",
-    "machine_line",
     "main",
     "meminfo_kib",
     "metric_rows",
@@ -54,9 +53,11 @@ __all__ = [
     "percentiles",
     "ratio",
     "render_table",
+    "report_head",
     "run_in_subprocess",
     "tensor_bytes",
     "time_and_peak_memory",
+    "worker_limits",
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -351,14 +352,17 @@ def render_table(
     return out + failures
 
 
-def machine_line(meta: dict[str, Any], libraries: str = "") -> str:
-    """The report's "- CPU: ..." line; ``libraries`` (e.g. "transformers 5.2, ") goes before
-    Python."""
-    return (
+def report_head(title: str, meta: dict[str, Any], libraries: str = "") -> list[str]:
+    """A Markdown report's first lines: the title with the run's date, the machine and the
+    command; ``libraries`` (e.g. "transformers 5.2, ") goes before the Python version."""
+    return [
+        f"### {title} ({meta['date']})",
+        "",
         f"- CPU: {meta['cpu']}, {meta['cores']} cores available, "
         f"torch {meta['torch_version']} ({meta['torch_threads']} threads), "
-        f"{libraries}Python {meta['python']}"
-    )
+        f"{libraries}Python {meta['python']}",
+        f"- Command: `{meta['command']}`",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,69 +400,77 @@ def add_common_args(
     parser.add_argument("--worker", help=argparse.SUPPRESS)
 
 
-def _no_check(args: argparse.Namespace) -> None:
-    del args
+def worker_limits(args: argparse.Namespace) -> dict[str, int]:
+    """A configuration's ``threads`` and ``mem_limit_bytes`` from ``add_common_args``' options."""
+    return {"threads": args.threads, "mem_limit_bytes": int(args.mem_limit_gb * (1 << 30))}
 
 
-@dataclass(frozen=True)
-class Benchmark:
-    """What a benchmark script gives the driver.
+class BenchmarkScript(Protocol):
+    """What a bench_*.py module defines for ``main`` (a module satisfies a Protocol, PEP 544).
 
     Attributes:
-        script: the script's path; each configuration runs as ``script --worker CONFIG``.
-        config_type: its configuration dataclass (JSON-serialisable fields).
+        __file__: the script; each configuration runs as ``python __file__ --worker CONFIG``.
+        Config: its configuration dataclass (JSON-serialisable fields).
         run_worker: measures one configuration in this process, returns its JSON result.
         make_configs: the configurations of a command line, in the order they run.
         label: a configuration's name in the progress lines.
-        to_rows: a worker's result and the run's meta -> JSON rows.
-        table_lines: rows, markdown -> the table's lines.
+        to_rows: a worker's result and the run's meta -> JSON rows (``metric_rows``).
+        table_lines: rows, markdown -> the table's lines (``render_table``).
         markdown_report: meta, rows -> the report for bench/RESULTS.md.
         check_args: fails (SystemExit) before any worker starts on values a worker would refuse.
-        extra_meta: more entries of the run's meta (library versions), read in the driver.
+        extra_meta: optional; more entries of the run's meta (library versions), read in the
+            driver.
     """
 
-    script: Path
-    config_type: type
-    run_worker: Callable[[Any], dict[str, Any]]
-    make_configs: Callable[[argparse.Namespace], list[Any]]
-    label: Callable[[Any], str]
-    to_rows: Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]]
-    table_lines: Callable[[list[dict[str, Any]], bool], list[str]]
-    markdown_report: Callable[[dict[str, Any], list[dict[str, Any]]], str]
-    check_args: Callable[[argparse.Namespace], None] = _no_check
-    extra_meta: Callable[[], dict[str, Any]] = field(default=dict)
+    __file__: str
+    Config: type
 
-    def report(self, meta: dict[str, Any], rows: list[dict[str, Any]], markdown: bool) -> str:
-        if markdown:
-            return self.markdown_report(meta, rows)
-        return "\n".join(self.table_lines(rows, False))
+    def run_worker(self, config: Any) -> dict[str, Any]: ...
+    def make_configs(self, args: argparse.Namespace) -> list[Any]: ...
+    def label(self, config: Any) -> str: ...
+    def to_rows(self, result: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def table_lines(self, rows: list[dict[str, Any]], markdown: bool) -> list[str]: ...
+    def markdown_report(self, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str: ...
+    def check_args(self, args: argparse.Namespace) -> None: ...
 
 
-def main(benchmark: Benchmark, args: argparse.Namespace, argv: list[str] | None = None) -> None:
+def _report(
+    bench: BenchmarkScript, meta: dict[str, Any], rows: list[dict[str, Any]], markdown: bool
+) -> str:
+    if markdown:
+        return bench.markdown_report(meta, rows)
+    return "\n".join(bench.table_lines(rows, False))
+
+
+def main(bench: BenchmarkScript, args: argparse.Namespace, argv: list[str] | None = None) -> None:
     """Worker mode, ``--from-json`` mode, or the driver: every configuration in its own process,
-    the JSON file (rows and meta) written atomically, then the report on stdout."""
+    the JSON file (rows and meta) written atomically, then the report on stdout.
+
+    ``bench`` is the calling script's module (``sys.modules[__name__]``).
+    """
     if args.worker:
-        config = benchmark.config_type(**json.loads(args.worker))
-        print(json.dumps(benchmark.run_worker(config)))
+        config = bench.Config(**json.loads(args.worker))
+        print(json.dumps(bench.run_worker(config)))
         return
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        print(benchmark.report(saved["meta"], saved["rows"], args.markdown))
+        print(_report(bench, saved["meta"], saved["rows"], args.markdown))
         return
-    benchmark.check_args(args)
+    bench.check_args(args)
 
-    meta = {**machine_info(), **benchmark.extra_meta()}
-    script_argv = [f"bench/{benchmark.script.name}", *(sys.argv[1:] if argv is None else argv)]
+    meta = {**machine_info(), **getattr(bench, "extra_meta", dict)()}
+    script = Path(bench.__file__).resolve()
+    script_argv = [f"bench/{script.name}", *(sys.argv[1:] if argv is None else argv)]
     meta["command"] = "PYTHONPATH=. python " + shlex.join(script_argv)
     rows = []
-    configs = benchmark.make_configs(args)
+    configs = bench.make_configs(args)
     for i, config in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] {benchmark.label(config)} ...", file=sys.stderr, flush=True)
-        result = run_in_subprocess(config, args.timeout, benchmark.script)
+        print(f"[{i}/{len(configs)}] {bench.label(config)} ...", file=sys.stderr, flush=True)
+        result = run_in_subprocess(config, args.timeout, script)
         if result["status"] != "ok":
             print(f"    failed: {result['error']}", file=sys.stderr, flush=True)
-        rows += benchmark.to_rows(result, meta)
+        rows += bench.to_rows(result, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(benchmark.report(meta, rows, args.markdown))
+    print(_report(bench, meta, rows, args.markdown))
     print(f"\nwrote {args.out}", file=sys.stderr)
