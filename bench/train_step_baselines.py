@@ -7,9 +7,10 @@ to end, ``pangu_fastkd.data.pack_examples`` labels), with the loss
 
 - ``pangu_fastkd``: ``DecoderLM.hidden_states`` (the packed-attention kernel in every layer), then
   ``fused_linear_sparse_kd`` on the supervised rows: the LM-head logits are never materialised.
-- ``plain``: ``PlainDecoderLM`` below, the same architecture written the way Hugging Face Llama
-  writes it ([1, H, T, D] layout, ``F.scaled_dot_product_attention`` with a dense ``[T, T]``
-  block-diagonal causal mask), then ``sparse_kd_reference`` on the supervised rows, which
+- ``plain``: ``PlainDecoderLM`` below, the same architecture with its attention written the way
+  Hugging Face Llama writes it ([1, H, T, D] layout, ``F.scaled_dot_product_attention`` with a
+  dense ``[T, T]`` block-diagonal causal mask; the norms, MLP and projections are the model's
+  own modules, which compute as Llama's), then ``sparse_kd_reference`` on the supervised rows, which
   materialises the ``[n, V]`` logits ``hidden[rows] @ W.T`` and their log-softmax as users write
   it.
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from pangu_fastkd.data import PackedBatch, TokenizedExample, pack_examples
 from pangu_fastkd.model import DecoderLM, ModelConfig, init_weights
+from pangu_fastkd.model.modeling import MLP, Attention, RMSNorm
 from pangu_fastkd.ops import TopKTarget, fused_linear_sparse_kd, sparse_kd_reference
 
 __all__ = [
@@ -54,41 +56,19 @@ IGNORE_INDEX = -100
 # The plain-PyTorch model (Hugging Face Llama's way of writing it)
 
 
-class PlainRMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 as HF's LlamaRMSNorm."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-class PlainAttention(nn.Module):
-    """GQA self-attention through one SDPA call with a dense mask over the packed row."""
+class PlainAttention(Attention):
+    """GQA self-attention through one SDPA call with a dense mask over the packed row.
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.resolved_head_dim
-        hidden, q_width = config.hidden_size, self.num_heads * self.head_dim
-        kv_width = self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_width, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_width, hidden, bias=config.o_proj_bias)
-        self.q_norm = PlainRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = PlainRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+    The projections (and optional q/k RMSNorm) are the model's own ``Attention``: the same
+    parameters and the same math in both providers. What this baseline writes the way Hugging
+    Face Llama does is the rest: the ``[1, H, T, D]`` layout, RoPE applied in the model dtype and
+    one ``scaled_dot_product_attention`` call over the whole row with a dense mask.
+    """
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         """``x [1, T, hidden]``, ``cos``/``sin [T, D]`` in x's dtype, ``mask [T, T]`` bool."""
@@ -106,28 +86,16 @@ class PlainAttention(nn.Module):
         return self.o_proj(out)
 
 
-class PlainMLP(nn.Module):
-    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class PlainDecoderLayer(nn.Module):
-    """Pre-norm attention and MLP blocks with residual connections."""
+    """Pre-norm attention and MLP blocks with residual connections; the norms and the SwiGLU
+    MLP are the model's (``RMSNorm``, ``MLP``), which compute as Hugging Face Llama's."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.input_layernorm = PlainRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = PlainAttention(config)
-        self.post_attention_layernorm = PlainRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = PlainMLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -152,7 +120,7 @@ class PlainDecoderLM(nn.Module):
         self.layers = nn.ModuleList(
             PlainDecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
-        self.norm = PlainRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head: nn.Linear | None = (
             None
             if config.tie_word_embeddings
