@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from pangu_fastkd.data import PackedBatch, TokenizedExample, pack_examples
 from pangu_fastkd.model import DecoderLM, ModelConfig, init_weights
-from pangu_fastkd.model.modeling import MLP, Attention, RMSNorm
+from pangu_fastkd.model.modeling import MLP, Attention, RMSNorm, rope_cos_sin
 from pangu_fastkd.ops import TopKTarget, fused_linear_sparse_kd, sparse_kd_reference
 
 __all__ = [
@@ -133,13 +133,9 @@ class PlainDecoderLM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)`` ``[T, D]``: computed in float32, then cast to the model dtype (HF)."""
-        head_dim = self.config.resolved_head_dim
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = 1.0 / (self.config.rope_theta**exponents)  # [D/2]
-        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)  # [T, D]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        """``(cos, sin)`` ``[T, D]``: the model's float32 tables, cast to the model dtype (HF)."""
+        cos, sin = rope_cos_sin(positions, self.config.resolved_head_dim, self.config.rope_theta)
+        return cos.to(dtype), sin.to(dtype)
 
     def hidden_states(self, input_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
         """Final-normed hidden states ``[T, hidden]`` of one packed row.
