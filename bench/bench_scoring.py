@@ -24,8 +24,8 @@ from harness import machine_info
 
 from pangu_fastkd.cache import CacheReader
 from pangu_fastkd.data import ByteTokenizer, Example, Message, default_template, tokenize_example
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
 from pangu_fastkd.model import DecoderLM, ModelConfig, init_weights
-from pangu_fastkd.ops import cu_seqlens_from_lengths
 from pangu_fastkd.scoring import ScoringConfig, score_to_cache
 
 

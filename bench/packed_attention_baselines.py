@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
 from pangu_fastkd.ops.packed_attention import packed_attention
-from pangu_fastkd.ops.packed_attention_reference import cu_seqlens_from_lengths
 
 __all__ = [
     "ATTENTION_PROVIDERS",

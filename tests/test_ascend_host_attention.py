@@ -28,10 +28,8 @@ import torch
 from ascend_host_build import SOC_310B, SOC_910B, host_twin, needs_host_twin
 
 from pangu_fastkd import _native
-from pangu_fastkd.ops.packed_attention_reference import (
-    cu_seqlens_from_lengths,
-    packed_attention_reference,
-)
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
+from pangu_fastkd.ops.packed_attention_reference import packed_attention_reference
 
 pytestmark = needs_host_twin
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from ascend_host_build import SOC_910B, host_twin, host_twin_variant, needs_host_twin
 
-from pangu_fastkd.ops.packed_attention_reference import cu_seqlens_from_lengths
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
 
 pytestmark = needs_host_twin
 

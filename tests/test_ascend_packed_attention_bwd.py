@@ -25,10 +25,8 @@ import pytest
 import torch
 from twin_build import TILING_ERROR_EXIT_CODE, VIOLATION_EXIT_CODE, compile_program, needs_gxx
 
-from pangu_fastkd.ops.packed_attention_reference import (
-    cu_seqlens_from_lengths,
-    packed_attention_reference,
-)
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
+from pangu_fastkd.ops.packed_attention_reference import packed_attention_reference
 
 pytestmark = needs_gxx
 

@@ -29,7 +29,7 @@ from pangu_fastkd.data import (
     tokenize_example,
     write_jsonl,
 )
-from pangu_fastkd.ops import cu_seqlens_from_position_ids
+from pangu_fastkd.data.boundaries import cu_seqlens_from_position_ids
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
 

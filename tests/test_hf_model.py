@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from host_reads import count_host_reads
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
 from pangu_fastkd.backends import generate  # noqa: E402
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths  # noqa: E402
 from pangu_fastkd.hf.model import (  # noqa: E402
     HFCausalLM,
     load_hf_causal_lm,
@@ -27,7 +29,6 @@ from pangu_fastkd.model import (  # noqa: E402
     GenerationConfig,
     load_pretrained,
 )
-from pangu_fastkd.ops import cu_seqlens_from_lengths  # noqa: E402
 
 VOCAB = 97
 LENGTHS = (5, 1, 9)
@@ -167,6 +168,21 @@ def test_hidden_states_gradients_reach_the_wrapped_model() -> None:
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.hf_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_boundaries_are_read_once_per_forward_not_once_per_layer(
+    monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    """HFCausalLM checks cu_seqlens once and hands every layer the checked documents, so the
+    host reads of a forward do not grow with the number of layers."""
+    ids, cu = _packed(_documents())
+    reads = []
+    for layers in (1, 3):
+        model = HFCausalLM(_hf_model(arch, num_hidden_layers=layers))
+        with torch.no_grad():
+            reads.append(count_host_reads(monkeypatch, lambda m=model: m(ids, cu)))
+    assert reads[0] == reads[1]
 
 
 def test_hidden_states_refuses_bad_input() -> None:

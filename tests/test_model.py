@@ -21,21 +21,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from host_reads import count_host_reads
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
 from pangu_fastkd.model import (
     DecoderLM,
+    GenerationConfig,
     ModelConfig,
     init_weights,
     load_pretrained,
     save_pretrained,
 )
-from pangu_fastkd.ops import (
-    TopKTarget,
-    cu_seqlens_from_lengths,
-    fused_linear_sparse_kd,
-)
+from pangu_fastkd.ops import TopKTarget, fused_linear_sparse_kd
 
 # Awkward packed row: length-1 documents, odd sizes.
 LENGTHS = [1, 7, 3, 12, 1, 5]
@@ -348,6 +347,23 @@ def test_forward_rejects_bad_input(kwargs, error, message):
     ids = kwargs.pop("ids", torch.tensor([1, 2, 3]))
     with pytest.raises(error, match=message):
         model(ids, **kwargs)
+
+
+def test_boundaries_are_read_once_per_forward_not_once_per_layer(monkeypatch):
+    """The model checks cu_seqlens once at its entry; no layer reads a tensor back to the host
+    (on an NPU that would stall the stream once per layer), so the reads do not grow with depth."""
+    ids = packed_ids(LENGTHS, 97)
+    cu = cu_seqlens_from_lengths(LENGTHS)
+    greedy = GenerationConfig(max_new_tokens=3, temperature=0.0)
+    reads = []
+    for layers in (1, 4):
+        model = random_model(make_config("gqa", num_hidden_layers=layers))
+        with torch.no_grad():
+            reads.append(count_host_reads(monkeypatch, lambda m=model: m(ids, cu)))
+            reads.append(
+                count_host_reads(monkeypatch, lambda m=model: m.generate([[1, 2]], greedy))
+            )
+    assert reads[0] == reads[2] and reads[1] == reads[3]
 
 
 def test_forward_rejects_documents_longer_than_max_positions():

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from pangu_fastkd import _ascend_build, _native
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
 from pangu_fastkd.ops import (
     TopKTarget,
-    cu_seqlens_from_lengths,
     fused_linear_sparse_kd,
     packed_attention,
     packed_attention_reference,

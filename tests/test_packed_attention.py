@@ -14,12 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pangu_fastkd.ops import (
-    cu_seqlens_from_lengths,
-    cu_seqlens_from_position_ids,
-    packed_attention,
-    packed_attention_reference,
-)
+from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths, cu_seqlens_from_position_ids
+from pangu_fastkd.ops import packed_attention, packed_attention_reference
 
 
 def sample_inputs(lengths, hq, hkv, d, dtype=torch.float32, seed=0, requires_grad=True):

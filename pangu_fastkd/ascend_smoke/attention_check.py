@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..ops.packed_attention_reference import cu_seqlens_from_lengths, packed_attention_reference
+from ..data.boundaries import cu_seqlens_from_lengths
+from ..ops.packed_attention_reference import packed_attention_reference
 from .cases import AttentionCase
 from .compare import Row, compare, judge
 from .errors import first_line

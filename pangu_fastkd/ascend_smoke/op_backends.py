@@ -150,7 +150,7 @@ class NpuBackend(Backend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
     ) -> torch.Tensor:
         # pangu_fastkd's own npu_fusion_attention path (TND, sparse_mode 3, GQA via head_num).
-        out, _ = _npu_fusion_attention(q, k, v, cu, scale, True, False)
+        out, _ = _npu_fusion_attention(q, k, v, cu.tolist(), scale, True, False)
         return out
 
 

@@ -24,6 +24,7 @@ from itertools import chain
 
 import torch
 
+from .boundaries import cu_seqlens_from_lengths, positions_from_cu_seqlens
 from .chat import TokenizedExample
 
 __all__ = [
@@ -227,10 +228,9 @@ def _build_batch(docs: Sequence[TokenizedExample]) -> PackedBatch:
     supervised = torch.tensor(
         list(chain.from_iterable(d.supervised for d in docs)), dtype=torch.bool
     )
-    cu_seqlens = torch.zeros(len(docs) + 1, dtype=torch.int64)
-    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+    cu_seqlens = cu_seqlens_from_lengths(lengths)
     T = input_ids.numel()
-    position_ids = torch.arange(T) - torch.repeat_interleave(cu_seqlens[:-1], lengths)
+    position_ids = positions_from_cu_seqlens(cu_seqlens, T)
 
     # Token t predicts token t + 1 only when t + 1 is supervised and still in t's document
     # (position 0 marks the start of the next document).
@@ -240,7 +240,7 @@ def _build_batch(docs: Sequence[TokenizedExample]) -> PackedBatch:
     return PackedBatch(
         input_ids=input_ids,
         labels=labels,
-        cu_seqlens=cu_seqlens.to(torch.int32),
+        cu_seqlens=cu_seqlens,
         position_ids=position_ids,
         example_ids=tuple(d.example_id for d in docs),
     )

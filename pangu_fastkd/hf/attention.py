@@ -19,12 +19,21 @@ from typing import Any
 
 import torch
 
-from ..ops import cu_seqlens_from_position_ids, packed_attention
+from ..data.boundaries import PackedDocuments, cu_seqlens_from_position_ids
+from ..ops.packed_attention import attend_documents, packed_attention
 from ._require import require_transformers
 
-__all__ = ["packed_attention_forward", "packed_attention_mask", "register_attention"]
+__all__ = [
+    "DOCUMENTS_KWARG",
+    "packed_attention_forward",
+    "packed_attention_mask",
+    "register_attention",
+]
 
 DEFAULT_NAME = "pangu_fastkd"
+# The kwarg through which ``HFCausalLM`` hands every layer the boundaries it checked once for
+# the whole forward (a ``PackedDocuments``), so no layer re-checks or reads them back.
+DOCUMENTS_KWARG = "pangu_fastkd_documents"
 
 # kwargs some architectures pass to their attention function that change the math; we do not
 # implement them, so they must fail loudly instead of being dropped.
@@ -108,9 +117,10 @@ def packed_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Attention of one layer over the documents of a packed batch.
 
-    Documents come from, in this order: ``cu_seq_lens_q``/``cu_seq_lens_k`` (+ ``max_length_q``)
-    kwargs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``); else
-    ``position_ids`` restarting at 0 at each document start (packing needs ``B == 1``; with
+    Documents come from, in this order: a ``PackedDocuments`` under ``DOCUMENTS_KWARG``
+    (``HFCausalLM``'s, already checked, trusted); else ``cu_seq_lens_q``/``cu_seq_lens_k``
+    (+ ``max_length_q``) kwargs (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``);
+    else ``position_ids`` restarting at 0 at each document start (packing needs ``B == 1``; with
     ``B > 1`` each row must be one document); else each row is one document.
 
     Args:
@@ -162,7 +172,6 @@ def packed_attention_forward(
             f"length {key.shape[2]} (KV-cache decoding); generate with attn_implementation='sdpa'"
         )
 
-    cu_seqlens, max_seqlen = _documents(B, L, query.device, kwargs)
     window = _window(kwargs.get("sliding_window"), L)
     is_causal = kwargs.get("is_causal")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -171,9 +180,18 @@ def packed_attention_forward(
     q = query.transpose(1, 2).reshape(B * L, Hq, D)
     k = key.transpose(1, 2).reshape(B * L, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * L, value.shape[1], value.shape[3])
-    out = packed_attention(
-        q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scaling, window=window
-    )
+    documents = kwargs.get(DOCUMENTS_KWARG)
+    if isinstance(documents, PackedDocuments):
+        if B != 1:
+            raise ValueError(f"{DOCUMENTS_KWARG} describes one packed row, got a batch of {B}")
+        out = attend_documents(
+            q, k, v, documents, causal=causal, softmax_scale=scaling, window=window
+        )
+    else:
+        cu_seqlens, max_seqlen = _documents(B, L, query.device, kwargs)
+        out = packed_attention(
+            q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scaling, window=window
+        )
     return out.view(B, L, Hq, v.shape[2]), None
 
 

@@ -28,19 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.boundaries import resolve_documents
 from ..durable import fsync_tree, replace_dir
 from ..model.checkpoint import save_pretrained
-from ..model.modeling import (
-    DecoderLM,
-    _check_position_ids,
-    check_packed_input_ids,
-    hash_tensors,
-    positions_from_cu_seqlens,
-)
+from ..model.modeling import DecoderLM, check_packed_input_ids, hash_tensors
 from ..model.sampling import Generation, GenerationConfig, check_prompts
-from ..ops import cu_seqlens_from_position_ids
 from ._require import require_transformers
-from .attention import DEFAULT_NAME, register_attention
+from .attention import DEFAULT_NAME, DOCUMENTS_KWARG, register_attention
 from .generation import generate_hf
 from .loss import lm_head_parts
 
@@ -177,39 +171,25 @@ class HFCausalLM(torch.nn.Module):
             ``softcap(hidden @ output_weight.T + output_bias)``.
         """
         input_ids = self._check_input_ids(input_ids)
-        T = input_ids.shape[0]
-        if cu_seqlens is not None and position_ids is not None:
-            raise ValueError("give cu_seqlens or position_ids, not both")
-        if position_ids is not None:
-            positions = _check_position_ids(position_ids, T)
-            cu_seqlens = cu_seqlens_from_position_ids(positions)  # checks the restart pattern
-        else:
-            if cu_seqlens is None:
-                cu_seqlens = torch.tensor([0, T], dtype=torch.int32)
-            positions = positions_from_cu_seqlens(cu_seqlens, T)  # checks cu_seqlens
-        longest = int(positions.max()) + 1
-        if longest > self.config.max_position_embeddings:
-            raise ValueError(
-                f"a document of {longest} tokens exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings})"
-            )
+        documents = resolve_documents(
+            input_ids, cu_seqlens, position_ids, max_positions=self.config.max_position_embeddings
+        )  # checked here once; the layers get them through DOCUMENTS_KWARG and trust them
         if self.hf_model.config._attn_implementation != DEFAULT_NAME:
             # Someone switched it (e.g. for their own generation); packed rows need ours.
             self.hf_model.set_attn_implementation(DEFAULT_NAME)
-        device = input_ids.device
-        cu = cu_seqlens.to(device=device, dtype=torch.int32)
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         # use_cache=False: a cache would also make transformers' masking ignore the packed
-        # documents (see loss.py); the cu_seq_lens kwargs give our attention the boundaries
-        # directly, position_ids give RoPE its per-document positions.
+        # documents (see loss.py). Our attention reads the checked documents from their kwarg;
+        # the cu_seq_lens kwargs carry the same boundaries for any layer that looks for those,
+        # and position_ids give RoPE its per-document positions.
         out = self.hf_model.base_model(
             input_ids=input_ids[None],
-            position_ids=positions.to(device)[None],
+            position_ids=documents.positions[None],
             use_cache=False,
-            cu_seq_lens_q=cu,
-            cu_seq_lens_k=cu,
-            max_length_q=max_len,
-            max_length_k=max_len,
+            cu_seq_lens_q=documents.cu_seqlens,
+            cu_seq_lens_k=documents.cu_seqlens,
+            max_length_q=documents.max_seqlen,
+            max_length_k=documents.max_seqlen,
+            **{DOCUMENTS_KWARG: documents},
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[0]  # [T, d]

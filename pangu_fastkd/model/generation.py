@@ -1,7 +1,7 @@
 """Batched decoding of a ``DecoderLM`` with a KV cache (``DecoderLM.generate``).
 
 Per batch of prompts: one prefill packs the prompts into a row and runs the model's own layers
-with ``ops.packed_attention`` (the training path), storing every layer's rotated keys and values
+with the training path's packed attention, storing every layer's rotated keys and values
 into a per-sequence cache; then each decode step feeds one token per unfinished sequence, whose
 query attends to that sequence's cache through SDPA with a padding mask. Finished sequences are
 dropped from the cache, so later steps only pay for the live ones. Sampling and the per-prompt
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.packed_attention import packed_attention
-from ..ops.packed_attention_reference import cu_seqlens_from_lengths
+from ..data.boundaries import PackedDocuments, cu_seqlens_from_lengths, resolve_documents
+from ..ops.packed_attention import attend_documents
 from .sampling import Generation, GenerationConfig, prompt_generators, sample_tokens
 
 if TYPE_CHECKING:
@@ -79,22 +79,19 @@ class _KVCache:
             for i, t in enumerate(cache):
                 cache[i] = t[rows]
 
-    def prefill(
-        self, rows: Tensor, positions: Tensor, cu_seqlens: Tensor, max_seqlen: int
-    ) -> Attend:
+    def prefill(self, rows: Tensor, documents: PackedDocuments) -> Attend:
         """Packed attention over the prompts that also stores each token's key and value.
 
         Args:
             rows: ``[T]`` cache row (sequence) of each packed token.
-            positions: ``[T]`` position of each token in its sequence.
-            cu_seqlens: ``[B + 1]`` int32 prompt boundaries of the packed row.
-            max_seqlen: the longest prompt.
+            documents: the prompts' boundaries and positions in the packed row.
         """
+        positions = documents.positions
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self.keys[layer][rows, :, positions] = k  # [T, Hkv, D] into each sequence's slots
             self.values[layer][rows, :, positions] = v
-            return packed_attention(q, k, v, cu_seqlens, max_seqlen)
+            return attend_documents(q, k, v, documents)
 
         return attend
 
@@ -142,16 +139,15 @@ def _generate_batch(
     cache = _KVCache(model, batch, min(final_capacity, max(lengths) + 32))
 
     # Prefill: all prompts as one packed row, through the training path's packed attention.
-    cu_seqlens = cu_seqlens_from_lengths(lengths).to(device)
     input_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
+    documents = resolve_documents(input_ids, cu_seqlens_from_lengths(lengths))
     row = torch.repeat_interleave(
         torch.arange(batch, device=device), torch.tensor(lengths, device=device)
     )
-    positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # [T]
 
-    attend = cache.prefill(row, positions, cu_seqlens, max(lengths))
-    hidden = model.run_decoder(input_ids, positions, attend)  # [T, hidden]
-    last_hidden = hidden[cu_seqlens[1:].long() - 1]  # [B, hidden]: each prompt's last token
+    attend = cache.prefill(row, documents)
+    hidden = model.run_decoder(input_ids, documents.positions, attend)  # [T, hidden]
+    last_hidden = hidden[documents.cu_seqlens[1:].long() - 1]  # [B, hidden]: each last token
     logits = F.linear(last_hidden, model.output_weight).float()  # [B, V]
 
     tokens: list[list[int]] = [[] for _ in prompts]

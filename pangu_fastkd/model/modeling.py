@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.packed_attention import packed_attention
-from ..ops.packed_attention_reference import cu_seqlens_from_position_ids
+from ..data.boundaries import resolve_documents
+from ..ops.packed_attention import attend_documents
 from .config import ModelConfig
 from .generation import decode_with_kv_cache
 from .sampling import Generation, GenerationConfig, check_prompts
@@ -37,7 +37,6 @@ __all__ = [
     "DecoderLM",
     "apply_rope",
     "init_weights",
-    "positions_from_cu_seqlens",
     "rope_cos_sin",
 ]
 
@@ -223,29 +222,14 @@ class DecoderLM(nn.Module):
             ``ops.fused_linear_sparse_kd(hidden, model.output_weight, labels, target)``.
         """
         input_ids = self._check_input_ids(input_ids)
-        T = input_ids.shape[0]
-        if cu_seqlens is not None and position_ids is not None:
-            raise ValueError("give cu_seqlens or position_ids, not both")
-        if position_ids is not None:
-            positions = _check_position_ids(position_ids, T)
-            cu_seqlens = cu_seqlens_from_position_ids(positions)  # checks the restart pattern
-        else:
-            if cu_seqlens is None:
-                cu_seqlens = torch.tensor([0, T], dtype=torch.int32)
-            positions = positions_from_cu_seqlens(cu_seqlens, T)
-        longest = int(positions.max()) + 1
-        if longest > self.config.max_position_embeddings:
-            raise ValueError(
-                f"a document of {longest} tokens exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings})"
-            )
-        positions = positions.to(input_ids.device)
-        cu = cu_seqlens.to(input_ids.device)
+        limit = self.config.max_position_embeddings
+        # One check for all layers: every layer's attention trusts these documents.
+        documents = resolve_documents(input_ids, cu_seqlens, position_ids, max_positions=limit)
 
         def attend(_layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return packed_attention(q, k, v, cu, longest)
+            return attend_documents(q, k, v, documents)
 
-        return self.run_decoder(input_ids, positions, attend)
+        return self.run_decoder(input_ids, documents.positions, attend)
 
     def run_decoder(self, input_ids: Tensor, positions: Tensor, attend: Attend) -> Tensor:
         """The layers with a caller-chosen attention; ``hidden_states`` and generation use it.
@@ -347,41 +331,6 @@ def check_packed_input_ids(input_ids: Tensor, vocab_size: int) -> Tensor:
     if low < 0 or high >= vocab_size:
         raise ValueError(f"input_ids must be in [0, {vocab_size}), got values in [{low}, {high}]")
     return input_ids
-
-
-def positions_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
-    """RoPE positions ``[T]`` int64 (0 at each document start) from ``cu_seqlens [B + 1]`` int32."""
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32:
-        got = cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
-        raise TypeError(f"cu_seqlens must be an int32 tensor, got {got}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"cu_seqlens must be [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}"
-        )
-    cu = cu_seqlens.long().cpu()
-    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(
-            f"cu_seqlens must start at 0, be non-decreasing and end at T = {total}, "
-            f"got {cu.tolist()}"
-        )
-    lengths = cu[1:] - cu[:-1]
-    starts = cu[:-1].repeat_interleave(lengths)  # [T]: each token's document start
-    return torch.arange(total, dtype=torch.int64) - starts
-
-
-def _check_position_ids(position_ids: Tensor, total: int) -> Tensor:
-    if not isinstance(position_ids, Tensor):
-        raise TypeError(f"position_ids must be a tensor, got {type(position_ids).__name__}")
-    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
-        position_ids = position_ids[0]
-    if position_ids.dim() != 1 or position_ids.shape[0] != total:
-        raise ValueError(
-            f"position_ids must be [T] or [1, T] with T = {total}, "
-            f"got shape {tuple(position_ids.shape)}"
-        )
-    if position_ids.is_floating_point() or position_ids.dtype == torch.bool:
-        raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-    return position_ids.long().cpu()
 
 
 @torch.no_grad()

@@ -15,16 +15,19 @@ run on Ascend hardware yet (docs/ascend.md).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import sys
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from .._native import native_available, npu_kernel_available
-from .packed_attention_reference import check_packed_inputs, packed_attention_reference
+from ..data.boundaries import PackedDocuments
+from .packed_attention_reference import check_packed_inputs, check_qkv, reference_on_bounds
 
-__all__ = ["attention_route", "packed_attention"]
+__all__ = ["attend_documents", "attention_route", "packed_attention"]
 
 AttentionRoute = Literal["cpu_kernel", "npu_kernel", "npu_fusion_attention", "reference"]
 # npu_fusion_attention's causal modes take a compressed 2048 x 2048 mask (True = masked), whatever
@@ -57,7 +60,7 @@ def packed_attention(
             head ``h // (Hq // Hkv)``).
         v: ``[T, Hkv, D]`` values.
         cu_seqlens: ``[B + 1]`` int32 document boundaries (0, ..., T); see
-            ``cu_seqlens_from_lengths`` and ``cu_seqlens_from_position_ids``.
+            ``data.boundaries.cu_seqlens_from_lengths`` and ``cu_seqlens_from_position_ids``.
         max_seqlen: the longest document, if the caller knows it (checked, not trusted).
         causal: each query sees only keys at or before it.
         softmax_scale: defaults to ``1 / sqrt(D)``.
@@ -67,11 +70,57 @@ def packed_attention(
     Returns:
         ``out [T, Hq, D]`` in q's dtype, and ``lse [Hq, T]`` float32 when ``return_lse``.
     """
-    _, longest = check_packed_inputs(q, k, v, cu_seqlens, causal=causal, window=window)
+    bounds = check_packed_inputs(q, k, v, cu_seqlens, causal=causal, window=window)
+    longest = max(end - start for start, end in itertools.pairwise(bounds))
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(
             f"max_seqlen={max_seqlen} is shorter than the longest document ({longest})"
         )
+    return _attend(q, k, v, cu_seqlens, bounds, causal, softmax_scale, window, return_lse)
+
+
+def attend_documents(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    documents: PackedDocuments,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """``packed_attention`` over boundaries a model checked once for all its layers.
+
+    The model path: ``documents`` comes from ``data.boundaries.resolve_documents`` and is
+    trusted, so a layer reads nothing back from the device (only shapes are checked here).
+
+    Args:
+        q, k, v: as ``packed_attention``, on ``documents.cu_seqlens``' device.
+        documents: the row's checked boundaries; ``documents.total`` must be ``T``.
+
+    Returns:
+        ``out [T, Hq, D]`` in q's dtype.
+    """
+    check_qkv(q, k, v, causal=causal, window=window)
+    if q.shape[0] != documents.total:
+        raise ValueError(f"q has {q.shape[0]} tokens, the documents cover {documents.total}")
+    return _attend(
+        q, k, v, documents.cu_seqlens, documents.bounds, causal, softmax_scale, window, False
+    )
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    bounds: Sequence[int],
+    causal: bool,
+    softmax_scale: float | None,
+    window: int | None,
+    return_lse: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The dispatch of checked inputs; ``bounds`` are ``cu_seqlens`` as host ints."""
     route = attention_route(q, k, v, causal=causal, window=window)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     if route in ("cpu_kernel", "npu_kernel"):
@@ -81,10 +130,10 @@ def packed_attention(
             q, k, v, cu_seqlens, float(scale), bool(causal), window_code
         )
     elif route == "npu_fusion_attention":
-        out, lse = _npu_fusion_attention(q, k, v, cu_seqlens, float(scale), causal, return_lse)
+        out, lse = _npu_fusion_attention(q, k, v, bounds, float(scale), causal, return_lse)
     else:
-        out, lse = packed_attention_reference(
-            q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale, window=window
+        out, lse = reference_on_bounds(
+            q, k, v, bounds, causal=causal, softmax_scale=softmax_scale, window=window
         )
     return (out, lse) if return_lse else out
 
@@ -151,7 +200,7 @@ def _npu_fusion_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    bounds: Sequence[int],
     scale: float,
     causal: bool,
     return_lse: bool,
@@ -159,12 +208,13 @@ def _npu_fusion_attention(
     """``torch_npu.npu_fusion_attention`` in TND layout: out ``[T, Hq, D]``, lse ``[Hq, T]``.
 
     TND takes the packed ``[T, N, D]`` tensors as they are, with the documents given by their
-    cumulative ends (``cu_seqlens[1:]``, host ints); GQA is native (``head_num`` is the query
-    head count, k/v carry fewer heads). sparse_mode 3 is causal aligned to the bottom right, which
-    for square per-document blocks is plain causal. Autograd is torch_npu's.
+    cumulative ends (``bounds[1:]``, host ints, so nothing is read back here); GQA is native
+    (``head_num`` is the query head count, k/v carry fewer heads). sparse_mode 3 is causal aligned
+    to the bottom right, which for square per-document blocks is plain causal. Autograd is
+    torch_npu's.
     """
     torch_npu = sys.modules["torch_npu"]
-    ends = [int(e) for e in cu_seqlens[1:].tolist()]
+    ends = [int(e) for e in bounds[1:]]
     options: dict = {"scale": scale, "actual_seq_qlen": ends, "actual_seq_kvlen": ends}
     if causal:
         options.update(sparse_mode=3, atten_mask=_npu_causal_mask(q.device))

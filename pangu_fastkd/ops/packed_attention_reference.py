@@ -1,10 +1,11 @@
-"""Packed-sequence causal attention: cu_seqlens helpers, input checks and the PyTorch reference.
+"""Packed-sequence causal attention: input checks and the PyTorch reference.
 
 Conventions follow flash-attn's varlen API: ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]``, documents
 laid end to end and delimited by ``cu_seqlens [B + 1]`` (int32, starts at 0, non-decreasing, ends
-at T); query head ``h`` reads kv head ``h // (Hq // Hkv)``; the default scale is ``1 / sqrt(D)``;
-the log-sum-exp is ``[Hq, T]`` float32. A sliding window of left size ``w`` lets query ``i`` see
-keys ``i - w .. i`` of its own document.
+at T; ``data.boundaries`` builds and checks them); query head ``h`` reads kv head
+``h // (Hq // Hkv)``; the default scale is ``1 / sqrt(D)``; the log-sum-exp is ``[Hq, T]``
+float32. A sliding window of left size ``w`` lets query ``i`` see keys ``i - w .. i`` of its own
+document.
 
 The reference runs per document in float32 (float64 for float64 inputs), materialising each
 document's ``L x L`` scores: slow, and the oracle of the tests.
@@ -18,64 +19,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..data.boundaries import check_cu_seqlens
+
 __all__ = [
     "check_packed_inputs",
-    "cu_seqlens_from_lengths",
-    "cu_seqlens_from_position_ids",
+    "check_qkv",
     "packed_attention_reference",
+    "reference_on_bounds",
 ]
-
-
-def cu_seqlens_from_lengths(lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Cumulative document boundaries from document lengths.
-
-    Args:
-        lengths: ``[B]`` non-negative document lengths.
-
-    Returns:
-        ``[B + 1]`` int32 ``cu_seqlens`` starting at 0.
-    """
-    lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
-    if bool((lengths < 0).any()):
-        raise ValueError(f"document lengths must be >= 0, got {lengths.tolist()}")
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
-    torch.cumsum(lengths, dim=0, out=cu[1:])
-    if int(cu[-1]) > torch.iinfo(torch.int32).max:
-        raise ValueError(f"total length {int(cu[-1])} does not fit cu_seqlens' int32")
-    return cu.to(torch.int32)
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document boundaries of a packed row whose positions restart at 0 for each document.
-
-    This is the layout Hugging Face's ``DataCollatorWithFlattening`` produces.
-
-    Args:
-        position_ids: ``[T]`` or ``[1, T]`` integer positions, 0 at the first token of each document
-            and increasing by 1 inside it.
-
-    Returns:
-        ``[B + 1]`` int32 ``cu_seqlens``.
-    """
-    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
-        position_ids = position_ids[0]
-    if position_ids.dim() != 1 or position_ids.is_floating_point():
-        raise ValueError(
-            f"position_ids must be an integer [T] or [1, T] tensor, got {position_ids.dtype} "
-            f"of shape {tuple(position_ids.shape)}"
-        )
-    pos = position_ids.long().cpu()
-    T = pos.numel()
-    if T == 0:
-        return torch.zeros(1, dtype=torch.int32)
-    if int(pos[0]) != 0:
-        raise ValueError(f"position_ids must start at 0, got {int(pos[0])}")
-    starts = (pos == 0).nonzero().squeeze(1)
-    inside = pos[1:] != 0
-    if bool((pos[1:][inside] != pos[:-1][inside] + 1).any()):
-        bad = int(((pos[1:] != pos[:-1] + 1) & inside).nonzero()[0, 0]) + 1
-        raise ValueError(f"position_ids must count up by 1 inside a document (index {bad})")
-    return torch.cat([starts, torch.tensor([T])]).to(torch.int32)
 
 
 def check_packed_inputs(
@@ -86,8 +37,16 @@ def check_packed_inputs(
     *,
     causal: bool,
     window: int | None,
-) -> tuple[int, int]:
-    """Raise a clear error for inputs the op does not take; returns ``(Hq // Hkv, max length)``."""
+) -> list[int]:
+    """Raise a clear error for inputs the op does not take; returns the boundaries as host ints."""
+    check_qkv(q, k, v, causal=causal, window=window)
+    return check_cu_seqlens(cu_seqlens, q.shape[0])
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None
+) -> int:
+    """The checks that read only shapes and dtypes (no device read-back); returns ``Hq // Hkv``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be [T, H, D], got shape {tuple(t.shape)}")
@@ -107,25 +66,12 @@ def check_packed_inputs(
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"the number of query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"cu_seqlens must be [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}"
-        )
-    cu = cu_seqlens.long().cpu()
-    if int(cu[0]) != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-    if bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
-    if int(cu[-1]) != T:
-        raise ValueError(f"cu_seqlens must end at T = {T}, got {int(cu[-1])}")
     if window is not None:
         if not causal:
             raise ValueError("window (a left window size) needs causal=True")
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
-    return Hq // Hkv, int((cu[1:] - cu[:-1]).max())
+    return Hq // Hkv
 
 
 def packed_attention_reference(
@@ -147,10 +93,26 @@ def packed_attention_reference(
     Returns:
         ``(out [T, Hq, D] in q's dtype, lse [Hq, T] float32)``, differentiable through autograd.
     """
-    group, _ = check_packed_inputs(q, k, v, cu_seqlens, causal=causal, window=window)
+    bounds = check_packed_inputs(q, k, v, cu_seqlens, causal=causal, window=window)
+    return reference_on_bounds(
+        q, k, v, bounds, causal=causal, softmax_scale=softmax_scale, window=window
+    )
+
+
+def reference_on_bounds(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bounds: Sequence[int],
+    *,
+    causal: bool,
+    softmax_scale: float | None,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``packed_attention_reference`` on inputs already checked, the boundaries as host ints."""
+    group = q.shape[1] // k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    bounds = cu_seqlens.tolist()
     outs, lses = [], []
     for start, end in itertools.pairwise(bounds):
         L = end - start

@@ -19,8 +19,8 @@ import torch
 from ..backends import CausalLM, head_parts
 from ..cache import CacheSpec, CacheWriter, Manifest, SequenceScores, finalize_cache
 from ..data import ChatRenderer, Example, Tokenizer, fingerprint_examples
+from ..data.boundaries import cu_seqlens_from_lengths
 from ..distributed import DistributedContext
-from ..ops import cu_seqlens_from_lengths
 from .sequences import DEFAULT_CONDITION_TEMPLATE, TeacherSequence, teacher_sequence
 from .targets import RowTargets, rows_to_targets
 
