@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pangu_fastkd.data import ByteTokenizer, default_template, read_jsonl, tokenize_example
-from pangu_fastkd.train.demo_data import (
+from pangu_fastkd.data.demo_curriculum import (
     FAST_MODE_MARKER,
     MAX_DIFFICULTY,
     MAX_SEQUENCE_TOKENS,
@@ -337,7 +337,7 @@ def test_loss_mask_covers_the_assistant_part_only(all_levels):
 
 
 def test_max_operand_bounds_every_number_and_level_1_capacity():
-    from pangu_fastkd.train.demo_data import make_curriculum, make_problems
+    from pangu_fastkd.data.demo_curriculum import make_curriculum, make_problems
 
     problems = make_problems(120, seed=4, max_difficulty=4, max_operand=12)
     for p in problems:

@@ -8,6 +8,7 @@ import torch
 
 from ..backends import CausalLM, generate, head_parts
 from ..data import ChatRenderer, Example, Tokenizer, pack_examples, tokenize_example
+from ..data.demo_curriculum import extract_answer
 from ..model import GenerationConfig
 from ..ops import fused_linear_cross_entropy
 from .config import EvalSpec
@@ -18,8 +19,6 @@ __all__ = ["answer_matches", "eval_loss", "evaluate", "exact_match_accuracy"]
 def answer_matches(generated: str, answer: str) -> bool:
     """Exact match of the final answer: the number after the last "Answer:" when the text has
     one (the demo's format), else the whole stripped response."""
-    from .demo_data import extract_answer
-
     found = extract_answer(generated)
     if found is not None:
         return found == answer.strip()

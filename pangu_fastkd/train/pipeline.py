@@ -184,7 +184,7 @@ class Pipeline:
         self.splits: dict[str, list[Example]] = {}
         self.eval_sets: dict[str, list[Example]] = {}
         if spec.source == "demo":
-            from .demo_data import make_curriculum
+            from ..data.demo_curriculum import make_curriculum
 
             curriculum = make_curriculum(
                 seed=spec.seed,
@@ -493,7 +493,7 @@ class Pipeline:
         self._load_data()  # bad data files fail before the run directory is touched
         self._prepare_run_dir()
         if self.config.data.source == "demo" and self.context.is_main:
-            from .demo_data import write_curriculum
+            from ..data.demo_curriculum import write_curriculum
 
             write_curriculum(self.run_dir / "data", self._curriculum)
         if self.config.deterministic:

@@ -51,7 +51,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import Example, Message, write_jsonl
+from .records import Example, Message, write_jsonl
 
 __all__ = [
     "FAST_MODE_MARKER",
