@@ -43,6 +43,7 @@ from pangu_fastkd.train.__main__ import main  # noqa: E402
 from pangu_fastkd.train.config import KDStage, config_from_dict  # noqa: E402
 from pangu_fastkd.train.loop import LossModule, StageRunner  # noqa: E402
 from pangu_fastkd.train.pipeline import Pipeline  # noqa: E402
+from pangu_fastkd.train.training import wrap_for_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = ByteTokenizer()
@@ -324,13 +325,13 @@ def test_pipeline_with_hf_teacher_and_student_and_resume(tmp_path, monkeypatch):
     config.write_text(_pipeline_toml(teacher_dir, student_dir))
 
     trained: dict[str, HFCausalLM] = {}
-    evaluate = Pipeline._evaluate
+    evaluate = Pipeline.evaluate
 
     def keep_model(self, model, stage_name, schedule):
         trained[stage_name] = model
         return evaluate(self, model, stage_name, schedule)
 
-    monkeypatch.setattr(Pipeline, "_evaluate", keep_model)
+    monkeypatch.setattr(Pipeline, "evaluate", keep_model)
     whole = tmp_path / "whole"
     assert main([str(config), "--run-dir", str(whole)]) == 0
     assert isinstance(trained["kd"], HFCausalLM)
@@ -464,7 +465,7 @@ def test_student_tokenizer_and_its_own_chat_template(tmp_path):
     assert list(tokenized.input_ids) == list(expected)
     # Model directories the pipeline writes carry the tokenizer and its template.
     model = load_model_spec(student_dir, "auto", torch.float32)
-    pipeline._save_model_dir(model, tmp_path / "saved")
+    pipeline.save_model_dir(model, tmp_path / "saved")
     assert (tmp_path / "saved" / "tokenizer.json").is_file()
     again = transformers.AutoTokenizer.from_pretrained(
         str(tmp_path / "saved"), local_files_only=True
@@ -541,4 +542,4 @@ def test_auto_backend_reports_why_neither_backend_loads(tmp_path):
     pipeline.context = type("Ctx", (), {"enabled": True})()
     student = load_model_spec(raw["student"]["path"], "auto", torch.float32)
     with pytest.raises(ValueError, match="DDP only"):
-        pipeline._wrap(LossModule(student))
+        wrap_for_ranks(LossModule(student), pipeline.config, pipeline.context)

@@ -21,9 +21,10 @@ from pangu_fastkd.cache import verify_cache
 from pangu_fastkd.model import load_pretrained
 from pangu_fastkd.train import ConfigError, load_config
 from pangu_fastkd.train.__main__ import main
-from pangu_fastkd.train.config import CONFIG_DIR, apply_overrides
+from pangu_fastkd.train.config import CONFIG_DIR
 from pangu_fastkd.train.loop import StepPlan, lr_at
 from pangu_fastkd.train.metrics import read_metrics
+from pangu_fastkd.train.overrides import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

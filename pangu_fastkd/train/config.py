@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES
+from .overrides import ConfigError, apply_overrides
 
 __all__ = [
     "CONFIG_DIR",
@@ -51,10 +52,6 @@ BACKENDS = ("auto", "embedded", "transformers")
 CHAT_TEMPLATES = ("auto", "default")
 # [data] tokenizer = "student": the tokenizer files of the student's checkpoint directory.
 STUDENT_TOKENIZER = "student"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says where and why."""
 
 
 @dataclass
@@ -313,41 +310,7 @@ def _build_stage(data: Any, where: str) -> Stage:
 
 
 # ---------------------------------------------------------------------------------------------
-# Overrides and validation
-
-
-def _parse_value(text: str) -> Any:
-    """A TOML value (``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``), else the raw string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Applies ``dotted.key=value`` overrides to the raw config dict (``stages.2.kd_weight=0.5``
-    indexes the stage list; ``student.preset=small`` sets a nested key)."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
-        node: Any = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {item!r}: no list item {part!r}")
-                node = node[int(part)]
-            else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"override {item!r}: no list item {last!r}")
-            node[int(last)] = _parse_value(text)
-        else:
-            node[last] = _parse_value(text)
-    return raw
+# Validation
 
 
 def _validate_train(train: TrainSpec, where: str) -> None:

@@ -1,0 +1,153 @@
+"""One runner per stage kind, in a table keyed by the kind: training (``sft`` and ``kd``),
+``rollout`` and ``score``.
+
+Every runner takes the pipeline, the stage, the student it starts from, the schedule so far and
+the stage's directory, and returns a ``StageOutcome``: the record ``done.json`` keeps, the
+trained student when the stage trains one, and whether the report has new rows to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..backends import CausalLM, copy_model
+from ..cache import CacheReader
+from ..model import GenerationConfig
+from ..rollout import generate_rollouts, write_rollouts
+from ..scoring import ScoringConfig, score_to_cache
+from .config import KDStage, RolloutStage, ScoreStage, SFTStage, Stage
+from .teachers import trained_teacher
+from .training import train_model
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["STAGE_RUNNERS", "TRAINING_KINDS", "StageOutcome"]
+
+# The kinds that train a student (and add a step to the schedule label).
+TRAINING_KINDS = frozenset({"sft", "kd"})
+
+
+@dataclass
+class StageOutcome:
+    """What a finished stage leaves: its ``done.json`` record (with ``"eval"`` when it was
+    evaluated), the student it trained (or None), and whether the eval table changed."""
+
+    record: dict[str, Any] = field(default_factory=dict)
+    trained: CausalLM | None = None
+    new_rows: bool = False
+
+
+def run_training(
+    pipeline: Pipeline,
+    stage: SFTStage | KDStage,
+    student: CausalLM,
+    schedule: list[str],
+    stage_dir: Path,
+) -> StageOutcome:
+    """SFT on a split or a rollout stage's responses, or KD from a score stage's cache."""
+    cache = None
+    if isinstance(stage, KDStage):
+        score = pipeline.config.stage(stage.cache)
+        cache = CacheReader(pipeline.stage_dir(score) / "cache")
+        cache.check_compatible(
+            tokenizer_fingerprint=pipeline.tokenizer.fingerprint(),
+            vocab_size=student.config.vocab_size,
+        )
+        examples = pipeline.stage_examples(score.data, stage.train, stage.train.mode)
+        kd = stage
+    else:
+        examples = pipeline.stage_examples(stage.data, stage.train, stage.train.mode)
+        kd = None
+    # Train a copy: the base model may be the start of another branch.
+    model = copy_model(student)
+    model = train_model(pipeline, model, examples, stage.train, stage_dir, stage.name, kd, cache)
+    row = pipeline.evaluate(model, stage.name, " + ".join(schedule))
+    pipeline.eval_rows.append(row)
+    if pipeline.context.is_main:
+        pipeline.save_model_dir(model, stage_dir / "model")
+    return StageOutcome(record={"eval": row}, trained=model, new_rows=True)
+
+
+def run_rollout(
+    pipeline: Pipeline,
+    stage: RolloutStage,
+    student: CausalLM,
+    schedule: list[str],
+    stage_dir: Path,
+) -> StageOutcome:
+    """The student answers the stage's prompts once (rank 0), into ``rollouts.jsonl``."""
+    if pipeline.context.is_main:
+        examples = pipeline.stage_examples(stage.data, None, stage.mode)
+        config = GenerationConfig(
+            max_new_tokens=stage.max_new_tokens,
+            temperature=stage.temperature,
+            top_p=stage.top_p,
+            seed=stage.seed,
+        )
+        rollouts = generate_rollouts(
+            student,
+            pipeline.tokenizer,
+            pipeline.template,
+            examples,
+            config,
+            samples_per_prompt=stage.samples_per_prompt,
+            batch_size=pipeline.config.eval.batch_size,
+        )
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_rollouts(stage_dir / "rollouts.jsonl", rollouts)
+        stopped = sum(r.stopped for r in rollouts) / len(rollouts)
+        print(f"{stage.name}: {len(rollouts)} responses, {stopped:.0%} ended", file=pipeline.out)
+    pipeline.context.barrier()
+    return StageOutcome()
+
+
+def run_score(
+    pipeline: Pipeline,
+    stage: ScoreStage,
+    student: CausalLM,
+    schedule: list[str],
+    stage_dir: Path,
+) -> StageOutcome:
+    """The stage's teacher (loaded or trained here, once per run) scores into ``cache/``."""
+    teachers = pipeline.teachers
+    if stage.teacher not in teachers:
+        teachers[stage.teacher] = trained_teacher(pipeline, stage.teacher)
+    examples = pipeline.stage_examples(stage.data, None, stage.mode)
+    config = ScoringConfig(
+        k=stage.k,
+        temperature=stage.temperature,
+        value_dtype=stage.value_dtype,
+        label_conditioned=stage.label_conditioned,
+        sampled_draws=stage.sampled_draws,
+    )
+    report = score_to_cache(
+        teachers[stage.teacher],
+        pipeline.tokenizer,
+        pipeline.template,
+        examples,
+        stage_dir / "cache",
+        config,
+        context=pipeline.context,
+        provenance={"stage": stage.name, "teacher": stage.teacher},
+    )
+    if report.manifest is not None:
+        print(
+            f"{stage.name}: {report.manifest.total_tokens} supervised tokens, "
+            f"{report.manifest.bytes_per_token:.1f} bytes/token",
+            file=pipeline.out,
+        )
+    # A teacher trained here adds its eval row.
+    return StageOutcome(new_rows=True)
+
+
+StageRunnerFn = Callable[[Any, Stage, CausalLM, list[str], Path], StageOutcome]
+STAGE_RUNNERS: dict[str, StageRunnerFn] = {
+    "sft": run_training,
+    "kd": run_training,
+    "rollout": run_rollout,
+    "score": run_score,
+}

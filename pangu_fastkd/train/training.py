@@ -1,0 +1,177 @@
+"""One training run of a model on packed examples (an SFT or KD stage, or a teacher trained
+here): resume from the stage's checkpoint, wrap for the ranks (DDP or FSDP2), the step loop with
+its progress line and metrics, and the checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..backends import CausalLM, backend_of, reload_like
+from ..cache import CacheReader
+from ..data import Example, pack_examples, tokenize_example
+from ..distributed import DistributedContext
+from ..model import DecoderLM
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import KDStage, PipelineConfig, TrainSpec
+from .loop import LossModule, StageRunner, StepPlan, make_optimizer
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["DTYPES", "train_model", "wrap_for_ranks"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def train_model(
+    pipeline: Pipeline,
+    model: CausalLM,
+    examples: Sequence[Example],
+    train: TrainSpec,
+    stage_dir: Path,
+    stage_name: str,
+    kd: KDStage | None,
+    cache: CacheReader | None = None,
+) -> CausalLM:
+    """``model`` trained on ``examples`` (in their order) for ``train``'s steps, resumed from
+    ``stage_dir/checkpoint`` when one is there; KD with ``kd`` and ``cache``, else SFT.
+
+    Returns the trained model with full weights on every rank.
+    """
+    config, context = pipeline.config, pipeline.context
+    tokenized = [tokenize_example(ex, pipeline.tokenizer, pipeline.template) for ex in examples]
+    batches = pack_examples(tokenized, train.batch_tokens, order="keep")
+    plan = StepPlan.build(len(batches), train, context.world_size)
+    checkpoint = load_checkpoint(stage_dir)
+    start = 0
+    if checkpoint is not None:
+        model = reload_like(model, checkpoint.model_dir)
+        start = checkpoint.next_step
+        if checkpoint.total_steps != plan.total_steps:
+            raise ValueError(f"{stage_dir}: checkpoint is from a different plan")
+        print(f"{stage_name}: resuming at step {start}/{plan.total_steps}", file=pipeline.out)
+        pipeline.metrics.truncate_after(stage_name, start)
+    module = LossModule(model, kd, autocast_bf16=config.autocast_bf16)
+    wrapped = wrap_for_ranks(module, config, context)
+    optimizer = make_optimizer(wrapped, train.optim)
+    if checkpoint is not None:
+        if _sharded(config, context):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(
+                wrapped, optimizer, checkpoint.optimizer_state, options=options
+            )
+        else:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+    runner = StageRunner(
+        wrapped,
+        optimizer,
+        batches,
+        plan,
+        train,
+        context,
+        cache=cache,
+        kd_target=kd.target if kd else "topk",
+    )
+    progress = Progress(plan.total_steps, stage_name, enabled=context.is_main, initial_step=start)
+    every = config.checkpoint_every
+
+    def checkpoint_at(next_step: int) -> CausalLM:
+        return _checkpoint(
+            stage_dir, wrapped, optimizer, next_step, plan.total_steps, config, context
+        )
+
+    def on_step(result) -> None:
+        progress.update(result.step + 1, result.tokens, loss=result.loss)
+        pipeline.metrics.log(
+            {
+                "kind": "train",
+                "stage": stage_name,
+                "step": result.step + 1,
+                "loss": result.loss,
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
+                "tokens": result.tokens,
+                "supervised": result.supervised,
+                "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+            }
+        )
+        next_step = result.step + 1
+        if every and next_step % every == 0 and next_step < plan.total_steps:
+            checkpoint_at(next_step)
+
+    runner.run(start, on_step)
+    progress.close()
+    return checkpoint_at(plan.total_steps)
+
+
+def wrap_for_ranks(
+    module: LossModule, config: PipelineConfig, context: DistributedContext
+) -> torch.nn.Module:
+    """``module`` as the ranks train it: itself on one process, FSDP2 per layer with
+    ``fsdp = true``, else DDP.
+
+    Raises:
+        ValueError: ``fsdp = true`` with a model on the transformers backend.
+    """
+    if not context.enabled:
+        return module
+    if config.fsdp:
+        if backend_of(module.model) == "transformers":
+            raise ValueError(
+                "fsdp = true: a model on the transformers backend trains with DDP only; "
+                "set fsdp = false"
+            )
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in module.model.layers:
+            fully_shard(layer)
+        return fully_shard(module)
+    return torch.nn.parallel.DistributedDataParallel(module)
+
+
+def _sharded(config: PipelineConfig, context: DistributedContext) -> bool:
+    return config.fsdp and context.enabled
+
+
+def _checkpoint(
+    stage_dir: Path,
+    wrapped: torch.nn.Module,
+    optimizer,
+    next_step: int,
+    total: int,
+    config: PipelineConfig,
+    context: DistributedContext,
+) -> CausalLM:
+    """Saves a checkpoint (rank 0 writes) and returns the student with full weights."""
+    if _sharded(config, context):
+        # Every rank takes part in gathering the shards; every rank gets the full weights
+        # (the next stages, eval and generation run on the plain model).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        model_state, optimizer_state = get_state_dict(wrapped, optimizer, options=options)
+        inner = wrapped.model
+        model = DecoderLM(inner.config).to(_dtype_of_state(model_state))
+        model.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items()})
+    else:
+        module = wrapped.module if hasattr(wrapped, "module") else wrapped
+        model, optimizer_state = module.model, optimizer.state_dict()
+    if context.is_main:
+        save_checkpoint(stage_dir, model, optimizer_state, next_step=next_step, total_steps=total)
+    context.barrier()
+    return model
+
+
+def _dtype_of_state(state: dict) -> torch.dtype:
+    return next(v.dtype for v in state.values() if v.is_floating_point())
