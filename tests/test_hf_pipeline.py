@@ -36,11 +36,11 @@ from pangu_fastkd.data import (  # noqa: E402
 )
 from pangu_fastkd.hf import HFCausalLM, HFChatTemplate  # noqa: E402
 from pangu_fastkd.model import DecoderLM, ModelConfig, init_weights  # noqa: E402
-from pangu_fastkd.ops import TopKTarget, sparse_kd_reference  # noqa: E402
+from pangu_fastkd.ops import SparseKDOptions, TopKTarget, sparse_kd_reference  # noqa: E402
 from pangu_fastkd.scoring import ScoringConfig, score_to_cache, teacher_sequence  # noqa: E402
 from pangu_fastkd.train import ConfigError, load_config  # noqa: E402
 from pangu_fastkd.train.__main__ import main  # noqa: E402
-from pangu_fastkd.train.config import KDStage, config_from_dict  # noqa: E402
+from pangu_fastkd.train.config import config_from_dict  # noqa: E402
 from pangu_fastkd.train.loop import LossModule, StageRunner  # noqa: E402
 from pangu_fastkd.train.pipeline import Pipeline  # noqa: E402
 from pangu_fastkd.train.training import wrap_for_ranks  # noqa: E402
@@ -177,7 +177,7 @@ def test_hf_teacher_cache_trains_embedded_student(tmp_path, arch, backend):
             )
 
     student = _embedded(seed=1)
-    kd = KDStage(name="kd", cache="score", kd_weight=0.7, temperature=1.5)
+    kd = SparseKDOptions(kd_weight=0.7, temperature=1.5)
     module = LossModule(student, kd)
     tokenized = [tokenize_example(ex, TOKENIZER, TEMPLATE) for ex in examples]
     batches = pack_examples(tokenized, 160, order="keep")
@@ -235,7 +235,7 @@ def test_embedded_teacher_cache_trains_hf_student(tmp_path, arch):
     student = load_model_spec(student_dir, "transformers", torch.float32)
     assert isinstance(student, HFCausalLM)
     assert (student.logit_softcap is not None) == (arch == "gemma2")
-    kd = KDStage(name="kd", cache="score", kd_weight=0.6, divergence="forward_kl")
+    kd = SparseKDOptions(kd_weight=0.6, divergence="forward_kl")
     module = LossModule(student, kd).train()
     eager = _eager(student_dir).train()  # no dropout in these configs: train mode is exact
     tokenized = [tokenize_example(ex, TOKENIZER, TEMPLATE) for ex in examples]

@@ -3,12 +3,14 @@
 from .packed_attention import packed_attention
 from .packed_attention_reference import packed_attention_reference
 from .sparse_kd import fused_linear_cross_entropy, fused_linear_sparse_kd
+from .sparse_kd_options import SparseKDOptions
 from .sparse_kd_reference import sparse_kd_reference
 from .sparse_kd_targets import KDStats, SampledTarget, TopKTarget
 
 __all__ = [
     "KDStats",
     "SampledTarget",
+    "SparseKDOptions",
     "TopKTarget",
     "fused_linear_cross_entropy",
     "fused_linear_sparse_kd",

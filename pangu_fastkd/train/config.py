@@ -25,11 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES
 from .overrides import ConfigError, apply_overrides
+from .specs import (
+    STUDENT_TOKENIZER,
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    OptimSpec,
+    TrainSpec,
+)
+from .stages import STAGE_KINDS, KDStage, RolloutStage, ScoreStage, SFTStage, Stage
 
 __all__ = [
     "CONFIG_DIR",
+    "STUDENT_TOKENIZER",
     "ConfigError",
     "DataSpec",
     "EvalSpec",
@@ -40,181 +49,13 @@ __all__ = [
     "RolloutStage",
     "SFTStage",
     "ScoreStage",
+    "Stage",
     "apply_overrides",
     "config_from_dict",
     "load_config",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DATA_SPLITS = ("train_reasoning", "train_fast")
-SCHEDULES = ("sorted", "bucketed", "shuffle", "none")
-BACKENDS = ("auto", "embedded", "transformers")
-CHAT_TEMPLATES = ("auto", "default")
-# [data] tokenizer = "student": the tokenizer files of the student's checkpoint directory.
-STUDENT_TOKENIZER = "student"
-
-
-@dataclass
-class OptimSpec:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
-
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    clip: float = 1.0  # max global grad norm; 0 disables
-
-
-@dataclass
-class TrainSpec:
-    """How a model trains in one stage (shared by SFT, KD and teacher training).
-
-    ``steps`` optimizer steps (0: ``epochs`` passes over the stage's data). An optimizer step
-    consumes ``grad_accum`` packed micro-batches of at most ``batch_tokens`` tokens on every rank;
-    the loss is normalised by the global count of supervised tokens of the step.
-    """
-
-    steps: int = 0
-    epochs: float = 1.0
-    batch_tokens: int = 1024
-    grad_accum: int = 1
-    optim: OptimSpec = field(default_factory=OptimSpec)
-    schedule: str = "sorted"  # curriculum order inside the stage
-    difficulty: str = "given"  # "given" or "length"
-    mode: str | None = None  # keep only examples of this mode ("reasoning" / "fast")
-
-
-@dataclass
-class ModelSpec:
-    """A model: an embedded preset (random init, optionally trained here first) or a local
-    HF-style directory.
-
-    ``backend`` (``path`` models only): ``"embedded"`` loads the directory into the embedded
-    ``DecoderLM`` (Llama / Qwen2 / Qwen3 configs); ``"transformers"`` wraps transformers' own
-    ``*ForCausalLM`` (``pangu_fastkd.hf.load_hf_causal_lm``: packed ``pangu_fastkd`` attention and
-    the fused losses on its head, bias and softcap included; never its own logits); ``"auto"``
-    is the embedded model when the embedded loader supports the config, else transformers.
-    Students on the transformers backend train with DDP; ``fsdp = true`` is refused for them.
-    """
-
-    preset: str | None = None
-    path: str | None = None
-    backend: str = "auto"
-    seed: int = 0
-    dtype: str = "fp32"
-    # Teachers from a preset are trained from scratch on these splits before the pipeline runs
-    # (cached in the run directory's teachers/ folder, keyed by spec and data).
-    train_on: list[str] = field(default_factory=list)
-    train: TrainSpec | None = None
-    # Also train on copies whose prompt carries the reference answer (the label-conditioned
-    # scoring template), so that a teacher trained from scratch can read that hint the way a
-    # pretrained teacher LLM reads it.
-    train_with_answer_hints: bool = False
-
-
-@dataclass
-class DataSpec:
-    """The run's data: the generated arithmetic curriculum or JSONL files."""
-
-    source: str = "demo"  # "demo" or "files"
-    # "byte", a directory holding tokenizer.json, a tokenizer.json file, or "student": the
-    # student's checkpoint directory (its `path`).
-    tokenizer: str = "byte"
-    # "auto": the tokenizer directory's own chat template (transformers' Jinja template) when it
-    # has one, else the default ChatTemplate; "default": always the default ChatTemplate.
-    chat_template: str = "auto"
-    # Extra variables for a directory's own template, e.g. { enable_thinking = false } (Qwen3).
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    # demo
-    train_problems: int = 2000
-    eval_problems: int = 100
-    max_difficulty: int = 4
-    max_operand: int = 99  # the largest number in a generated question (2..99)
-    seed: int = 0
-    # files
-    train_reasoning: str | None = None
-    train_fast: str | None = None
-    eval_reasoning: str | None = None
-    eval_fast: str | None = None
-
-
-@dataclass
-class EvalSpec:
-    """End-of-stage evaluation: loss on held-out examples and exact-match accuracy of greedy
-    answers on up to ``max_examples`` of them."""
-
-    max_examples: int = 100
-    max_new_tokens: int = 96
-    batch_size: int = 32
-    batch_tokens: int = 4096
-
-
-@dataclass
-class SFTStage:
-    """Supervised fine-tuning on a split or a rollout stage's responses.
-
-    ``start_from``: "" continues from the latest trained student, "init" from the initial
-    student, or the name of an earlier training stage (branches, e.g. for ablations)."""
-
-    name: str
-    data: str
-    train: TrainSpec = field(default_factory=TrainSpec)
-    start_from: str = ""
-    kind: str = "sft"
-
-
-@dataclass
-class KDStage:
-    """Offline KD from a ``score`` stage's cache (``kd_weight`` < 1 mixes in the CE loss)."""
-
-    name: str
-    cache: str
-    train: TrainSpec = field(default_factory=TrainSpec)
-    kd_weight: float = 1.0
-    divergence: str = "forward_kl"
-    temperature: float = 1.0
-    missing_mass: str = "tail"
-    target: str = "topk"  # "topk" or "sampled"
-    start_from: str = ""
-    kind: str = "kd"
-
-
-@dataclass
-class RolloutStage:
-    """The student answers the prompts of a split once (on-policy data for scoring)."""
-
-    name: str
-    data: str
-    mode: str | None = None
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
-    samples_per_prompt: int = 1
-    seed: int = 0
-    start_from: str = ""
-    kind: str = "rollout"
-
-
-@dataclass
-class ScoreStage:
-    """A teacher scores a split or a rollout stage's responses into a logit cache."""
-
-    name: str
-    data: str
-    teacher: str
-    k: int = 16
-    temperature: float = 1.0
-    label_conditioned: bool = True
-    sampled_draws: int = 0
-    value_dtype: str = "bf16"
-    mode: str | None = None
-    kind: str = "score"
-
-
-STAGE_KINDS = {"sft": SFTStage, "kd": KDStage, "rollout": RolloutStage, "score": ScoreStage}
-Stage = SFTStage | KDStage | RolloutStage | ScoreStage
 
 
 @dataclass
@@ -310,63 +151,16 @@ def _build_stage(data: Any, where: str) -> Stage:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
-
-
-def _validate_train(train: TrainSpec, where: str) -> None:
-    if train.steps < 0 or train.epochs <= 0:
-        raise ConfigError(f"{where}: steps must be >= 0 and epochs > 0")
-    if train.batch_tokens < 8 or train.grad_accum < 1:
-        raise ConfigError(f"{where}: batch_tokens must be >= 8 and grad_accum >= 1")
-    if train.schedule not in SCHEDULES:
-        raise ConfigError(f"{where}.schedule: {train.schedule!r} is not one of {SCHEDULES}")
-    if train.difficulty not in ("given", "length"):
-        raise ConfigError(f"{where}.difficulty must be 'given' or 'length'")
-    if not train.optim.lr > 0 or train.optim.warmup_steps < 0:
-        raise ConfigError(f"{where}.optim: lr must be > 0 and warmup_steps >= 0")
-
-
-def _validate_data(config: PipelineConfig) -> None:
-    data = config.data
-    if data.tokenizer == STUDENT_TOKENIZER and config.student.path is None:
-        raise ConfigError(
-            f"data.tokenizer = {STUDENT_TOKENIZER!r} needs a student with a 'path' (a checkpoint "
-            "directory holding the tokenizer)"
-        )
-    if data.chat_template not in CHAT_TEMPLATES:
-        raise ConfigError(
-            f"data.chat_template: {data.chat_template!r} is not one of {CHAT_TEMPLATES}"
-        )
-    if data.chat_template_kwargs and data.chat_template != "auto":
-        raise ConfigError(
-            "data.chat_template_kwargs: only a directory's own template (chat_template = 'auto') "
-            "takes template variables"
-        )
+# Validation: each table checks itself; here only what relates several of them.
 
 
 def validate(config: PipelineConfig) -> None:
-    """Checks references between stages, models and data before anything runs."""
+    """Checks every table, and the references between stages, models and data, before anything
+    runs."""
     if not config.stages:
         raise ConfigError("the pipeline has no [[stages]]")
     for name, spec in [("student", config.student), *config.teachers.items()]:
-        if (spec.preset is None) == (spec.path is None):
-            raise ConfigError(f"model {name!r}: give exactly one of 'preset' and 'path'")
-        if spec.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"model {name!r}: dtype must be 'fp32' or 'bf16'")
-        if spec.backend not in BACKENDS:
-            raise ConfigError(f"model {name!r}.backend: {spec.backend!r} is not one of {BACKENDS}")
-        if spec.preset is not None and spec.backend != "auto":
-            raise ConfigError(
-                f"model {name!r}.backend: presets are always embedded models; 'backend' applies "
-                "to 'path' models only"
-            )
-        for split in spec.train_on:
-            if split not in DATA_SPLITS:
-                raise ConfigError(f"model {name!r}: train_on {split!r} is not in {DATA_SPLITS}")
-        if spec.train_on and spec.train is None:
-            spec.train = TrainSpec()
-        if spec.train is not None:
-            _validate_train(spec.train, f"model {name!r}.train")
+        spec.validate(name)
     trained = [("student", config.student)] + [
         (f"teachers.{name}", spec) for name, spec in config.teachers.items() if spec.train_on
     ]
@@ -376,61 +170,14 @@ def validate(config: PipelineConfig) -> None:
                 f"fsdp = true: {where}.backend = 'transformers' trains with DDP only; set "
                 "fsdp = false"
             )
-    _validate_data(config)
-    if config.data.source not in ("demo", "files"):
-        raise ConfigError("data.source must be 'demo' or 'files'")
-    if config.data.source == "files" and not (
-        config.data.train_fast or config.data.train_reasoning
-    ):
-        raise ConfigError("data.source = 'files' needs data.train_fast or data.train_reasoning")
-    seen: dict[str, Stage] = {}
+    config.data.validate(student_has_path=config.student.path is not None)
+    earlier: dict[str, Stage] = {}
     for i, stage in enumerate(config.stages):
         where = f"stages[{i}] ({stage.name!r})"
-        if stage.name in seen:
+        if stage.name in earlier:
             raise ConfigError(f"{where}: the name is used twice")
-        if isinstance(stage, SFTStage | RolloutStage | ScoreStage):
-            source = seen.get(stage.data)
-            if stage.data not in DATA_SPLITS and not isinstance(source, RolloutStage):
-                raise ConfigError(
-                    f"{where}.data: {stage.data!r} is neither a split {DATA_SPLITS} nor an "
-                    "earlier rollout stage"
-                )
-        if isinstance(stage, SFTStage | KDStage):
-            _validate_train(stage.train, f"{where}.train")
-        if isinstance(stage, ScoreStage):
-            if stage.teacher not in config.teachers:
-                raise ConfigError(f"{where}.teacher: no teacher named {stage.teacher!r}")
-            if stage.k < 1 or stage.temperature <= 0 or stage.sampled_draws < 0:
-                raise ConfigError(f"{where}: k >= 1, temperature > 0 and sampled_draws >= 0")
-        if isinstance(stage, KDStage):
-            if not isinstance(seen.get(stage.cache), ScoreStage):
-                raise ConfigError(f"{where}.cache: {stage.cache!r} is not an earlier score stage")
-            if stage.divergence not in DIVERGENCES:
-                raise ConfigError(f"{where}.divergence must be one of {DIVERGENCES}")
-            if stage.missing_mass not in MISSING_MASS_MODES:
-                raise ConfigError(f"{where}.missing_mass must be one of {MISSING_MASS_MODES}")
-            if stage.target not in ("topk", "sampled"):
-                raise ConfigError(f"{where}.target must be 'topk' or 'sampled'")
-            score = seen[stage.cache]
-            if stage.target == "sampled" and score.sampled_draws == 0:
-                raise ConfigError(
-                    f"{where}: target 'sampled' needs sampled_draws in {score.name!r}"
-                )
-            if stage.missing_mass == "tail" and stage.temperature != score.temperature:
-                raise ConfigError(
-                    f"{where}: missing_mass 'tail' needs the KD temperature to equal the cache "
-                    f"temperature ({score.temperature}); use 'renorm' for another temperature"
-                )
-        start = getattr(stage, "start_from", "")
-        if start not in ("", "init") and not isinstance(seen.get(start), SFTStage | KDStage):
-            raise ConfigError(
-                f"{where}.start_from: {start!r} is not '', 'init' or an earlier training stage"
-            )
-        if isinstance(stage, RolloutStage) and (
-            stage.max_new_tokens < 1 or stage.samples_per_prompt < 1
-        ):
-            raise ConfigError(f"{where}: max_new_tokens and samples_per_prompt must be >= 1")
-        seen[stage.name] = stage
+        stage.validate(where, earlier, config.teachers)
+        earlier[stage.name] = stage
 
 
 def config_from_dict(raw: dict, where: str = "config") -> PipelineConfig:

@@ -26,8 +26,8 @@ from ..backends import CausalLM, head_parts
 from ..cache import CacheReader
 from ..data import PackedBatch
 from ..distributed import DistributedContext
-from ..ops import fused_linear_cross_entropy, fused_linear_sparse_kd
-from .config import KDStage, OptimSpec, TrainSpec
+from ..ops import SparseKDOptions, fused_linear_cross_entropy, fused_linear_sparse_kd
+from .config import OptimSpec, TrainSpec
 
 __all__ = ["LossModule", "StageRunner", "StepPlan", "lr_at", "make_optimizer"]
 
@@ -90,13 +90,15 @@ class LossModule(torch.nn.Module):
     """The student and its loss in one forward, so DDP / FSDP hooks see every parameter use.
 
     ``forward(batch, target, num_items)`` returns the summed loss of the batch's supervised
-    rows divided by ``num_items``: cross-entropy without a target (SFT), the sparse-KD loss of
-    ``docs/kd-losses.md`` with one. The student is a ``DecoderLM`` or an ``HFCausalLM``; its
-    head's bias and logit softcap (when it has them) go into the fused ops, so the loss is that
-    of the model's exact logits.
+    rows divided by ``num_items``: cross-entropy when ``kd`` is None (SFT), the sparse-KD loss of
+    ``docs/kd-losses.md`` with the options ``kd`` otherwise. The student is any ``CausalLM``
+    backend; its head's bias and logit softcap (when it has them) go into the fused ops, so the
+    loss is that of the model's exact logits.
     """
 
-    def __init__(self, model: CausalLM, kd: KDStage | None = None, autocast_bf16: bool = False):
+    def __init__(
+        self, model: CausalLM, kd: SparseKDOptions | None = None, autocast_bf16: bool = False
+    ):
         super().__init__()
         self.model = model
         self.kd = kd
@@ -127,12 +129,9 @@ class LossModule(torch.nn.Module):
             target,
             bias=bias,
             softcap=softcap,
-            kd_weight=self.kd.kd_weight,
-            divergence=self.kd.divergence,
-            temperature=self.kd.temperature,
-            missing_mass=self.kd.missing_mass,
             reduction="sum",
             num_items=num_items,
+            **self.kd.as_kwargs(),
         )
 
 

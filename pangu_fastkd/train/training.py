@@ -57,7 +57,8 @@ def train_model(
             raise ValueError(f"{stage_dir}: checkpoint is from a different plan")
         print(f"{stage_name}: resuming at step {start}/{plan.total_steps}", file=pipeline.out)
         pipeline.metrics.truncate_after(stage_name, start)
-    module = LossModule(model, kd, autocast_bf16=config.autocast_bf16)
+    options = kd.loss_options() if kd is not None else None
+    module = LossModule(model, options, autocast_bf16=config.autocast_bf16)
     wrapped = wrap_for_ranks(module, config, context)
     optimizer = make_optimizer(wrapped, train.optim)
     if checkpoint is not None:
