@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from .durable import fsync_tree, replace_dir
 from .model import DecoderLM, Generation, GenerationConfig, ModelConfig, load_pretrained
+from .model.checkpoint import save_pretrained
 
 __all__ = [
+    "TOKENIZER_FILES",
     "CausalLM",
     "backend_of",
     "copy_model",
@@ -32,6 +38,19 @@ __all__ = [
     "resolve_backend",
     "save_model_dir",
 ]
+
+# Copied from ``tokenizer_dir`` when present: the fast tokenizer and its config, plus the
+# vocabulary files of slow / sentencepiece tokenizers (openPangu ships ``tokenizer.model``).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 @runtime_checkable
@@ -183,11 +202,82 @@ def copy_model(model: CausalLM) -> CausalLM:
 def save_model_dir(
     model: CausalLM, directory: str | Path, tokenizer_dir: str | Path | None = None
 ) -> None:
-    """``model`` as a Hugging Face directory (replaced atomically as a whole) that transformers'
-    ``AutoModelForCausalLM`` loads, with the tokenizer files of ``tokenizer_dir`` when given."""
-    from .hf.model import save_hf_student
+    """Write ``model`` as a directory ``AutoModelForCausalLM.from_pretrained`` loads.
 
-    save_hf_student(model, directory, tokenizer_dir=tokenizer_dir)
+    Everything is written into a temporary directory beside the target and fsynced, then moved
+    into place by renames: an existing target is replaced as a whole (never mixed with new
+    files). An interrupted save leaves the old target or the new one; only a crash between the
+    two renames leaves the old one under a hidden ``.<name>.*.old`` beside the target.
+
+    Args:
+        model: a ``DecoderLM`` (``model.save_pretrained``'s files plus a
+            ``generation_config.json`` holding its bos/eos/pad ids) or an ``HFCausalLM``
+            (transformers' ``save_pretrained``, safetensors).
+        directory: the target directory; its parent is created if missing.
+        tokenizer_dir: a directory whose tokenizer files (``TOKENIZER_FILES`` that exist there)
+            are copied; it must hold ``tokenizer.json`` or ``tokenizer_config.json``.
+
+    Raises:
+        TypeError: ``model`` is neither a ``DecoderLM`` nor an ``HFCausalLM``.
+        FileNotFoundError: ``tokenizer_dir`` does not exist.
+        ValueError: ``tokenizer_dir`` holds no tokenizer, or ``directory`` is an existing file.
+    """
+    write_files = _FILE_WRITERS.get(getattr(model, "backend", None))
+    if write_files is None or not isinstance(model, CausalLM):
+        raise TypeError(f"model must be a DecoderLM or an HFCausalLM, got {type(model).__name__}")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory")
+    tokenizer_files = _tokenizer_files(tokenizer_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        # mkdtemp makes it private (0700); the result should look like any mkdir'd directory.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        write_files(model, tmp)
+        for path in tokenizer_files:
+            shutil.copyfile(path, tmp / path.name)
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_embedded_files(model: DecoderLM, directory: Path) -> None:
+    """``save_pretrained``'s config and weights, and the generation ids transformers reads."""
+    save_pretrained(model, directory)
+    generation = {
+        key: getattr(model.config, key)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(model.config, key) is not None
+    }
+    if generation:
+        (directory / "generation_config.json").write_text(
+            json.dumps(generation, indent=2, sort_keys=True) + "\n"
+        )
+
+
+# How each backend writes its files into a fresh directory (HFCausalLM: its own method).
+_FILE_WRITERS: dict[str | None, Callable[[CausalLM, Path], None]] = {
+    "embedded": _write_embedded_files,
+    "transformers": lambda model, directory: model.save_pretrained(directory),
+}
+
+
+def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
+    if tokenizer_dir is None:
+        return []
+    source = Path(tokenizer_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"tokenizer_dir {source} does not exist")
+    files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not any(p.name in ("tokenizer.json", "tokenizer_config.json") for p in files):
+        raise ValueError(f"tokenizer_dir {source} holds no tokenizer.json or tokenizer_config.json")
+    return files
 
 
 def head_parts(model: CausalLM) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:

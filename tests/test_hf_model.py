@@ -1,5 +1,6 @@
 """HF models as teacher/student: the embedded loader on transformers checkpoints, ``HFCausalLM``,
-``save_hf_student`` and ``generate`` on HF models, all on tiny random models built from configs.
+``backends.save_model_dir`` and ``generate`` on HF models, all on tiny random models built from
+configs.
 
 References are transformers' own eager forward on each document alone and transformers' own
 greedy ``generate``.
@@ -17,13 +18,9 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from pangu_fastkd.backends import generate  # noqa: E402
+from pangu_fastkd.backends import generate, save_model_dir  # noqa: E402
 from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths  # noqa: E402
-from pangu_fastkd.hf.model import (  # noqa: E402
-    HFCausalLM,
-    load_hf_causal_lm,
-    save_hf_student,
-)
+from pangu_fastkd.hf.model import HFCausalLM, load_hf_causal_lm  # noqa: E402
 from pangu_fastkd.model import (  # noqa: E402
     DecoderLM,
     GenerationConfig,
@@ -230,7 +227,7 @@ def test_load_hf_causal_lm(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# save_hf_student
+# save_model_dir
 
 
 def _tokenizer_dir(tmp_path: Path) -> Path:
@@ -281,7 +278,7 @@ def test_saved_embedded_student_loads_and_generates_in_transformers(tmp_path: Pa
     student = _trained_student()
     target = tmp_path / "student"
     tokenizer_dir = _tokenizer_dir(tmp_path)
-    save_hf_student(student, target, tokenizer_dir=tokenizer_dir)
+    save_model_dir(student, target, tokenizer_dir=tokenizer_dir)
 
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (target / name).read_bytes() == (tokenizer_dir / name).read_bytes()
@@ -318,7 +315,7 @@ def test_saved_hf_student_round_trips_and_replaces_target(tmp_path: Path) -> Non
     target = tmp_path / "out"
     target.mkdir()
     (target / "stale.bin").write_bytes(b"old")
-    save_hf_student(model, target)
+    save_model_dir(model, target)
     assert not (target / "stale.bin").exists()  # the old directory is replaced as a whole
     config = json.loads((target / "config.json").read_text())
     assert "pangu_fastkd" not in json.dumps(config)
@@ -334,15 +331,15 @@ def test_saved_hf_student_round_trips_and_replaces_target(tmp_path: Path) -> Non
 def test_save_hf_student_refuses_bad_arguments(tmp_path: Path) -> None:
     student = _trained_student()
     with pytest.raises(TypeError, match="DecoderLM or an HFCausalLM"):
-        save_hf_student(torch.nn.Linear(2, 2), tmp_path / "x")
+        save_model_dir(torch.nn.Linear(2, 2), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="tokenizer_dir"):
-        save_hf_student(student, tmp_path / "x", tokenizer_dir=tmp_path / "missing")
+        save_model_dir(student, tmp_path / "x", tokenizer_dir=tmp_path / "missing")
     (tmp_path / "no_tok").mkdir()
     with pytest.raises(ValueError, match=r"holds no tokenizer\.json"):
-        save_hf_student(student, tmp_path / "x", tokenizer_dir=tmp_path / "no_tok")
+        save_model_dir(student, tmp_path / "x", tokenizer_dir=tmp_path / "no_tok")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a directory"):
-        save_hf_student(student, tmp_path / "file")
+        save_model_dir(student, tmp_path / "file")
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -399,7 +396,7 @@ def test_generate_hf_honours_stop_tokens() -> None:
 
 def test_generate_hf_samples_like_the_embedded_model(tmp_path: Path) -> None:
     student = _trained_student(seed=1)
-    save_hf_student(student, tmp_path / "student")
+    save_model_dir(student, tmp_path / "student")
     model = load_hf_causal_lm(tmp_path / "student")
     config = GenerationConfig(max_new_tokens=6, temperature=1.0, top_p=0.8, seed=3)
     ours = generate(student, PROMPTS, config, batch_size=2)

@@ -10,17 +10,10 @@ from ._require import HF_EXTRA_HINT, MissingHFExtraError, require_transformers
 from .attention import packed_attention_forward, packed_attention_mask, register_attention
 from .chat import ChatRenderer, HFChatTemplate, TemplatePrefixError, template_for
 from .loss import LMHead, causal_lm_loss, lm_head_parts, shift_causal_labels
-from .model import (
-    TOKENIZER_FILES,
-    HFCausalLM,
-    HFModelConfig,
-    load_hf_causal_lm,
-    save_hf_student,
-)
+from .model import HFCausalLM, HFModelConfig, load_hf_causal_lm
 
 __all__ = [
     "HF_EXTRA_HINT",
-    "TOKENIZER_FILES",
     "ChatRenderer",
     "HFCausalLM",
     "HFChatTemplate",
@@ -35,7 +28,6 @@ __all__ = [
     "packed_attention_mask",
     "register_attention",
     "require_transformers",
-    "save_hf_student",
     "shift_causal_labels",
     "template_for",
 ]

@@ -8,18 +8,14 @@ no logits built), ``output_weight [V, d]``, ``config.vocab_size`` /
 ``generate`` (transformers' ``generate`` with SDPA, since our attention refuses KV-cache
 decoding; ``hf/generation.py``).
 
-``save_hf_student`` writes an embedded ``DecoderLM`` or an ``HFCausalLM`` as one Hugging Face
-directory (config, safetensors, generation config, tokenizer files), replacing the target
-atomically as a whole.
+``HFCausalLM.save_pretrained`` writes the wrapped model's files; ``backends.save_model_dir``
+makes a whole directory of them (tokenizer files included), replaced atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.boundaries import resolve_documents
-from ..durable import fsync_tree, replace_dir
-from ..model.checkpoint import save_pretrained
-from ..model.modeling import DecoderLM, check_packed_input_ids, hash_tensors
+from ..model.modeling import check_packed_input_ids, hash_tensors
 from ..model.sampling import Generation, GenerationConfig, check_prompts
 from ._require import require_transformers
 from .attention import DEFAULT_NAME, DOCUMENTS_KWARG, register_attention
@@ -39,25 +33,11 @@ from .generation import generate_hf
 from .loss import lm_head_parts
 
 __all__ = [
-    "TOKENIZER_FILES",
     "HFCausalLM",
     "HFModelConfig",
     "load_hf_causal_lm",
-    "save_hf_student",
 ]
 
-# Copied from ``tokenizer_dir`` when present: the fast tokenizer and its config, plus the
-# vocabulary files of slow / sentencepiece tokenizers (openPangu ships ``tokenizer.model``).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -206,6 +186,28 @@ class HFCausalLM(torch.nn.Module):
         cap = self.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """transformers' ``save_pretrained`` (safetensors) into ``directory``, with no trace of
+        our attention name.
+
+        The config records no attention implementation today; the check keeps it that way,
+        since a ``config.json`` naming ``pangu_fastkd`` would not load where it is not
+        registered.
+        """
+        directory = Path(directory)
+        self.hf_model.save_pretrained(str(directory))
+        config_path = directory / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        runtime_keys = [k for k in ("_attn_implementation", "attn_implementation") if k in config]
+        if runtime_keys:
+            for key in runtime_keys:
+                del config[key]
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if not any(directory.glob("*.safetensors")):
+            raise RuntimeError(
+                f"transformers' save_pretrained wrote no safetensors into {directory}"
+            )
+
     def weights_fingerprint(self) -> str:
         """sha256 (hex) over the config and every tensor's name, dtype, shape and bytes.
 
@@ -310,99 +312,3 @@ def load_hf_causal_lm(directory: str | Path, *, dtype: torch.dtype = torch.float
         str(directory), local_files_only=True, dtype=dtype, attn_implementation=DEFAULT_NAME
     )
     return HFCausalLM(hf_model.eval())
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving
-
-
-def save_hf_student(
-    model: DecoderLM | HFCausalLM,
-    directory: str | Path,
-    *,
-    tokenizer_dir: str | Path | None = None,
-) -> None:
-    """Write ``model`` as a directory ``AutoModelForCausalLM.from_pretrained`` loads.
-
-    Everything is written into a temporary directory beside the target and fsynced, then moved
-    into place by renames: an existing target is replaced as a whole (never mixed with new
-    files). An interrupted save leaves the old target or the new one; only a crash between the
-    two renames leaves the old one under a hidden ``.<name>.*.old`` beside the target.
-
-    Args:
-        model: a ``DecoderLM`` (written by ``model.save_pretrained``, plus a
-            ``generation_config.json`` holding its bos/eos/pad ids) or an ``HFCausalLM``
-            (written by transformers' ``save_pretrained``, safetensors).
-        directory: the target directory; its parent is created if missing.
-        tokenizer_dir: a directory whose tokenizer files (``TOKENIZER_FILES`` that exist there)
-            are copied; it must hold ``tokenizer.json`` or ``tokenizer_config.json``.
-
-    Raises:
-        TypeError: ``model`` is neither a ``DecoderLM`` nor an ``HFCausalLM``.
-        FileNotFoundError: ``tokenizer_dir`` does not exist.
-        ValueError: ``tokenizer_dir`` holds no tokenizer, or ``directory`` is an existing file.
-    """
-    if not isinstance(model, DecoderLM | HFCausalLM):
-        raise TypeError(f"model must be a DecoderLM or an HFCausalLM, got {type(model).__name__}")
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists and is not a directory")
-    tokenizer_files = _tokenizer_files(tokenizer_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        # mkdtemp makes it private (0700); the result should look like any mkdir'd directory.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        if model.backend == "embedded":
-            save_pretrained(model, tmp)
-            generation = {
-                key: getattr(model.config, key)
-                for key in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if getattr(model.config, key) is not None
-            }
-            if generation:
-                (tmp / "generation_config.json").write_text(
-                    json.dumps(generation, indent=2, sort_keys=True) + "\n"
-                )
-        else:
-            _save_hf_model(model.hf_model, tmp)
-        for path in tokenizer_files:
-            shutil.copyfile(path, tmp / path.name)
-        fsync_tree(tmp)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _save_hf_model(hf_model: torch.nn.Module, directory: Path) -> None:
-    """transformers' ``save_pretrained`` (safetensors), with no trace of our attention name.
-
-    The config records no attention implementation today; the check keeps it that way, since a
-    ``config.json`` naming ``pangu_fastkd`` would not load where it is not registered.
-    """
-    hf_model.save_pretrained(str(directory))
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    runtime_keys = [k for k in ("_attn_implementation", "attn_implementation") if k in config]
-    if runtime_keys:
-        for key in runtime_keys:
-            del config[key]
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if not any(directory.glob("*.safetensors")):
-        raise RuntimeError(f"transformers' save_pretrained wrote no safetensors into {directory}")
-
-
-def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
-    if tokenizer_dir is None:
-        return []
-    source = Path(tokenizer_dir)
-    if not source.is_dir():
-        raise FileNotFoundError(f"tokenizer_dir {source} does not exist")
-    files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
-    if not any(p.name in ("tokenizer.json", "tokenizer_config.json") for p in files):
-        raise ValueError(f"tokenizer_dir {source} holds no tokenizer.json or tokenizer_config.json")
-    return files

@@ -51,7 +51,7 @@ def save_checkpoint(
     """Writes a checkpoint of a stage atomically; returns its directory.
 
     ``model`` (a ``DecoderLM`` or an ``HFCausalLM``) holds full (unsharded) weights, written by
-    ``save_hf_student``; ``optimizer_state`` is the optimizer's state dict
+    ``backends.save_model_dir``; ``optimizer_state`` is the optimizer's state dict
     (for FSDP2, the full state dict keyed by parameter name)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage_dir / f"{CHECKPOINT}.tmp"

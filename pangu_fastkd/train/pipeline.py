@@ -14,8 +14,8 @@ resumes from its last checkpoint. Rank 0 writes every shared file; other ranks t
 
 Models run on the embedded ``DecoderLM`` or, for checkpoints it does not support (or
 ``backend = "transformers"``), on transformers through ``pangu_fastkd.hf.HFCausalLM``; every
-model directory is written by ``save_hf_student`` (with the tokenizer files when the tokenizer
-is a directory), so each stage's ``model/`` loads in transformers as it is.
+model directory is written by ``backends.save_model_dir`` (with the tokenizer files when the
+tokenizer is a directory), so each stage's ``model/`` loads in transformers as it is.
 """
 
 from __future__ import annotations
