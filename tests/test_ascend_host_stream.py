@@ -24,6 +24,7 @@ import torch
 from ascend_host_build import SOC_910B, host_twin, host_twin_variant, needs_host_twin
 
 from pangu_fastkd.data.boundaries import cu_seqlens_from_lengths
+from pangu_fastkd.ops.sparse_kd import sparse_kd_op_args
 
 pytestmark = needs_host_twin
 
@@ -84,8 +85,9 @@ def _sparse_kd_args() -> list:
     hidden, weight = torch.randn(11, 16, generator=g), torch.randn(40, 16, generator=g)
     labels = torch.randint(0, 40, (11,), generator=g)
     labels[3] = -100
-    return [hidden, weight, None, labels, None, None, None, None, None, 0.0, 0, 0.5, 1.0, 1.0,
-            0, False, -100, 0.0, 0.0, 1, 0.0, 4, True, True, False]  # fmt: skip
+    return sparse_kd_op_args(
+        hidden, weight, labels, None, kd_weight=0.0, include_label=False, chunk_rows=4
+    )
 
 
 def _attention_args() -> tuple[torch.Tensor, ...]:

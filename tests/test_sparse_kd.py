@@ -33,7 +33,8 @@ from pangu_fastkd.ops import (
     fused_linear_sparse_kd,
     sparse_kd_reference,
 )
-from pangu_fastkd.ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES, REDUCTIONS
+from pangu_fastkd.ops.sparse_kd import sparse_kd_op_args
+from pangu_fastkd.ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES
 
 Target = TopKTarget | SampledTarget | None
 
@@ -381,36 +382,26 @@ def _op_args(
     chunk_rows: int = 0,
     need_grad: bool = True,
     compute_stats: bool = True,
-) -> tuple[Any, ...]:
+) -> list[Any]:
     """Positional arguments of ``torch.ops.pangu_fastkd.sparse_kd_fused`` (see csrc/ops.cpp)."""
-    tg = inputs.target
-    topk = isinstance(tg, TopKTarget)
-    return (
+    return sparse_kd_op_args(
         inputs.hidden,
         inputs.weight,
-        inputs.bias,
         inputs.labels,
-        tg.ids if tg is not None else None,
-        tg.logits if topk else None,
-        tg.lse if topk else None,
-        tg.label_logit if topk else None,
-        tg.weights if isinstance(tg, SampledTarget) else None,
-        kd_weight,
-        DIVERGENCES.index(divergence),
-        0.5,
-        temperature,
-        tg.temperature if topk else temperature,
-        MISSING_MASS_MODES.index(missing_mass),
-        include_label,
-        -100,
-        softcap,
-        z_loss,
-        REDUCTIONS.index(reduction),
-        0.0,
-        chunk_rows,
-        need_grad,
-        need_grad,
-        compute_stats,
+        inputs.target,
+        bias=inputs.bias,
+        kd_weight=kd_weight,
+        divergence=divergence,
+        temperature=temperature,
+        missing_mass=missing_mass,
+        include_label=include_label,
+        softcap=softcap or None,
+        z_loss=z_loss,
+        reduction=reduction,
+        chunk_rows=chunk_rows,
+        need_grad_input=need_grad,
+        need_grad_weight=need_grad,
+        compute_stats=compute_stats,
     )
 
 

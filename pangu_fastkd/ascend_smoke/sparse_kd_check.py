@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from ..ops.sparse_kd import sparse_kd_op_args
 from ..ops.sparse_kd_reference import sparse_kd_reference
-from ..ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES, TopKTarget
+from ..ops.sparse_kd_targets import TopKTarget
 from .cases import SparseKDCase
 from .compare import Output, Row, compare, judge, max_abs, max_err
 from .op_backends import Backend
@@ -58,35 +59,34 @@ def _sparse_kd_inputs(case: SparseKDCase) -> dict[str, torch.Tensor | None]:
     return inputs
 
 
+def _target(case: SparseKDCase, x: Mapping[str, torch.Tensor | None]) -> TopKTarget | None:
+    if not case.target:
+        return None
+    return TopKTarget(
+        x["ids"], x["teacher_logits"], x["teacher_lse"], x["label_logit"], case.cache_temperature
+    )
+
+
 def _sparse_kd_args(case: SparseKDCase, x: Mapping[str, torch.Tensor | None]) -> list[Any]:
-    """Positional arguments of ``torch.ops.pangu_fastkd.sparse_kd_fused`` (csrc/ops.cpp)."""
-    return [
+    """Positional arguments of ``torch.ops.pangu_fastkd.sparse_kd_fused``: mean reduction, no
+    softcap or ``num_items``, both gradients and the stats."""
+    return sparse_kd_op_args(
         x["hidden"],
         x["weight"],
-        x["bias"],
         x["labels"],
-        x["ids"],
-        x["teacher_logits"],
-        x["teacher_lse"],
-        x["label_logit"],
-        None,  # sample_weights: top-K targets only here
-        case.kd_weight,
-        DIVERGENCES.index(case.divergence),
-        case.beta,
-        case.temperature,
-        case.cache_temperature,
-        MISSING_MASS_MODES.index(case.missing_mass),
-        case.include_label and case.target,
-        IGNORE,
-        0.0,  # softcap: not set
-        case.z_loss,
-        1,  # reduction: mean
-        0.0,  # num_items: not set
-        case.chunk_rows,
-        True,  # need_grad_input
-        True,  # need_grad_weight
-        True,  # compute_stats
-    ]
+        _target(case, x),
+        bias=x["bias"],
+        kd_weight=case.kd_weight,
+        divergence=case.divergence,
+        beta=case.beta,
+        temperature=case.temperature,
+        missing_mass=case.missing_mass,
+        include_label=case.include_label and case.target,
+        ignore_index=IGNORE,
+        z_loss=case.z_loss,
+        chunk_rows=case.chunk_rows,
+        compute_stats=True,
+    )
 
 
 def _sparse_kd_with_grads(
@@ -98,17 +98,11 @@ def _sparse_kd_with_grads(
     """
     hidden, weight = (x[name].detach().clone().requires_grad_() for name in ("hidden", "weight"))
     bias = x["bias"].detach().clone().requires_grad_() if x["bias"] is not None else None
-    target = None
-    if case.target:
-        target = TopKTarget(
-            x["ids"], x["teacher_logits"], x["teacher_lse"], x["label_logit"],
-            case.cache_temperature,
-        )  # fmt: skip
     loss, stats = sparse_kd_reference(
         hidden,
         weight,
         x["labels"],
-        target,
+        _target(case, x),
         bias=bias,
         kd_weight=case.kd_weight,
         divergence=case.divergence,

@@ -13,7 +13,7 @@ build without the kernel for their device, use the PyTorch reference.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -28,7 +28,12 @@ from .sparse_kd_targets import (
     TopKTarget,
 )
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_sparse_kd", "sparse_kd_route"]
+__all__ = [
+    "fused_linear_cross_entropy",
+    "fused_linear_sparse_kd",
+    "sparse_kd_op_args",
+    "sparse_kd_route",
+]
 
 SparseKDRoute = Literal["cpu_kernel", "npu_kernel", "reference"]
 
@@ -99,9 +104,6 @@ def fused_linear_sparse_kd(
         num_items=num_items,
         softcap=softcap,
     )
-    div_code = DIVERGENCES.index(divergence)
-    mass_code = MISSING_MASS_MODES.index(missing_mass)
-    red_code = REDUCTIONS.index(reduction)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
@@ -126,40 +128,94 @@ def fused_linear_sparse_kd(
         )
         return (loss, KDStats.from_matrix(stats.detach())) if return_stats else loss
 
-    use_target = target if kd_weight > 0 else None
     grad_on = torch.is_grad_enabled()
-    need_grad_input = grad_on and hidden.requires_grad
-    need_grad_weight = grad_on and (
-        weight.requires_grad or (bias is not None and bias.requires_grad)
+    args = sparse_kd_op_args(
+        hidden,
+        weight,
+        labels,
+        target if kd_weight > 0 else None,
+        bias=bias,
+        kd_weight=kd_weight,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        missing_mass=missing_mass,
+        include_label=include_label,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        z_loss=z_loss,
+        reduction=reduction,
+        num_items=num_items,
+        chunk_rows=chunk_rows,
+        need_grad_input=grad_on and hidden.requires_grad,
+        need_grad_weight=grad_on
+        and (weight.requires_grad or (bias is not None and bias.requires_grad)),
+        compute_stats=return_stats,
     )
-    loss, _, _, _, stats = torch.ops.pangu_fastkd.sparse_kd_fused(
+    loss, _, _, _, stats = torch.ops.pangu_fastkd.sparse_kd_fused(*args)
+    return (loss, KDStats.from_matrix(stats)) if return_stats else loss
+
+
+def sparse_kd_op_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target: TopKTarget | SampledTarget | None,
+    *,
+    bias: torch.Tensor | None = None,
+    kd_weight: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    missing_mass: str = "tail",
+    include_label: bool = True,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    num_items: float | None = None,
+    chunk_rows: int | None = None,
+    need_grad_input: bool = True,
+    need_grad_weight: bool = True,
+    compute_stats: bool = False,
+) -> list[Any]:
+    """The positional arguments of ``torch.ops.pangu_fastkd.sparse_kd_fused``, in the order of
+    its schema (``csrc/ops.cpp``), from ``fused_linear_sparse_kd``'s arguments.
+
+    Option strings become their integer codes; ``None`` for softcap, ``num_items`` and
+    ``chunk_rows`` becomes the schema's 0 ("not set"); ``include_label`` must already be
+    resolved (a bool). Nothing is checked here: the op checks everything itself. For callers
+    of the raw op (tests, ``torch.library.opcheck``, the Ascend smoke kit).
+    """
+    topk = target if isinstance(target, TopKTarget) else None
+    sampled = target if isinstance(target, SampledTarget) else None
+    return [
         hidden,
         weight,
         bias,
         labels,
-        use_target.ids if use_target is not None else None,
-        use_target.logits if isinstance(use_target, TopKTarget) else None,
-        use_target.lse if isinstance(use_target, TopKTarget) else None,
-        use_target.label_logit if isinstance(use_target, TopKTarget) else None,
-        use_target.weights if isinstance(use_target, SampledTarget) else None,
+        target.ids if target is not None else None,
+        topk.logits if topk is not None else None,
+        topk.lse if topk is not None else None,
+        topk.label_logit if topk is not None else None,
+        sampled.weights if sampled is not None else None,
         float(kd_weight),
-        div_code,
+        DIVERGENCES.index(divergence),
         float(beta),
         float(temperature),
-        float(use_target.temperature) if isinstance(use_target, TopKTarget) else float(temperature),
-        mass_code,
+        float(topk.temperature) if topk is not None else float(temperature),
+        MISSING_MASS_MODES.index(missing_mass),
         bool(include_label),
         int(ignore_index),
         float(softcap) if softcap is not None else 0.0,
         float(z_loss),
-        red_code,
+        REDUCTIONS.index(reduction),
         float(num_items) if num_items is not None else 0.0,
         int(chunk_rows or 0),
-        need_grad_input,
-        need_grad_weight,
-        return_stats,
-    )
-    return (loss, KDStats.from_matrix(stats)) if return_stats else loss
+        bool(need_grad_input),
+        bool(need_grad_weight),
+        bool(compute_stats),
+    ]
 
 
 def fused_linear_cross_entropy(
