@@ -130,6 +130,7 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
         "bool": (bool,),
         "str | None": (str, type(None)),
         "list[str]": (list,),
+        "list[list[str]]": (list,),
         "dict[str, Any]": (dict,),
     }.get(annotation)
     if expected is not None:
@@ -178,6 +179,9 @@ def validate(config: PipelineConfig) -> None:
             raise ConfigError(f"{where}: the name is used twice")
         stage.validate(where, earlier, config.teachers)
         earlier[stage.name] = stage
+    evaluated = {"init"} | {f"teacher {name}" for name in config.teachers}
+    evaluated |= {stage.name for stage in config.stages if stage.kind in ("sft", "kd")}
+    config.eval.validate(evaluated)
 
 
 def config_from_dict(raw: dict, where: str = "config") -> PipelineConfig:

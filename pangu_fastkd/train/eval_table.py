@@ -1,4 +1,8 @@
-"""The eval table (``eval.md``): one Markdown row per evaluated stage, beside ``evaluate``."""
+"""The eval table (``eval.md``): one Markdown row per evaluated stage, beside ``evaluate``.
+
+Accuracies print with their 95% Wilson interval when the row keeps its per-problem outcomes
+(``correct_<mode>``, see ``evaluate.outcome_string``): ``25.0% (22.4-27.8)``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..durable import atomic_write_bytes
+from .evaluate import parse_outcomes
+from .intervals import wilson_interval
 
 __all__ = ["EVAL_TABLE_COLUMNS", "eval_table", "write_eval_table"]
 
@@ -21,6 +27,9 @@ EVAL_TABLE_COLUMNS = (
     ("acc_fast", "accuracy (fast)"),
 )
 _TEXT_KEYS = ("stage", "schedule")
+# Keys a row may carry that are not columns: the stage it started from and the per-problem
+# outcomes behind each accuracy.
+EXTRA_KEYS = ("start", "correct_reasoning", "correct_fast")
 
 
 def eval_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -29,14 +38,16 @@ def eval_table(rows: Sequence[dict[str, Any]]) -> str:
     Args:
         rows: dicts with ``stage`` (str, required), ``schedule`` (str: the stages run so far,
             e.g. ``"SFT(R) + SFT(F)"``) and ``loss_reasoning``, ``loss_fast``,
-            ``acc_reasoning``, ``acc_fast`` (floats; accuracies as fractions in [0, 1]). A
-            missing or None value prints as ``-``; unknown keys are an error (a misspelt key
-            would otherwise print as a silent ``-``).
+            ``acc_reasoning``, ``acc_fast`` (floats; accuracies as fractions in [0, 1]),
+            optionally ``correct_<mode>`` (per-problem outcomes, which must agree with
+            ``acc_<mode>``) and ``start``. A missing or None value prints as ``-``; unknown
+            keys are an error (a misspelt key would otherwise print as a silent ``-``).
 
     Returns:
         The table without a trailing newline: columns padded to equal width, text columns
         left-aligned, numbers right-aligned; losses with 3 decimals, accuracies as percentages
-        with 1 decimal (``87.5%``).
+        with 1 decimal (``87.5%``), followed by the 95% Wilson interval when the row has the
+        outcomes (``87.5% (80.1-92.4)``).
     """
     if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence):
         raise TypeError(f"rows must be a sequence of dicts, got {type(rows).__name__}")
@@ -64,7 +75,7 @@ def _eval_row_cells(row: Any, index: int) -> list[str]:
     where = f"eval_table row {index}"
     if not isinstance(row, dict):
         raise TypeError(f"{where} must be a dict, got {type(row).__name__}")
-    known = {key for key, _ in EVAL_TABLE_COLUMNS}
+    known = {key for key, _ in EVAL_TABLE_COLUMNS} | set(EXTRA_KEYS)
     unknown = sorted(set(row) - known)
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}; expected only {sorted(known)}")
@@ -82,8 +93,28 @@ def _eval_row_cells(row: Any, index: int) -> list[str]:
             # A pipe would split the cell and a newline would end the row.
             cells.append(" ".join(value.split()).replace("|", "\\|"))
         else:
-            cells.append(_format_metric(key, value, where))
+            cell = _format_metric(key, value, where)
+            if key.startswith("acc_") and row.get("correct_" + key[4:]) is not None:
+                cell += " " + _interval_text(row["correct_" + key[4:]], float(value), where)
+            cells.append(cell)
     return cells
+
+
+def _interval_text(outcome_text: Any, accuracy: float, where: str) -> str:
+    try:
+        outcomes = parse_outcomes(outcome_text)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if not outcomes:
+        raise ValueError(f"{where}: per-problem outcomes are empty")
+    right = sum(outcomes)
+    if abs(right / len(outcomes) - accuracy) > 1e-9:
+        raise ValueError(
+            f"{where}: accuracy {accuracy!r} disagrees with its outcomes ({right} of "
+            f"{len(outcomes)})"
+        )
+    interval = wilson_interval(right, len(outcomes))
+    return f"({100 * interval.low:.1f}-{100 * interval.high:.1f})"
 
 
 def _format_metric(key: str, value: Any, where: str) -> str:

@@ -13,7 +13,15 @@ from ..model import GenerationConfig
 from ..ops import fused_linear_cross_entropy
 from .config import EvalSpec
 
-__all__ = ["answer_matches", "eval_loss", "evaluate", "exact_match_accuracy"]
+__all__ = [
+    "answer_matches",
+    "answer_outcomes",
+    "eval_loss",
+    "evaluate",
+    "exact_match_accuracy",
+    "outcome_string",
+    "parse_outcomes",
+]
 
 
 def answer_matches(generated: str, answer: str) -> bool:
@@ -55,14 +63,14 @@ def eval_loss(
 
 
 @torch.no_grad()
-def exact_match_accuracy(
+def answer_outcomes(
     model: CausalLM,
     tokenizer: Tokenizer,
     template: ChatRenderer,
     examples: Sequence[Example],
     spec: EvalSpec,
-) -> float:
-    """Fraction of ``examples`` whose greedy response has the reference ``answer``."""
+) -> list[bool]:
+    """For each of ``examples``, whether its greedy response has the reference ``answer``."""
     prompts = [
         template.render(ex.prompt_messages, tokenizer, add_generation_prompt=True)[0]
         for ex in examples
@@ -73,11 +81,36 @@ def exact_match_accuracy(
         stop_token_ids=tuple(template.stop_ids(tokenizer)),
     )
     outputs = generate(model, prompts, config, batch_size=spec.batch_size)
-    correct = 0
+    outcomes = []
     for ex, out in zip(examples, outputs, strict=True):
         tokens = out.tokens[:-1] if out.stopped else out.tokens
-        correct += answer_matches(tokenizer.decode(tokens), ex.answer or "")
-    return correct / max(len(examples), 1)
+        outcomes.append(answer_matches(tokenizer.decode(tokens), ex.answer or ""))
+    return outcomes
+
+
+def exact_match_accuracy(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    template: ChatRenderer,
+    examples: Sequence[Example],
+    spec: EvalSpec,
+) -> float:
+    """Fraction of ``examples`` whose greedy response has the reference ``answer``."""
+    outcomes = answer_outcomes(model, tokenizer, template, examples, spec)
+    return sum(outcomes) / max(len(outcomes), 1)
+
+
+def outcome_string(outcomes: Sequence[bool]) -> str:
+    """Per-problem outcomes as a string of ``1`` (right) and ``0`` (wrong), in problem order:
+    what the eval row keeps so that two stages can be compared problem by problem."""
+    return "".join("1" if ok else "0" for ok in outcomes)
+
+
+def parse_outcomes(text: str) -> list[bool]:
+    """The inverse of ``outcome_string``."""
+    if not isinstance(text, str) or set(text) - {"0", "1"}:
+        raise ValueError("per-problem outcomes must be a string of 0 and 1")
+    return [c == "1" for c in text]
 
 
 def evaluate(
@@ -86,23 +119,25 @@ def evaluate(
     template: ChatRenderer,
     eval_sets: dict[str, Sequence[Example]],
     spec: EvalSpec,
-) -> dict[str, float | None]:
-    """``loss_<mode>`` and ``acc_<mode>`` for each mode ("reasoning", "fast") with eval data."""
+) -> dict[str, float | str | None]:
+    """For each mode ("reasoning", "fast"): ``loss_<mode>``, ``acc_<mode>`` and
+    ``correct_<mode>`` (``outcome_string`` of the problems in eval order); None without data."""
     was_training = model.training
     model.eval()
-    results: dict[str, float | None] = {}
+    results: dict[str, float | str | None] = {}
     try:
         for mode in ("reasoning", "fast"):
             examples = list(eval_sets.get(mode, ()))[: spec.max_examples]
             if not examples:
-                results[f"loss_{mode}"] = results[f"acc_{mode}"] = None
+                for key in ("loss", "acc", "correct"):
+                    results[f"{key}_{mode}"] = None
                 continue
             results[f"loss_{mode}"] = eval_loss(
                 model, tokenizer, template, examples, spec.batch_tokens
             )
-            results[f"acc_{mode}"] = exact_match_accuracy(
-                model, tokenizer, template, examples, spec
-            )
+            outcomes = answer_outcomes(model, tokenizer, template, examples, spec)
+            results[f"acc_{mode}"] = sum(outcomes) / len(outcomes)
+            results[f"correct_{mode}"] = outcome_string(outcomes)
     finally:
         model.train(was_training)
     return results

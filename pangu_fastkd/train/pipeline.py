@@ -54,12 +54,12 @@ from .config import (
     SFTStage,
     TrainSpec,
 )
-from .eval_table import write_eval_table
 from .evaluate import evaluate
-from .metrics import MetricsLog
+from .metrics import MetricsLog, read_metrics
 from .plots import plot_run
 from .run_dir import RunDirError, prepare_run_dir, read_record, write_record
 from .stage_runners import STAGE_RUNNERS, TRAINING_KINDS
+from .summary import write_run_report
 from .training import DTYPES
 
 __all__ = ["Pipeline", "RunDirError"]
@@ -118,6 +118,7 @@ class Pipeline:
         self.resume, self.overwrite = resume, overwrite
         self.out = (log or sys.stdout) if context.is_main else open(os.devnull, "w")
         self.eval_rows: list[dict] = []
+        self.seconds: dict[str, float] = {}  # wall time per stage (and per teacher trained here)
 
     # -----------------------------------------------------------------------------------------
     # Set-up: run directory, data, tokenizer
@@ -189,6 +190,12 @@ class Pipeline:
     # -----------------------------------------------------------------------------------------
     # Training
 
+    def training_order(self, examples: list[Example], train: TrainSpec) -> list[Example]:
+        """``examples`` in the order ``train.schedule`` asks for (the loop packs them as given)."""
+        return order_by_difficulty(
+            examples, schedule=train.schedule, difficulty=train.difficulty, seed=self.config.seed
+        )
+
     def stage_examples(self, data: str, train: TrainSpec | None, mode: str | None) -> list:
         if data in self.splits:
             examples = self.splits[data]
@@ -197,12 +204,7 @@ class Pipeline:
         if mode is not None:
             examples = select_stage(examples, mode=mode)
         if train is not None:
-            examples = order_by_difficulty(
-                examples,
-                schedule=train.schedule,
-                difficulty=train.difficulty,
-                seed=self.config.seed,
-            )
+            examples = self.training_order(examples, train)
         if not examples:
             raise ValueError(f"no examples for data {data!r} (mode {mode!r})")
         return examples
@@ -236,8 +238,10 @@ class Pipeline:
     def _report(self) -> None:
         if not self.context.is_main:
             return
-        table = write_eval_table(self.run_dir / "eval.md", self.eval_rows)
-        print(table, file=self.out)
+        compare = [tuple(pair) for pair in self.config.eval.compare]
+        metrics = read_metrics(self.run_dir / "metrics.jsonl")
+        report = write_run_report(self.run_dir, self.eval_rows, compare, metrics, self.seconds)
+        print(report, file=self.out)
         plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plot.png")
 
     def _preflight(self) -> None:
@@ -312,6 +316,8 @@ class Pipeline:
                 record = read_record(done)
                 if "eval" in record:
                     self.eval_rows.append(record["eval"])
+                if "seconds" in record:
+                    self.seconds[stage.name] = record["seconds"]
                 if (stage_dir / "model").exists():
                     trained = reload_like(student, stage_dir / "model")
                     lineage[stage.name] = (trained, schedule)
@@ -319,7 +325,14 @@ class Pipeline:
                 print(f"{stage.name}: done (skipped)", file=self.out)
                 continue
             print(f"== stage {stage.name} ({stage.kind}, from {base})", file=self.out)
+            stage_started = time.perf_counter()
             outcome = STAGE_RUNNERS[stage.kind](self, stage, student, schedule, stage_dir)
+            self.seconds[stage.name] = outcome.record["seconds"] = round(
+                time.perf_counter() - stage_started, 3
+            )
+            if "eval" in outcome.record:
+                # The row is the one in eval_rows: the comparisons pair it with its start.
+                outcome.record["eval"]["start"] = base
             if outcome.trained is not None:
                 lineage[stage.name] = (outcome.trained, schedule)
                 latest = stage.name

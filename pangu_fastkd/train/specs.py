@@ -185,3 +185,22 @@ class EvalSpec:
     max_new_tokens: int = 96
     batch_size: int = 32
     batch_tokens: int = 4096
+    # [stage, baseline] pairs compared problem by problem (beyond every stage against the one
+    # it started from): eval row names, i.e. stage names, "init" or "teacher <name>".
+    compare: list[list[str]] = field(default_factory=list)
+
+    def validate(self, row_names: set[str]) -> None:
+        """Raises ``ConfigError`` for a comparison naming a row the run never evaluates."""
+        for i, pair in enumerate(self.compare):
+            where = f"eval.compare[{i}]"
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(name, str) for name in pair)
+            ):
+                raise ConfigError(f"{where}: expected [stage, baseline], got {pair!r}")
+            for name in pair:
+                if name not in row_names:
+                    raise ConfigError(
+                        f"{where}: {name!r} is not an evaluated stage; known: {sorted(row_names)}"
+                    )

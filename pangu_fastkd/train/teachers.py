@@ -11,11 +11,12 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..backends import CausalLM, load_model_dir, resolve_backend
-from ..data import Example, fingerprint_examples
+from ..data import Example, fingerprint_examples, select_stage
 from ..scoring import DEFAULT_CONDITION_TEMPLATE, condition_on_answer
 from .config import ModelSpec
 from .run_dir import read_record, write_record
@@ -55,28 +56,40 @@ def teacher_key(spec: ModelSpec, examples: Sequence[Example]) -> str:
 def trained_teacher(pipeline: Pipeline, name: str) -> CausalLM:
     """Teacher ``name``: loaded from its spec, or trained from scratch (once, then reused)."""
     spec = pipeline.config.teachers[name]
+    label = f"teacher {name}"
     if not spec.train_on:
-        return pipeline.build_model(spec, name)
+        model = pipeline.build_model(spec, name)
+        # Evaluated like the students, so the table shows how far above them it is.
+        pipeline.eval_rows.append(pipeline.evaluate(model, label, f"teacher ({spec.path})"))
+        return model
+    # In the order the teacher's schedule asks for: the loop packs examples as given, and the
+    # hinted copies come after the plain ones.
     examples = teacher_examples(spec, pipeline.splits)
+    if spec.train.mode is not None:
+        examples = select_stage(examples, mode=spec.train.mode)
+    examples = pipeline.training_order(examples, spec.train)
     key = teacher_key(spec, examples)
     directory = pipeline.run_dir / "teachers" / name
     done = directory / "done.json"
     if done.exists() and read_record(done).get("key") == key:
         print(f"teacher {name!r}: reusing {directory / 'model'}", file=pipeline.out)
-        pipeline.eval_rows.append(read_record(done)["eval"])
+        record = read_record(done)
+        pipeline.eval_rows.append(record["eval"])
+        pipeline.seconds[label] = record.get("seconds")
         backend = "embedded" if spec.path is None else resolve_backend(spec.path, spec.backend)
         return load_model_dir(directory / "model", backend, DTYPES[spec.dtype])
     if pipeline.context.is_main and directory.exists():
         shutil.rmtree(directory)
     pipeline.context.barrier()
     print(f"teacher {name!r}: training from scratch on {spec.train_on}", file=pipeline.out)
+    started = time.perf_counter()
     model = pipeline.build_model(spec, name)
-    label = f"teacher {name}"
     model = train_model(pipeline, model, examples, spec.train, directory / "work", label, None)
     row = pipeline.evaluate(model, label, f"teacher ({'+'.join(spec.train_on)})")
     pipeline.eval_rows.append(row)
+    seconds = pipeline.seconds[label] = round(time.perf_counter() - started, 3)
     if pipeline.context.is_main:
         pipeline.save_model_dir(model, directory / "model")
-        write_record(done, {"key": key, "eval": row})
+        write_record(done, {"key": key, "eval": row, "seconds": seconds})
     pipeline.context.barrier()
     return model

@@ -1,0 +1,77 @@
+"""Teachers trained by the run: the examples reach the training loop in the order the teacher's
+``schedule`` asks for, so a shuffled teacher sees plain and answer-hinted examples mixed in
+every batch rather than in blocks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from pangu_fastkd.data import pack_examples, tokenize_example
+from pangu_fastkd.distributed import DistributedContext
+from pangu_fastkd.train import teachers
+from pangu_fastkd.train.config import config_from_dict
+from pangu_fastkd.train.pipeline import Pipeline
+
+CONFIG = {
+    "run_dir": "unused",
+    "data": {"source": "demo", "train_problems": 120, "eval_problems": 4, "max_difficulty": 2},
+    "student": {"preset": "tiny", "seed": 1},
+    "teachers": {
+        "teacher": {
+            "preset": "tiny",
+            "seed": 2,
+            "train_on": ["train_fast"],
+            "train_with_answer_hints": True,
+            "train": {"steps": 3, "batch_tokens": 512, "schedule": "shuffle"},
+        }
+    },
+    "stages": [{"name": "s", "kind": "sft", "data": "train_fast", "train": {"steps": 1}}],
+}
+
+
+class _CapturedError(Exception):
+    pass
+
+
+def _teacher_batches(tmp_path, monkeypatch, schedule: str) -> list[list[bool]]:
+    """For each batch the teacher would train on: which of its examples carry the hint."""
+    raw = copy.deepcopy(CONFIG)
+    raw["run_dir"] = str(tmp_path)
+    raw["teachers"]["teacher"]["train"]["schedule"] = schedule
+    pipeline = Pipeline(config_from_dict(raw), DistributedContext(0, 1, 0))
+    pipeline._load_data()
+    captured = {}
+
+    def capture(pipeline, model, examples, train, *args, **kwargs):
+        captured["examples"], captured["train"] = list(examples), train
+        raise _CapturedError
+
+    monkeypatch.setattr(teachers, "train_model", capture)
+    with pytest.raises(_CapturedError):
+        teachers.trained_teacher(pipeline, "teacher")
+    examples, train = captured["examples"], captured["train"]
+    tokenized = [tokenize_example(ex, pipeline.tokenizer, pipeline.template) for ex in examples]
+    hinted = {i for i, ex in enumerate(examples) if ex.id.endswith("+hint")}
+    assert len(hinted) == len(examples) // 2 == 120  # one hinted copy per plain example
+    # The loop packs in the given order (order="keep"), as train_model does.
+    batches = pack_examples(tokenized, train.batch_tokens, order="keep")
+    id_to_index = {ex.id: i for i, ex in enumerate(examples)}
+    return [[id_to_index[doc] in hinted for doc in batch.example_ids] for batch in batches]
+
+
+def test_shuffled_teacher_batches_mix_plain_and_hinted(tmp_path, monkeypatch):
+    batches = _teacher_batches(tmp_path, monkeypatch, "shuffle")
+    assert len(batches) >= 8
+    for flags in batches:
+        assert any(flags) and not all(flags), flags
+
+
+def test_unshuffled_teacher_trains_in_blocks(tmp_path, monkeypatch):
+    # schedule = "none" keeps the input order: the plain examples first, then their hinted
+    # copies; what the shuffled teacher trained on before the fix.
+    batches = _teacher_batches(tmp_path, monkeypatch, "none")
+    mixed = [flags for flags in batches if any(flags) and not all(flags)]
+    assert len(mixed) <= 1
+    assert not any(batches[0]) and all(batches[-1])
