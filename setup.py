@@ -113,6 +113,11 @@ setup(
     version="0.1.0",
     description="Kernel-first toolkit for knowledge-distillation post-training of small LMs",
     packages=find_packages(include=["pangu_fastkd", "pangu_fastkd.*"]),
+    # The shipped models (pangu_fastkd/pretrained/<name>/) and the trainer's configs.
+    package_data={
+        "pangu_fastkd.pretrained": ["*/*.json", "*/*.safetensors"],
+        "pangu_fastkd.train": ["configs/*.toml"],
+    },
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors", "matplotlib", "tqdm"],
     extras_require={

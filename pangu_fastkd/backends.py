@@ -24,6 +24,7 @@ from torch import Tensor
 from .durable import fsync_tree, replace_dir
 from .model import DecoderLM, Generation, GenerationConfig, ModelConfig, load_pretrained
 from .model.checkpoint import save_pretrained
+from .pretrained import resolve_model_path
 
 __all__ = [
     "TOKENIZER_FILES",
@@ -121,7 +122,9 @@ def embedded_unsupported(directory: str | Path) -> str | None:
 
 def resolve_backend(path: str | Path, backend: str) -> str:
     """``"embedded"`` or ``"transformers"`` for a checkpoint directory and a spec's ``backend``
-    (``"auto"``: embedded when the embedded loader supports the config)."""
+    (``"auto"``: embedded when the embedded loader supports the config). ``path`` may name a
+    shipped model (``"builtin:<name>"``)."""
+    path = resolve_model_path(path)
     if backend not in ("auto", "embedded", "transformers"):
         raise ValueError(f"backend {backend!r} is not 'auto', 'embedded' or 'transformers'")
     if backend != "auto":
@@ -132,10 +135,14 @@ def resolve_backend(path: str | Path, backend: str) -> str:
 def load_model_spec(path: str | Path, backend: str, dtype: torch.dtype) -> CausalLM:
     """Loads a model spec's checkpoint directory on its ``backend`` (``"auto"`` resolved here).
 
+    ``path`` may name a shipped model (``"builtin:<name>"``, checked against its recipe).
+
     Raises:
         ValueError: with ``"auto"``, neither backend can load the directory (both reasons
             given), e.g. an architecture transformers does not know or no ``hf`` extra.
+        PretrainedError: a shipped model that is unknown or fails its fingerprints.
     """
+    path = resolve_model_path(path)
     resolved = resolve_backend(path, backend)
     if backend != "auto" or resolved == "embedded":
         return load_model_dir(path, resolved, dtype)

@@ -351,3 +351,22 @@ def test_max_operand_bounds_every_number_and_level_1_capacity():
     assert all(
         max(map(int, re.findall(r"[0-9]+", p.question))) <= 9 for p in curriculum.eval_problems
     )
+
+
+def test_min_difficulty_leaves_out_the_easy_levels():
+    problems = make_problems(51, seed=3, max_difficulty=4, min_difficulty=2)
+    counts = Counter(p.difficulty for p in problems)
+    assert counts == {2: 17, 3: 17, 4: 17}
+    # Level 2 alone at operands up to 20 holds enough questions for a 1,000-problem eval set
+    # beside 10,000 training problems, which level 1 (610 questions) could not.
+    curriculum = make_curriculum(
+        seed=0, n_train=10_000, n_eval=1000, max_difficulty=2, min_difficulty=2, max_operand=20
+    )
+    assert {p.difficulty for p in curriculum.eval_problems} == {2}
+    eval_questions = {p.question for p in curriculum.eval_problems}
+    assert len(eval_questions) == 1000
+    assert not eval_questions & {ex.id.split("-", 2)[2][:-2] for ex in curriculum.train_fast}
+    with pytest.raises(ValueError, match=r"min_difficulty \(3\) must be at most max_difficulty"):
+        make_problems(4, seed=0, max_difficulty=2, min_difficulty=3)
+    with pytest.raises(ValueError, match="min_difficulty must be at least 1"):
+        make_problems(4, seed=0, min_difficulty=0)

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pangu_fastkd"
 # ``__init__`` is its front door: it sits on top and re-exports, and importing it is free.
 LAYERS: list[set[str]] = [
     {"_ascend_build", "durable", "distributed"},
-    {"_native"},
+    {"_native", "pretrained"},
     {"data"},
     {"ops"},
     {"model", "cache"},

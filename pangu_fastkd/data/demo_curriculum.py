@@ -145,14 +145,18 @@ def make_problems(
     max_difficulty: int = 4,
     exclude: Collection[str] = (),
     max_operand: int = _MAX_OPERAND,
+    min_difficulty: int = 1,
 ) -> list[Problem]:
-    """``n`` distinct problems of levels 1..``max_difficulty``, in a seeded random order.
+    """``n`` distinct problems of levels ``min_difficulty``..``max_difficulty``, in a seeded
+    random order.
 
     Args:
-        n: how many problems (>= 0). Levels get ``n // max_difficulty`` each, and the first
-            ``n % max_difficulty`` levels one more.
-        seed: the same ``(n, seed, max_difficulty, exclude)`` give the same problems.
+        n: how many problems (>= 0). With L levels, each gets ``n // L``, and the first
+            ``n % L`` levels one more.
+        seed: the same arguments give the same problems.
         max_difficulty: the hardest level, 1..``MAX_DIFFICULTY``.
+        min_difficulty: the easiest level, 1..``max_difficulty`` (level 1 has few distinct
+            questions at small operands; leaving it out frees the eval set from it).
         exclude: questions never to produce (e.g. the held-out eval questions).
         max_operand: the largest number in a question (2..99; products' digit factor stays
             2..9). Small operands make every step a fact a small model can learn, so the gap
@@ -172,6 +176,11 @@ def make_problems(
             f"max_difficulty must be at most {MAX_DIFFICULTY} (the levels this curriculum "
             f"defines), got {max_difficulty}"
         )
+    _check_int("min_difficulty", min_difficulty, minimum=1)
+    if min_difficulty > max_difficulty:
+        raise ValueError(
+            f"min_difficulty ({min_difficulty}) must be at most max_difficulty ({max_difficulty})"
+        )
     _check_int("max_operand", max_operand, minimum=2)
     if max_operand > _MAX_OPERAND:
         raise ValueError(f"max_operand must be at most {_MAX_OPERAND}, got {max_operand}")
@@ -182,8 +191,9 @@ def make_problems(
     rng = random.Random(seed)
     seen: set[str] = set()
     problems: list[Problem] = []
-    for level in range(1, max_difficulty + 1):
-        quota = n // max_difficulty + (1 if level <= n % max_difficulty else 0)
+    n_levels = max_difficulty - min_difficulty + 1
+    for index, level in enumerate(range(min_difficulty, max_difficulty + 1)):
+        quota = n // n_levels + (1 if index < n % n_levels else 0)
         capacity = _level_1_questions(max_operand)
         if level == 1 and quota > capacity:
             raise ValueError(
@@ -395,9 +405,16 @@ class Curriculum:
 
 
 def make_curriculum(
-    *, seed: int, n_train: int, n_eval: int, max_difficulty: int = 4, max_operand: int = 99
+    *,
+    seed: int,
+    n_train: int,
+    n_eval: int,
+    max_difficulty: int = 4,
+    max_operand: int = 99,
+    min_difficulty: int = 1,
 ) -> Curriculum:
-    """Training and held-out problems of levels 1..``max_difficulty``, balanced across levels.
+    """Training and held-out problems of levels ``min_difficulty``..``max_difficulty``,
+    balanced across levels.
 
     The eval problems come from seed ``2 * seed + 1`` and do not depend on ``n_train``; the
     training problems come from seed ``2 * seed`` with the eval questions excluded. The
@@ -408,19 +425,17 @@ def make_curriculum(
         n_train, n_eval: numbers of problems (>= 1 each).
         max_difficulty: the hardest level, 1..``MAX_DIFFICULTY``.
         max_operand: the largest number in a question (see ``make_problems``).
+        min_difficulty: the easiest level (see ``make_problems``).
     """
     _check_int("seed", seed)
     _check_int("n_train", n_train, minimum=1)
     _check_int("n_eval", n_eval, minimum=1)
-    eval_problems = make_problems(
-        n_eval, seed=2 * seed + 1, max_difficulty=max_difficulty, max_operand=max_operand
+    levels = dict(
+        max_difficulty=max_difficulty, max_operand=max_operand, min_difficulty=min_difficulty
     )
+    eval_problems = make_problems(n_eval, seed=2 * seed + 1, **levels)
     train_problems = make_problems(
-        n_train,
-        seed=2 * seed,
-        max_difficulty=max_difficulty,
-        exclude={p.question for p in eval_problems},
-        max_operand=max_operand,
+        n_train, seed=2 * seed, exclude={p.question for p in eval_problems}, **levels
     )
     return Curriculum(
         train_reasoning=[reasoning_example(p) for p in train_problems],

@@ -158,8 +158,9 @@ def _build_stage(data: Any, where: str) -> Stage:
 def validate(config: PipelineConfig) -> None:
     """Checks every table, and the references between stages, models and data, before anything
     runs."""
-    if not config.stages:
-        raise ConfigError("the pipeline has no [[stages]]")
+    if not config.stages and not any(spec.train_on for spec in config.teachers.values()):
+        # A run without stages only trains its teachers (configs/teacher.toml).
+        raise ConfigError("the pipeline has no [[stages]] and no teacher to train")
     for name, spec in [("student", config.student), *config.teachers.items()]:
         spec.validate(name)
     trained = [("student", config.student)] + [

@@ -60,6 +60,7 @@ from .plots import plot_run
 from .run_dir import RunDirError, prepare_run_dir, read_record, write_record
 from .stage_runners import STAGE_RUNNERS, TRAINING_KINDS
 from .summary import write_run_report
+from .teachers import trained_teacher
 from .training import DTYPES
 
 __all__ = ["Pipeline", "RunDirError"]
@@ -141,6 +142,7 @@ class Pipeline:
                 n_train=spec.train_problems,
                 n_eval=spec.eval_problems,
                 max_difficulty=spec.max_difficulty,
+                min_difficulty=spec.min_difficulty,
                 max_operand=spec.max_operand,
             )
             self._curriculum = curriculum
@@ -305,6 +307,12 @@ class Pipeline:
                 init_done.parent.mkdir(parents=True, exist_ok=True)
                 write_record(init_done, row)
         self.teachers: dict[str, CausalLM] = {}
+        if not self.config.stages:
+            # A run of teachers only: train (or reuse) each, and report them.
+            for name, spec in self.config.teachers.items():
+                if spec.train_on:
+                    self.teachers[name] = trained_teacher(self, name)
+            self._report()
         for stage in self.config.stages:
             stage_dir = self.stage_dir(stage)
             done = stage_dir / "done.json"

@@ -146,6 +146,7 @@ class DataSpec:
     train_problems: int = 2000
     eval_problems: int = 100
     max_difficulty: int = 4
+    min_difficulty: int = 1
     max_operand: int = 99  # the largest number in a generated question (2..99)
     seed: int = 0
     # files

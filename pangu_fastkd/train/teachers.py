@@ -78,8 +78,16 @@ def trained_teacher(pipeline: Pipeline, name: str) -> CausalLM:
         pipeline.seconds[label] = record.get("seconds")
         backend = "embedded" if spec.path is None else resolve_backend(spec.path, spec.backend)
         return load_model_dir(directory / "model", backend, DTYPES[spec.dtype])
-    if pipeline.context.is_main and directory.exists():
-        shutil.rmtree(directory)
+    # An interrupted training of the same teacher resumes from its checkpoint in work/; a
+    # teacher whose spec or data changed starts over.
+    started_record = directory / "started.json"
+    if pipeline.context.is_main:
+        same = started_record.exists() and read_record(started_record).get("key") == key
+        if directory.exists() and not same:
+            shutil.rmtree(directory)
+        if not same:
+            directory.mkdir(parents=True)
+            write_record(started_record, {"key": key})
     pipeline.context.barrier()
     print(f"teacher {name!r}: training from scratch on {spec.train_on}", file=pipeline.out)
     started = time.perf_counter()
