@@ -21,6 +21,7 @@ from ..cache import CacheError
 from ..distributed import init_distributed
 from .config import ConfigError, config_from_dict, load_config
 from .pipeline import Pipeline, RunDirError
+from .replicates import run_replicates
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if config.threads:
             torch.set_num_threads(config.threads)
         context = init_distributed("cpu")
-        Pipeline(config, context, resume=bool(args.resume), overwrite=args.overwrite).run()
+        if config.seeds:
+            run_replicates(config, context, resume=bool(args.resume), overwrite=args.overwrite)
+        else:
+            Pipeline(config, context, resume=bool(args.resume), overwrite=args.overwrite).run()
     except (ConfigError, RunDirError, CacheError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -74,6 +74,8 @@ class PipelineConfig:
     teachers: dict[str, ModelSpec] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     stages: list[Stage] = field(default_factory=list)
+    # Run the whole config once per seed and report mean and spread (train.replicates).
+    seeds: list[int] = field(default_factory=list)
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:
@@ -131,6 +133,7 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
         "str | None": (str, type(None)),
         "list[str]": (list,),
         "list[list[str]]": (list,),
+        "list[int]": (list,),
         "dict[str, Any]": (dict,),
     }.get(annotation)
     if expected is not None:
@@ -173,6 +176,10 @@ def validate(config: PipelineConfig) -> None:
                 "fsdp = false"
             )
     config.data.validate(student_has_path=config.student.path is not None)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config.seeds):
+        raise ConfigError(f"seeds must be non-negative ints, got {config.seeds!r}")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ConfigError(f"seeds must be distinct, got {config.seeds!r}")
     earlier: dict[str, Stage] = {}
     for i, stage in enumerate(config.stages):
         where = f"stages[{i}] ({stage.name!r})"

@@ -120,6 +120,8 @@ class Pipeline:
         self.out = (log or sys.stdout) if context.is_main else open(os.devnull, "w")
         self.eval_rows: list[dict] = []
         self.seconds: dict[str, float] = {}  # wall time per stage (and per teacher trained here)
+        # Teachers trained here; the runs of a config with seeds share their parent's.
+        self.teachers_dir = self.run_dir / "teachers"
 
     # -----------------------------------------------------------------------------------------
     # Set-up: run directory, data, tokenizer

@@ -11,7 +11,7 @@ from typing import Any
 from ..durable import atomic_write_bytes
 from .metrics import read_metrics
 
-__all__ = ["plot_run"]
+__all__ = ["plot_replicates", "plot_run"]
 
 
 def plot_run(metrics_path: str | Path, png_path: str | Path) -> None:
@@ -39,6 +39,46 @@ def plot_run(metrics_path: str | Path, png_path: str | Path) -> None:
     _plot_train_loss(loss_ax, [r for r in records if r["kind"] == "train"])
     _plot_stage_evals(eval_ax, [r for r in records if r["kind"] == "eval"])
     fig.suptitle(Path(metrics_path).resolve().parent.name or str(metrics_path))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(Path(png_path), buffer.getvalue())
+
+
+def plot_replicates(summary: dict[str, Any], png_path: str | Path) -> None:
+    """Bar chart of a run across seeds (``replicates.aggregate_summaries``'s summary), as PNG.
+
+    One group per stage, one bar per eval mode: the mean accuracy over seeds in percent, the
+    error bar one standard deviation, each seed's figure a dot on its bar.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    stages = summary["stages"]
+    modes = [m for m in ("reasoning", "fast") if any(m in s["accuracy"] for s in stages)]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(stages) + 2), 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / max(len(modes), 1)
+    for j, mode in enumerate(modes):
+        xs, means, stds, dots = [], [], [], []
+        for i, stage in enumerate(stages):
+            spread = stage["accuracy"].get(mode)
+            if spread is None:
+                continue
+            x = i + (j - (len(modes) - 1) / 2) * width
+            xs.append(x)
+            means.append(100 * spread["mean"])
+            stds.append(100 * spread["std"])
+            dots += [(x, 100 * v) for v in spread["per_seed"]]
+        ax.bar(xs, means, width * 0.9, yerr=stds, capsize=3, label=f"accuracy ({mode})")
+        if dots:
+            ax.plot(*zip(*dots, strict=True), "k.", markersize=3)
+    ax.set_xticks(range(len(stages)), [s["stage"] for s in stages], rotation=25, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"mean over seeds {summary['seeds']}, error bars one std, dots per seed")
+    ax.grid(True, axis="y", alpha=0.3)
+    if modes:
+        ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(Path(png_path), buffer.getvalue())

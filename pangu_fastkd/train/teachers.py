@@ -69,7 +69,7 @@ def trained_teacher(pipeline: Pipeline, name: str) -> CausalLM:
         examples = select_stage(examples, mode=spec.train.mode)
     examples = pipeline.training_order(examples, spec.train)
     key = teacher_key(spec, examples)
-    directory = pipeline.run_dir / "teachers" / name
+    directory = pipeline.teachers_dir / name
     done = directory / "done.json"
     if done.exists() and read_record(done).get("key") == key:
         print(f"teacher {name!r}: reusing {directory / 'model'}", file=pipeline.out)
