@@ -34,6 +34,7 @@ from pangu_fastkd.ops import fused_linear_sparse_kd, sparse_kd_reference
 from pangu_fastkd.scoring import (
     ScoringConfig,
     condition_on_answer,
+    reference_agreement,
     rows_to_targets,
     sample_counts,
     score_to_cache,
@@ -395,3 +396,44 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert done.stderr.startswith("scoring error:") and "bad.jsonl:1" in done.stderr
     assert "Traceback" not in done.stderr
     json.loads((teacher_dir / "config.json").read_text())  # inputs untouched
+
+
+class _EchoTeacher:
+    """A teacher whose greedy next token is always the current token: it agrees with the
+    reference exactly where a token repeats ("ee" in "Checked", "11"), which the test can count
+    from the sequences alone."""
+
+    training = False
+    output_bias = None
+    logit_softcap = None
+
+    def __init__(self, vocab_size: int):
+        self.output_weight = torch.eye(vocab_size)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def hidden_states(self, input_ids, cu_seqlens):
+        return torch.nn.functional.one_hot(input_ids, self.output_weight.shape[0]).float()
+
+
+@pytest.mark.parametrize("condition", [None, "\n\n(The reference answer is {answer}.)"])
+def test_reference_agreement_counts_the_teachers_greedy_hits(condition):
+    teacher = _EchoTeacher(TOKENIZER.vocab_size)
+    examples = make_examples()
+    agree = total = 0
+    for ex in examples:
+        seq = teacher_sequence(ex, TOKENIZER, TEMPLATE, condition_template=condition)
+        agree += sum(
+            seq.teacher_ids[r] == label for r, label in zip(seq.rows, seq.labels, strict=True)
+        )
+        total += len(seq.rows)
+    # Several sequences packed per forward, in small batches: the same hits.
+    rate = reference_agreement(
+        teacher, TOKENIZER, TEMPLATE, examples, condition_template=condition, batch_tokens=90
+    )
+    assert 0 < agree < total and rate == agree / total
+    assert reference_agreement(teacher, TOKENIZER, TEMPLATE, []) == 0.0

@@ -10,7 +10,7 @@ import pytest
 
 from pangu_fastkd.data import pack_examples, tokenize_example
 from pangu_fastkd.distributed import DistributedContext
-from pangu_fastkd.train import teachers
+from pangu_fastkd.train import ConfigError, teachers
 from pangu_fastkd.train.config import config_from_dict
 from pangu_fastkd.train.pipeline import Pipeline
 
@@ -75,3 +75,20 @@ def test_unshuffled_teacher_trains_in_blocks(tmp_path, monkeypatch):
     mixed = [flags for flags in batches if any(flags) and not all(flags)]
     assert len(mixed) <= 1
     assert not any(batches[0]) and all(batches[-1])
+
+
+def test_answer_hint_share_hints_a_seeded_share(tmp_path):
+    raw = copy.deepcopy(CONFIG)
+    raw["teachers"]["teacher"]["answer_hint_share"] = 0.25
+    pipeline = Pipeline(config_from_dict(raw), DistributedContext(0, 1, 0))
+    pipeline._load_data()
+    spec = pipeline.config.teachers["teacher"]
+    examples = teachers.teacher_examples(spec, pipeline.splits)
+    hinted = [ex.id for ex in examples if ex.id.endswith("+hint")]
+    assert len(examples) == 120 + 30 and len(hinted) == 30
+    assert hinted == [
+        ex.id for ex in teachers.teacher_examples(spec, pipeline.splits) if "+hint" in ex.id
+    ]
+    raw["teachers"]["teacher"]["answer_hint_share"] = 0.0
+    with pytest.raises(ConfigError, match=r"answer_hint_share must be in \(0, 1\]"):
+        config_from_dict(raw)

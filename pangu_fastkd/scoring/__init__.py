@@ -1,6 +1,7 @@
 """Offline teacher scoring: the teacher reads each sequence once and the logit cache keeps what
 it says about every supervised token (``python -m pangu_fastkd.scoring``)."""
 
+from .agreement import reference_agreement
 from .run import ScoringConfig, ScoringReport, score_to_cache
 from .sequences import (
     DEFAULT_CONDITION_TEMPLATE,
@@ -17,6 +18,7 @@ __all__ = [
     "ScoringReport",
     "TeacherSequence",
     "condition_on_answer",
+    "reference_agreement",
     "rows_to_targets",
     "sample_counts",
     "score_to_cache",

@@ -91,7 +91,7 @@ class ScoringReport:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _batches(
+def teacher_batches(
     seqs: Sequence[TeacherSequence], indices: Sequence[int], batch_tokens: int
 ) -> Iterator[list[int]]:
     """Consecutive runs of ``indices`` whose teacher sequences fit ``batch_tokens`` together (a
@@ -229,7 +229,7 @@ def score_to_cache(
     bias = None if bias is None else bias.detach().float()
     try:
         with torch.inference_mode():
-            for batch in _batches(seqs, todo, config.batch_tokens):
+            for batch in teacher_batches(seqs, todo, config.batch_tokens):
                 lengths = [len(seqs[i].teacher_ids) for i in batch]
                 input_ids = torch.tensor(
                     [t for i in batch for t in seqs[i].teacher_ids], dtype=torch.long

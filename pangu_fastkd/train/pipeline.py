@@ -219,15 +219,16 @@ class Pipeline:
     def stage_dir(self, stage) -> Path:
         return self.run_dir / "stages" / f"{self.config.stages.index(stage)}-{stage.name}"
 
+    def source_split(self, data: str) -> str:
+        """The data split behind ``data``: itself, or the split a rollout stage answered."""
+        while data not in self.splits and data not in MODE_LETTER:
+            data = self.config.stage(data).data
+        return data
+
     def _schedule_label(self, stage) -> str:
-        if isinstance(stage, SFTStage):
-            source = stage.data
-        else:
-            score = self.config.stage(stage.cache)
-            source = score.data
-        while source not in MODE_LETTER:  # a rollout stage's data
-            source = self.config.stage(source).data
-        return f"{'SFT' if isinstance(stage, SFTStage) else 'KD'}({MODE_LETTER[source]})"
+        data = stage.data if isinstance(stage, SFTStage) else self.config.stage(stage.cache).data
+        letter = MODE_LETTER.get(self.source_split(data), "?")
+        return f"{'SFT' if isinstance(stage, SFTStage) else 'KD'}({letter})"
 
     def evaluate(self, model: CausalLM, stage_name: str, schedule: str) -> dict:
         row = {"stage": stage_name, "schedule": schedule}

@@ -103,6 +103,9 @@ class ModelSpec:
     # scoring template), so that a teacher trained from scratch can read that hint the way a
     # pretrained teacher LLM reads it.
     train_with_answer_hints: bool = False
+    # The share of answered examples that get a hinted copy (1.0: all). A teacher trained on
+    # hints for every example learns to copy them; with a share it must still solve the rest.
+    answer_hint_share: float = 1.0
 
     def __post_init__(self) -> None:
         # A teacher trained here with no [train] table trains with the defaults.
@@ -127,6 +130,11 @@ class ModelSpec:
                 raise ConfigError(f"model {name!r}: train_on {split!r} is not in {DATA_SPLITS}")
         if self.train is not None:
             self.train.validate(f"model {name!r}.train")
+        if not 0.0 < self.answer_hint_share <= 1.0:
+            raise ConfigError(
+                f"model {name!r}.answer_hint_share must be in (0, 1], got "
+                f"{self.answer_hint_share!r}"
+            )
 
 
 @dataclass

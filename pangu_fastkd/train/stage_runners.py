@@ -17,7 +17,12 @@ from ..backends import CausalLM, copy_model
 from ..cache import CacheReader
 from ..model import GenerationConfig
 from ..rollout import generate_rollouts, write_rollouts
-from ..scoring import ScoringConfig, score_to_cache
+from ..scoring import (
+    DEFAULT_CONDITION_TEMPLATE,
+    ScoringConfig,
+    reference_agreement,
+    score_to_cache,
+)
 from .config import KDStage, RolloutStage, ScoreStage, SFTStage, Stage
 from .teachers import trained_teacher
 from .training import train_model
@@ -140,8 +145,42 @@ def run_score(
             f"{report.manifest.bytes_per_token:.1f} bytes/token",
             file=pipeline.out,
         )
+    record = {}
+    if pipeline.context.is_main:
+        record["reference_agreement"] = _reference_agreement(
+            pipeline, stage, teachers[stage.teacher]
+        )
+    pipeline.context.barrier()
     # A teacher trained here adds its eval row.
-    return StageOutcome(new_rows=True)
+    return StageOutcome(record=record, new_rows=True)
+
+
+AGREEMENT_EXAMPLES = 500
+
+
+def _reference_agreement(pipeline: Pipeline, stage: ScoreStage, teacher: CausalLM) -> dict:
+    """How often the teacher's top-1 is the reference token, plain and (for a label-conditioned
+    stage) with the answer in its context, on up to ``AGREEMENT_EXAMPLES`` reference examples
+    of the split the stage scores: how much of the cache is an echo of the reference."""
+    split = pipeline.source_split(stage.data)
+    examples = [ex for ex in pipeline.splits.get(split, []) if ex.answer is not None]
+    examples = examples[:AGREEMENT_EXAMPLES]
+    if not examples:
+        return {}
+    args = (teacher, pipeline.tokenizer, pipeline.template, examples)
+    rates = {"examples": len(examples), "plain": reference_agreement(*args)}
+    text = f"{rates['plain']:.1%} teacher-forced plain"
+    if stage.label_conditioned:
+        rates["conditioned"] = reference_agreement(
+            *args, condition_template=DEFAULT_CONDITION_TEMPLATE
+        )
+        text += f", {rates['conditioned']:.1%} with the reference answer in its context"
+    print(
+        f"{stage.name}: the teacher's top-1 is the reference token on {text} "
+        f"({len(examples)} reference examples of {split})",
+        file=pipeline.out,
+    )
+    return rates
 
 
 StageRunnerFn = Callable[[Any, Stage, CausalLM, list[str], Path], StageOutcome]

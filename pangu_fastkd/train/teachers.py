@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 import shutil
 import time
 from collections.abc import Sequence
@@ -30,15 +31,20 @@ __all__ = ["teacher_examples", "teacher_key", "trained_teacher"]
 
 def teacher_examples(spec: ModelSpec, splits: dict[str, list[Example]]) -> list[Example]:
     """The examples a teacher trains on: its ``train_on`` splits, then (with
-    ``train_with_answer_hints``) a copy of each answered example conditioned on its answer."""
+    ``train_with_answer_hints``) a copy conditioned on its answer of each answered example, or
+    of a seeded ``answer_hint_share`` of them."""
     examples = [ex for split in spec.train_on for ex in splits[split]]
     if spec.train_with_answer_hints:
+        answered = [ex for ex in examples if ex.answer is not None]
+        if spec.answer_hint_share < 1.0:
+            count = round(spec.answer_hint_share * len(answered))
+            picked = set(random.Random(spec.seed).sample(range(len(answered)), count))
+            answered = [ex for i, ex in enumerate(answered) if i in picked]
         examples += [
             dataclasses.replace(
                 condition_on_answer(ex, DEFAULT_CONDITION_TEMPLATE), id=f"{ex.id}+hint"
             )
-            for ex in examples
-            if ex.answer is not None
+            for ex in answered
         ]
     return examples
 
