@@ -32,6 +32,7 @@ from pangu_fastkd.data import (
 from pangu_fastkd.model import DecoderLM, ModelConfig, init_weights, save_pretrained
 from pangu_fastkd.ops import fused_linear_sparse_kd, sparse_kd_reference
 from pangu_fastkd.scoring import (
+    Agreement,
     ScoringConfig,
     condition_on_answer,
     reference_agreement,
@@ -424,16 +425,15 @@ class _EchoTeacher:
 def test_reference_agreement_counts_the_teachers_greedy_hits(condition):
     teacher = _EchoTeacher(TOKENIZER.vocab_size)
     examples = make_examples()
-    agree = total = 0
+    agree = total = whole = 0
     for ex in examples:
         seq = teacher_sequence(ex, TOKENIZER, TEMPLATE, condition_template=condition)
-        agree += sum(
-            seq.teacher_ids[r] == label for r, label in zip(seq.rows, seq.labels, strict=True)
-        )
-        total += len(seq.rows)
+        hits = [seq.teacher_ids[r] == label for r, label in zip(seq.rows, seq.labels, strict=True)]
+        agree, total, whole = agree + sum(hits), total + len(hits), whole + all(hits)
     # Several sequences packed per forward, in small batches: the same hits.
     rate = reference_agreement(
         teacher, TOKENIZER, TEMPLATE, examples, condition_template=condition, batch_tokens=90
     )
-    assert 0 < agree < total and rate == agree / total
-    assert reference_agreement(teacher, TOKENIZER, TEMPLATE, []) == 0.0
+    assert 0 < agree < total and rate.tokens == agree / total
+    assert rate.sequences == whole / len(examples)
+    assert reference_agreement(teacher, TOKENIZER, TEMPLATE, []) == Agreement(0.0, 0.0)

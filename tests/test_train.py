@@ -261,3 +261,15 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     weights = _weights(run / "stages" / "1-sft_f" / "model")
     assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32
+
+
+def test_resume_may_change_the_thread_count_but_not_the_run(tmp_path):
+    from pangu_fastkd.distributed import DistributedContext
+    from pangu_fastkd.train.run_dir import RunDirError, prepare_run_dir
+
+    context = DistributedContext(0, 1, 0)
+    run = tmp_path / "run"
+    prepare_run_dir(run, {"seed": 0, "threads": 1}, context, resume=False, overwrite=False)
+    prepare_run_dir(run, {"seed": 0, "threads": 2}, context, resume=True, overwrite=False)
+    with pytest.raises(RunDirError, match="configuration differs"):
+        prepare_run_dir(run, {"seed": 1, "threads": 2}, context, resume=True, overwrite=False)

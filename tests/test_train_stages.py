@@ -70,6 +70,14 @@ def test_valid_stages_pass_with_their_references():
         (RolloutStage(name="r", data="roll2"), "w.data: 'roll2' is neither a split"),
         (ScoreStage(name="c", data="train_fast", teacher="ghost"), "w.teacher: no teacher"),
         (ScoreStage(name="c", data="train_fast", teacher="t", k=0), "w: k >= 1"),
+        (
+            RolloutStage(name="r", data="train_fast", max_prompts=-1),
+            "w.max_prompts must be >= 0 (0: all), got -1",
+        ),
+        (
+            ScoreStage(name="c", data="train_fast", teacher="t", max_examples=-2),
+            "w.max_examples must be >= 0 (0: all), got -2",
+        ),
     ],
 )
 def test_each_stage_names_its_bad_value(stage, message):

@@ -50,6 +50,7 @@ def ship(run_dir: Path, teacher: str, name: str, command: str) -> Path:
             "data": config["data"],
             "seed": config["seed"],
             "eval": eval_row,
+            "train_accuracy": record.get("train_accuracy"),
             "train_seconds": record.get("seconds"),
             "shipped": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "files": {f: sha256_file(staged / f) for f in MODEL_FILES},

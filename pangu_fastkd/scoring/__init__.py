@@ -1,7 +1,7 @@
 """Offline teacher scoring: the teacher reads each sequence once and the logit cache keeps what
 it says about every supervised token (``python -m pangu_fastkd.scoring``)."""
 
-from .agreement import reference_agreement
+from .agreement import Agreement, reference_agreement
 from .run import ScoringConfig, ScoringReport, score_to_cache
 from .sequences import (
     DEFAULT_CONDITION_TEMPLATE,
@@ -13,6 +13,7 @@ from .targets import RowTargets, rows_to_targets, sample_counts
 
 __all__ = [
     "DEFAULT_CONDITION_TEMPLATE",
+    "Agreement",
     "RowTargets",
     "ScoringConfig",
     "ScoringReport",

@@ -9,6 +9,7 @@ label-conditioned cache is the teacher's own knowledge and how much an echo of t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,9 +19,21 @@ from ..data.boundaries import cu_seqlens_from_lengths
 from .run import head_logits, teacher_batches
 from .sequences import teacher_sequence
 
-__all__ = ["reference_agreement"]
+__all__ = ["Agreement", "reference_agreement"]
 
 _ROW_CHUNK = 256  # logits rows at a time: [256, V] stays small for a 150k vocabulary
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Attributes:
+    tokens: share of the reference tokens that are the teacher's greedy next token.
+    sequences: share of the references whose every token is (the teacher, teacher-forced,
+        would write the whole reference response: for a short answer, its exact match).
+    """
+
+    tokens: float
+    sequences: float
 
 
 @torch.inference_mode()
@@ -32,8 +45,9 @@ def reference_agreement(
     *,
     condition_template: str | None = None,
     batch_tokens: int = 4096,
-) -> float:
-    """Share of the reference responses' tokens that are the teacher's greedy next token.
+) -> Agreement:
+    """How often the teacher's greedy next token is the reference's, per token and per
+    whole response.
 
     Args:
         teacher: the scoring model.
@@ -44,7 +58,7 @@ def reference_agreement(
         batch_tokens: teacher tokens per forward.
 
     Returns:
-        A fraction in [0, 1] over every supervised token of ``examples`` (0 without any).
+        Both shares in [0, 1] (0 without examples).
     """
     seqs = [
         teacher_sequence(ex, tokenizer, template, condition_template=condition_template)
@@ -53,7 +67,7 @@ def reference_agreement(
     weight, bias, softcap = head_parts(teacher)
     was_training = teacher.training
     teacher.eval()
-    agree = total = 0
+    agree = total = whole = 0
     try:
         for batch in teacher_batches(seqs, range(len(seqs)), batch_tokens):
             lengths = [len(seqs[i].teacher_ids) for i in batch]
@@ -65,12 +79,19 @@ def reference_agreement(
                 dtype=torch.long,
             )
             labels = torch.tensor([t for i in batch for t in seqs[i].labels], dtype=torch.long)
-            for start in range(0, len(rows), _ROW_CHUNK):
-                chunk = rows[start : start + _ROW_CHUNK]
-                logits = head_logits(hidden[chunk], weight, bias, softcap)
-                top1 = logits.argmax(dim=-1)
-                agree += int((top1 == labels[start : start + _ROW_CHUNK]).sum())
+            hits = torch.cat(
+                [
+                    head_logits(hidden[rows[i : i + _ROW_CHUNK]], weight, bias, softcap).argmax(-1)
+                    == labels[i : i + _ROW_CHUNK]
+                    for i in range(0, len(rows), _ROW_CHUNK)
+                ]
+            )
+            agree += int(hits.sum())
             total += len(rows)
+            counts = [len(seqs[i].rows) for i in batch]
+            whole += sum(bool(part.all()) for part in hits.split(counts))
     finally:
         teacher.train(was_training)
-    return agree / total if total else 0.0
+    if not seqs:
+        return Agreement(0.0, 0.0)
+    return Agreement(agree / total if total else 0.0, whole / len(seqs))

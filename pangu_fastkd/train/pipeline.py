@@ -200,13 +200,19 @@ class Pipeline:
             examples, schedule=train.schedule, difficulty=train.difficulty, seed=self.config.seed
         )
 
-    def stage_examples(self, data: str, train: TrainSpec | None, mode: str | None) -> list:
+    def stage_examples(
+        self, data: str, train: TrainSpec | None, mode: str | None, *, limit: int = 0
+    ) -> list:
+        """The examples of ``data`` (a split or a rollout stage) of ``mode``, the first
+        ``limit`` of them (0: all), in the order ``train`` asks for (None: as stored)."""
         if data in self.splits:
             examples = self.splits[data]
         else:  # a rollout stage's responses
             examples = read_jsonl(self.stage_dir(self.config.stage(data)) / "rollouts.jsonl")
         if mode is not None:
             examples = select_stage(examples, mode=mode)
+        if limit:
+            examples = examples[:limit]
         if train is not None:
             examples = self.training_order(examples, train)
         if not examples:

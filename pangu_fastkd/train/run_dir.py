@@ -55,7 +55,9 @@ def prepare_run_dir(
         if resume:
             if not saved.exists():
                 raise RunDirError(f"--resume: {run_dir} holds no run to resume")
-            if json.loads(saved.read_text()) != json.loads(json.dumps(resolved)):
+            if _identity(json.loads(saved.read_text())) != _identity(
+                json.loads(json.dumps(resolved))
+            ):
                 raise RunDirError(
                     f"--resume: the configuration differs from the one {run_dir} was "
                     "started with (config.json there); resume with the same config"
@@ -72,3 +74,13 @@ def prepare_run_dir(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_record(saved, resolved)
     context.barrier()
+
+
+# Settings of how a run executes, not of what it computes: a resume may change them (on
+# another machine, say). With another thread count the resumed run is not bitwise equal to an
+# uninterrupted one, since reductions split differently.
+_EXECUTION_KEYS = ("threads",)
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _EXECUTION_KEYS}

@@ -9,7 +9,7 @@ trained student when the stage trains one, and whether the report has new rows t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,9 @@ def run_training(
             tokenizer_fingerprint=pipeline.tokenizer.fingerprint(),
             vocab_size=student.config.vocab_size,
         )
-        examples = pipeline.stage_examples(score.data, stage.train, stage.train.mode)
+        examples = pipeline.stage_examples(
+            score.data, stage.train, stage.train.mode, limit=score.max_examples
+        )
         kd = stage
     else:
         examples = pipeline.stage_examples(stage.data, stage.train, stage.train.mode)
@@ -86,7 +88,7 @@ def run_rollout(
 ) -> StageOutcome:
     """The student answers the stage's prompts once (rank 0), into ``rollouts.jsonl``."""
     if pipeline.context.is_main:
-        examples = pipeline.stage_examples(stage.data, None, stage.mode)
+        examples = pipeline.stage_examples(stage.data, None, stage.mode, limit=stage.max_prompts)
         config = GenerationConfig(
             max_new_tokens=stage.max_new_tokens,
             temperature=stage.temperature,
@@ -121,7 +123,7 @@ def run_score(
     teachers = pipeline.teachers
     if stage.teacher not in teachers:
         teachers[stage.teacher] = trained_teacher(pipeline, stage.teacher)
-    examples = pipeline.stage_examples(stage.data, None, stage.mode)
+    examples = pipeline.stage_examples(stage.data, None, stage.mode, limit=stage.max_examples)
     config = ScoringConfig(
         k=stage.k,
         temperature=stage.temperature,
@@ -168,19 +170,20 @@ def _reference_agreement(pipeline: Pipeline, stage: ScoreStage, teacher: CausalL
     if not examples:
         return {}
     args = (teacher, pipeline.tokenizer, pipeline.template, examples)
-    rates = {"examples": len(examples), "plain": reference_agreement(*args)}
-    text = f"{rates['plain']:.1%} teacher-forced plain"
+    found = {"plain": reference_agreement(*args)}
     if stage.label_conditioned:
-        rates["conditioned"] = reference_agreement(
+        found["conditioned"] = reference_agreement(
             *args, condition_template=DEFAULT_CONDITION_TEMPLATE
         )
-        text += f", {rates['conditioned']:.1%} with the reference answer in its context"
-    print(
-        f"{stage.name}: the teacher's top-1 is the reference token on {text} "
-        f"({len(examples)} reference examples of {split})",
-        file=pipeline.out,
-    )
-    return rates
+    for how, agreement in found.items():
+        context = "with the reference answer in its context" if how == "conditioned" else "plain"
+        print(
+            f"{stage.name}: teacher-forced {context}, the teacher's top-1 is the reference token "
+            f"on {agreement.tokens:.1%} of tokens and on every token of {agreement.sequences:.1%} "
+            f"of the {len(examples)} reference responses of {split}",
+            file=pipeline.out,
+        )
+    return {"examples": len(examples), **{k: asdict(v) for k, v in found.items()}}
 
 
 StageRunnerFn = Callable[[Any, Stage, CausalLM, list[str], Path], StageOutcome]

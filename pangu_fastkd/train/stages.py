@@ -118,6 +118,9 @@ class RolloutStage:
     samples_per_prompt: int = 1
     seed: int = 0
     start_from: str = ""
+    # Answer only the first ``max_prompts`` prompts of the data (0: all): as many as the KD
+    # stage's steps consume, not the whole generated split.
+    max_prompts: int = 0
     kind: str = "rollout"
 
     def validate(self, where: str, earlier: Mapping[str, Stage], teachers: Collection[str]) -> None:
@@ -126,6 +129,8 @@ class RolloutStage:
         _check_start_from(where, self.start_from, earlier)
         if self.max_new_tokens < 1 or self.samples_per_prompt < 1:
             raise ConfigError(f"{where}: max_new_tokens and samples_per_prompt must be >= 1")
+        if self.max_prompts < 0:
+            raise ConfigError(f"{where}.max_prompts must be >= 0 (0: all), got {self.max_prompts}")
 
 
 @dataclass
@@ -141,6 +146,9 @@ class ScoreStage:
     sampled_draws: int = 0
     value_dtype: str = "bf16"
     mode: str | None = None
+    # Score only the first ``max_examples`` examples of the data (0: all); the KD stage that
+    # reads the cache trains on the same ones.
+    max_examples: int = 0
     kind: str = "score"
 
     def validate(self, where: str, earlier: Mapping[str, Stage], teachers: Collection[str]) -> None:
@@ -150,6 +158,10 @@ class ScoreStage:
             raise ConfigError(f"{where}.teacher: no teacher named {self.teacher!r}")
         if self.k < 1 or self.temperature <= 0 or self.sampled_draws < 0:
             raise ConfigError(f"{where}: k >= 1, temperature > 0 and sampled_draws >= 0")
+        if self.max_examples < 0:
+            raise ConfigError(
+                f"{where}.max_examples must be >= 0 (0: all), got {self.max_examples}"
+            )
 
 
 STAGE_KINDS = {"sft": SFTStage, "kd": KDStage, "rollout": RolloutStage, "score": ScoreStage}

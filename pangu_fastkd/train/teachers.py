@@ -20,6 +20,7 @@ from ..backends import CausalLM, load_model_dir, resolve_backend
 from ..data import Example, fingerprint_examples, select_stage
 from ..scoring import DEFAULT_CONDITION_TEMPLATE, condition_on_answer
 from .config import ModelSpec
+from .evaluate import exact_match_accuracy
 from .run_dir import read_record, write_record
 from .training import DTYPES, train_model
 
@@ -103,7 +104,33 @@ def trained_teacher(pipeline: Pipeline, name: str) -> CausalLM:
     pipeline.eval_rows.append(row)
     seconds = pipeline.seconds[label] = round(time.perf_counter() - started, 3)
     if pipeline.context.is_main:
+        train_accuracy = _train_accuracy(pipeline, model, spec)
+        for split, accuracy in train_accuracy.items():
+            print(
+                f"teacher {name!r}: {accuracy:.1%} on training problems of {split}",
+                file=pipeline.out,
+            )
         pipeline.save_model_dir(model, directory / "model")
-        write_record(done, {"key": key, "eval": row, "seconds": seconds})
+        record = {"key": key, "eval": row, "seconds": seconds, "train_accuracy": train_accuracy}
+        write_record(done, record)
     pipeline.context.barrier()
     return model
+
+
+def _train_accuracy(pipeline: Pipeline, model: CausalLM, spec: ModelSpec) -> dict[str, float]:
+    """Greedy exact match on as many of each training split's problems as the eval uses: set
+    beside the held-out accuracy, it shows whether the teacher learned or memorised."""
+    accuracy = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for split in spec.train_on:
+            examples = [ex for ex in pipeline.splits[split] if ex.answer is not None]
+            examples = examples[: pipeline.config.eval.max_examples]
+            if examples:
+                accuracy[split] = exact_match_accuracy(
+                    model, pipeline.tokenizer, pipeline.template, examples, pipeline.config.eval
+                )
+    finally:
+        model.train(was_training)
+    return accuracy
