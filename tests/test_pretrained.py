@@ -42,7 +42,7 @@ def test_ship_then_load_by_builtin_name(shelf, capsys):
     recipe = pretrained.read_recipe("arith-test")
     assert recipe["command"] == "python -m x" and recipe["seed"] == 7
     assert recipe["data"] == {"max_operand": 50} and recipe["teacher_spec"] == {"preset": "tiny"}
-    assert recipe["eval"] == {"stage": "teacher t", "acc_fast": 0.9}  # outcomes left out
+    assert recipe["eval"] == {"stage": "teacher t", "acc_fast": 0.9, "correct_fast": "1" * 9 + "0"}
     shipped = directory / "arith-test"
     assert recipe["files"] == {
         f: sha256_file(shipped / f) for f in ("config.json", "model.safetensors")
@@ -90,3 +90,46 @@ def test_ship_refuses_an_unfinished_teacher(shelf, capsys):
     assert pretrained_main(["ship", str(run), "t", "x", "--command", "c"]) == 2
     assert "has not finished training teacher 't'" in capsys.readouterr().err
     assert pretrained_main(["ship", str(run), "t", "Bad/Name", "--command", "c"]) == 2
+
+
+def test_the_shipped_fast_teacher_matches_its_recipe_and_the_default_job():
+    """The shipped file is the one its recipe fingerprints; it was trained on the default
+    job's data table (so it never saw one of its held-out questions); and on the first 100
+    held-out problems it answers as its recipe recorded."""
+    from pangu_fastkd.data import ByteTokenizer, default_template
+    from pangu_fastkd.data.demo_curriculum import make_curriculum
+    from pangu_fastkd.train import load_config
+    from pangu_fastkd.train.evaluate import answer_outcomes, parse_outcomes
+
+    config = load_config("default")
+    assert config.teachers["fast"].path == "builtin:arith-fast-small"
+    recipe = pretrained.read_recipe("arith-fast-small")
+    teacher = load_model_spec("builtin:arith-fast-small", "auto", torch.float32)
+    data = config.data
+    assert {k: recipe["data"][k] for k in ("seed", "eval_problems", "max_operand")} == {
+        "seed": data.seed,
+        "eval_problems": data.eval_problems,
+        "max_operand": data.max_operand,
+    }
+    assert (recipe["data"]["min_difficulty"], recipe["data"]["max_difficulty"]) == (
+        data.min_difficulty,
+        data.max_difficulty,
+    )
+    recorded = parse_outcomes(recipe["eval"]["correct_fast"])
+    assert recipe["eval"]["acc_fast"] >= 0.8 and len(recorded) == data.eval_problems
+    curriculum = make_curriculum(
+        seed=data.seed,
+        n_train=1,
+        n_eval=data.eval_problems,
+        max_difficulty=data.max_difficulty,
+        min_difficulty=data.min_difficulty,
+        max_operand=data.max_operand,
+    )
+    tokenizer = ByteTokenizer()
+    examples = curriculum.eval_examples("fast")[:100]
+    outcomes = answer_outcomes(
+        teacher, tokenizer, default_template(tokenizer), examples, config.eval
+    )
+    # Greedy decoding is deterministic here; another CPU's rounding may flip a near-tie.
+    same = sum(a == b for a, b in zip(outcomes, recorded[:100], strict=True))
+    assert same >= 97, same

@@ -35,7 +35,7 @@ def ship(run_dir: Path, teacher: str, name: str, command: str) -> Path:
         raise FileNotFoundError(f"{done}: the run has not finished training teacher {teacher!r}")
     record = json.loads(done.read_text(encoding="utf-8"))
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    eval_row = {k: v for k, v in record["eval"].items() if not k.startswith("correct_")}
+    eval_row = record["eval"]  # with its per-problem outcomes, which the tests re-check
     target = PRETRAINED_DIR / name
     with tempfile.TemporaryDirectory(dir=PRETRAINED_DIR, prefix=f".{name}.") as tmp:
         staged = Path(tmp) / name
