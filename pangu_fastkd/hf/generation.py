@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 __all__ = ["DECODE_ATTENTION", "generate_hf"]
 
 # Decoding needs a KV cache, which pangu_fastkd attention refuses; SDPA is in every torch build.
+# Architectures transformers does not run on SDPA (Gemma-2's attention softcap) decode eagerly.
 DECODE_ATTENTION = "sdpa"
+FALLBACK_DECODE_ATTENTION = "eager"
 
 
 @torch.no_grad()
@@ -66,7 +68,10 @@ def generate_hf(
     saved_generation_config = hf_model.generation_config
     results: list[Generation] = []
     try:
-        hf_model.set_attn_implementation(DECODE_ATTENTION)
+        try:
+            hf_model.set_attn_implementation(DECODE_ATTENTION)
+        except ValueError:
+            hf_model.set_attn_implementation(FALLBACK_DECODE_ATTENTION)
         hf_model.generation_config = transformers.GenerationConfig()
         for start in range(0, len(prompts), batch_size):
             batch = [list(p) for p in prompts[start : start + batch_size]]
