@@ -5,6 +5,7 @@ every batch rather than in blocks."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -92,3 +93,47 @@ def test_answer_hint_share_hints_a_seeded_share(tmp_path):
     raw["teachers"]["teacher"]["answer_hint_share"] = 0.0
     with pytest.raises(ConfigError, match=r"answer_hint_share must be in \(0, 1\]"):
         config_from_dict(raw)
+
+
+TEACHER_ONLY = """
+run_dir = "unused"
+checkpoint_every = 2
+[data]
+source = "demo"
+train_problems = 40
+eval_problems = 4
+max_difficulty = 2
+[teachers.t]
+preset = "tiny"
+seed = 2
+train_on = ["train_fast"]
+[teachers.t.train]
+steps = 4
+batch_tokens = 300
+[eval]
+max_examples = 4
+max_new_tokens = 8
+"""
+
+
+def test_a_run_without_stages_trains_its_teacher_and_resumes_it(tmp_path, capsys):
+    from pangu_fastkd.train.__main__ import main
+
+    path = tmp_path / "teacher.toml"
+    path.write_text(TEACHER_ONLY)
+    run = tmp_path / "run"
+    assert main([str(path), "--run-dir", str(run)]) == 0
+    teacher = run / "teachers" / "t"
+    assert "teacher 't': training from scratch" in capsys.readouterr().out
+    weights = (teacher / "model" / "model.safetensors").read_bytes()
+    # Killed after its last checkpoint, before done.json: the resume continues there.
+    (teacher / "done.json").unlink()
+    assert main(["--resume", str(run)]) == 0
+    assert "teacher t: resuming at step 4/4" in capsys.readouterr().out
+    assert (teacher / "model" / "model.safetensors").read_bytes() == weights
+    assert "train_fast" in json.loads((teacher / "done.json").read_text())["train_accuracy"]
+    # Another spec is another teacher: it starts over.
+    assert (
+        main([str(path), "--run-dir", str(run), "--overwrite", "--set", "teachers.t.seed=3"]) == 0
+    )
+    assert "resuming" not in capsys.readouterr().out
