@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
     assert main(["--resume", str(run)]) == 0
     assert "kd_fast: done (skipped)" in capsys.readouterr().out
+    # Killed in the KD stage: the resume skips the score stage and the teacher is not loaded
+    # again, but its row stays in the report.
+    shutil.rmtree(next((run / "stages").glob("*-kd_fast")))
+    assert main(["--resume", str(run)]) == 0
+    assert "score_fast: done (skipped)" in capsys.readouterr().out
+    assert (run / "eval.md").read_text() == table
 
 
 def test_bad_input_fails_before_training(tmp_path, capsys):

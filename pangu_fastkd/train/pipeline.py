@@ -331,6 +331,9 @@ class Pipeline:
                 schedule = [*schedule, self._schedule_label(stage)]
             if done.exists():
                 record = read_record(done)
+                teacher_row = record.get("teacher_eval")
+                if teacher_row and all(r["stage"] != teacher_row["stage"] for r in self.eval_rows):
+                    self.eval_rows.append(teacher_row)
                 if "eval" in record:
                     self.eval_rows.append(record["eval"])
                 if "seconds" in record:

@@ -147,13 +147,16 @@ def run_score(
             f"{report.manifest.bytes_per_token:.1f} bytes/token",
             file=pipeline.out,
         )
-    record = {}
+    record: dict[str, Any] = {}
+    # The teacher's eval row (added when it was loaded or trained), kept so that a resume that
+    # skips this stage still shows the teacher and its comparisons.
+    label = f"teacher {stage.teacher}"
+    record["teacher_eval"] = next((r for r in pipeline.eval_rows if r["stage"] == label), None)
     if pipeline.context.is_main:
         record["reference_agreement"] = _reference_agreement(
             pipeline, stage, teachers[stage.teacher]
         )
     pipeline.context.barrier()
-    # A teacher trained here adds its eval row.
     return StageOutcome(record=record, new_rows=True)
 
 
