@@ -195,7 +195,7 @@ def test_packed_batch_layout() -> None:
 def test_random_target_is_valid() -> None:
     labels = torch.randint(0, VOCAB, (500,), generator=torch.Generator().manual_seed(0))
     target = random_topk_target(labels, VOCAB, 16, seed=5)
-    validate_target(target, VOCAB, torch.ones(500, dtype=torch.bool))  # raises if invalid
+    validate_target(target, VOCAB, torch.ones(500, dtype=torch.bool), labels)  # raises if invalid
     ids = target.ids.long()
     label_in = (ids == labels[:, None]).any(1)
     assert 0.3 < label_in.float().mean().item() < 0.7  # label conditioning takes both paths

@@ -273,7 +273,15 @@ def _check_against_reference(
     kernel = _run(_kernel_loss, inputs, outer, **options)
     ref = _run(_reference_loss, inputs, outer, **options)
     assert kernel.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    _assert_close(kernel.loss, ref.loss, rtol, "loss", atol=1e-12)
+    empty_mean = (
+        options.get("reduction", "mean") == "mean"
+        and options.get("num_items") is None
+        and not bool(inputs.supervised.any())
+    )
+    if empty_mean:  # a mean over no row: NaN, as F.cross_entropy (docs/kd-losses.md)
+        assert kernel.loss.isnan() and ref.loss.isnan()
+    else:
+        _assert_close(kernel.loss, ref.loss, rtol, "loss", atol=1e-12)
     n_grads = len(kernel.grads)
     for name, scale_of, a, e in zip(
         GRAD_NAMES[:n_grads],
@@ -810,8 +818,14 @@ def test_property_all_ignored(problem, reduction):
     options = {**options, **_options(reduction)}
     if reduction != "num_items":
         options.pop("num_items", None)
-    kernel = _check_against_reference(sample_inputs(**sample), **options)
-    assert kernel.loss.item() == 0.0
+    inputs = sample_inputs(**sample)
+    if reduction == "mean":
+        # A mean over no row is 0 / 0 = NaN, as F.cross_entropy; the gradients are zero.
+        kernel, ref = (_run(fn, inputs, **options) for fn in (_kernel_loss, _reference_loss))
+        assert math.isnan(kernel.loss.item()) and math.isnan(ref.loss.item())
+    else:
+        kernel = _check_against_reference(inputs, **options)
+        assert kernel.loss.item() == 0.0
     for g in kernel.grads:
         assert bool((g == 0).all())
     assert bool((kernel.stats == 0).all())
@@ -1395,7 +1409,7 @@ BAD_TOPK = [
         _opt(temperature=0.0, missing_mass="renorm"),
         (ValueError, "temperature must be > 0, got 0"),
     ),
-    _bad("negative-z-loss", _opt(z_loss=-1.0), (ValueError, "z_loss must be >= 0, got -1")),
+    _bad("negative-z-loss", _opt(z_loss=-1.0), (ValueError, "z_loss must be finite and >= 0, got -1")),
     _bad("num-items-zero", _opt(num_items=0), (ValueError, "num_items must be > 0, got 0")),
     _bad("softcap-zero", _opt(softcap=0.0), (ValueError, "softcap must be > 0 or None")),
     _bad(

@@ -193,7 +193,18 @@ inline LossOptions check_arguments(const Call& c, const DeviceCheck& check_devic
   TORCH_CHECK_VALUE(c.beta >= 0 && c.beta <= 1, "sparse_kd: beta must be in [0, 1], got ", c.beta);
   TORCH_CHECK_VALUE(c.temperature > 0 && std::isfinite(c.temperature),
                     "sparse_kd: temperature must be > 0, got ", c.temperature);
-  TORCH_CHECK_VALUE(c.z_loss >= 0, "sparse_kd: z_loss must be >= 0, got ", c.z_loss);
+  TORCH_CHECK_VALUE(c.cache_temperature > 0 && std::isfinite(c.cache_temperature),
+                    "sparse_kd: the cache temperature must be > 0, got ", c.cache_temperature);
+  TORCH_CHECK_VALUE(c.z_loss >= 0 && std::isfinite(c.z_loss),
+                    "sparse_kd: z_loss must be finite and >= 0, got ", c.z_loss);
+  // The schema's "not set" values are 0 (softcap <= 0: none; num_items 0; chunk_rows 0); NaN
+  // and infinities would pass a "> 0" test as "not set" or poison every row.
+  TORCH_CHECK_VALUE(std::isfinite(c.softcap), "sparse_kd: softcap must be finite, got ",
+                    c.softcap);
+  TORCH_CHECK_VALUE(c.num_items >= 0 && std::isfinite(c.num_items),
+                    "sparse_kd: num_items must be finite and > 0 (0: not set), got ", c.num_items);
+  TORCH_CHECK_VALUE(c.chunk_rows >= 0, "sparse_kd: chunk_rows must be >= 1 (0: default), got ",
+                    c.chunk_rows);
   TORCH_CHECK_VALUE(c.reduction == kSum || c.reduction == kMean,
                     "sparse_kd: unknown reduction code ", c.reduction);
   o.kd_weight = c.kd_weight;

@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <functional>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -136,6 +137,23 @@ inline SupervisedRows check_rows(const Call& c, const LossOptions& o, const Targ
                               lab[r].item<float>(), row_msg(r));
                         }});
       label_seen = (ids == labels.unsqueeze(1)).any(1);
+      // The cache's lse is the log-partition over the whole vocabulary, so the probability the
+      // top-K logits (and the label's, when it is outside them) hold at T_c cannot exceed 1:
+      // logits shifted or rescaled against their lse would otherwise yield P_S > 1 and a
+      // negative tail mass without any single value being out of range.
+      const double inv_tc = 1.0 / o.cache_temperature;
+      const at::Tensor log_p = values * inv_tc - lse.unsqueeze(1);
+      at::Tensor log_mass = log_p.masked_fill(~valid, -std::numeric_limits<float>::infinity())
+                                .logsumexp(1);
+      log_mass = at::where(label_seen, log_mass, at::logaddexp(log_mass, lab * inv_tc - lse));
+      const at::Tensor bad_mass = supervised & (log_mass > std::log1p(1e-3));
+      checks.push_back({bad_mass, [log_mass](int64_t r) {
+                          TORCH_CHECK_VALUE(
+                              false, "sparse_kd: the teacher logits (top-K and label) hold "
+                              "probability ", std::exp(log_mass[r].item<double>()),
+                              " > 1 under their lse: logits and lse do not belong together",
+                              row_msg(r));
+                        }});
     } else {
       // fp32 sum: the rows hold K weights, and fp64 is not a first-class NPU dtype.
       const at::Tensor wsum = values.masked_fill(~valid, 0.0f).sum(1);
@@ -201,6 +219,11 @@ inline Outputs assemble_outputs(const Call& c, const LossOptions& o, const Super
   if (grad_w) {
     grad_weight = grad_w->grad_weight();
     if (c.bias.has_value()) grad_bias = grad_w->grad_bias(o.dtype);
+  }
+  if (o.reduction == kMean && o.num_items <= 0 && rows.count == 0) {
+    // PyTorch's mean over no elements (F.cross_entropy with every label ignored, or N = 0) is
+    // 0 / 0 = NaN with zero gradients; the gradients above are already zero.
+    loss = at::full({}, std::numeric_limits<double>::quiet_NaN(), loss.options());
   }
   return {std::move(loss), grad_hidden, grad_weight, grad_bias, stats};
 }

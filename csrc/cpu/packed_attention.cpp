@@ -66,11 +66,16 @@ Geometry check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK_VALUE(k.size(0) == g.T, "packed_attention: k and v must have T = ", g.T, " tokens like q");
   TORCH_CHECK_VALUE(k.size(2) == g.D, "packed_attention: q and k must have the same head dim, got ", g.D, " and ",
                     k.size(2));
-  TORCH_CHECK_VALUE(g.Hkv > 0 && g.Hq % g.Hkv == 0, "packed_attention: the number of query heads (", g.Hq,
-                    ") must be a multiple of kv heads (", g.Hkv, ")");
+  // Zero query heads would make the GQA group 0 and every kv-head index a division by zero.
+  TORCH_CHECK_VALUE(g.Hq > 0 && g.Hkv > 0 && g.Hq % g.Hkv == 0, "packed_attention: the number of query heads (",
+                    g.Hq, ") must be a positive multiple of kv heads (", g.Hkv, ")");
+  TORCH_CHECK_VALUE(g.D > 0, "packed_attention: the head dim must be >= 1, got ", g.D);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "packed_attention: softmax_scale must be finite and > 0, got ",
+                    scale);
   g.group = g.Hq / g.Hkv;
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "packed_attention: cu_seqlens must be int32, got ",
                    cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.device().is_cpu(), "packed_attention: cu_seqlens must be on the CPU, got ", cu.device());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, "packed_attention: cu_seqlens must be [B + 1] with B >= 1");
   const at::Tensor c = cu.contiguous();
   const int32_t* b = c.data_ptr<int32_t>();

@@ -541,7 +541,13 @@ sparse_kd::Outputs sparse_kd_fused_cpu(const sparse_kd::Call& call) {
   double total = 0;
   for (const auto& r : results) total += r.loss;
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::scalar_tensor(total * o.scale, call.hidden.options().dtype(acc_dtype));
+  // A finite double beyond float's range is the fp32 overflow it is (inf), as PyTorch's fp32
+  // sum would give; at::scalar_tensor would throw an opaque conversion error instead.
+  double value = total * o.scale;
+  if (acc_dtype == at::kFloat && std::isfinite(value) && std::abs(value) > std::numeric_limits<float>::max()) {
+    value = std::copysign(std::numeric_limits<double>::infinity(), value);
+  }
+  at::Tensor loss = at::scalar_tensor(value, call.hidden.options().dtype(acc_dtype));
   at::Tensor stats_sup;
   if (call.compute_stats) {
     stats_sup = at::empty({n_sup, sparse_kd::kStatColumns}, call.hidden.options().dtype(at::kFloat));

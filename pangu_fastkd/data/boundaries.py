@@ -15,6 +15,7 @@ NPU, a read-back per layer would stall the stream once per layer).
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,14 +42,37 @@ def cu_seqlens_from_lengths(lengths: Sequence[int] | Tensor) -> Tensor:
     Returns:
         ``[B + 1]`` int32 ``cu_seqlens`` starting at 0.
     """
-    lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
+    lengths = _integer_lengths(lengths)
     if bool((lengths < 0).any()):
         raise ValueError(f"document lengths must be >= 0, got {lengths.tolist()}")
+    if int(lengths.sum()) > torch.iinfo(torch.int32).max or bool(
+        (lengths > torch.iinfo(torch.int32).max).any()
+    ):
+        raise ValueError(f"total length {int(lengths.sum())} does not fit cu_seqlens' int32")
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
     torch.cumsum(lengths, dim=0, out=cu[1:])
     if int(cu[-1]) > torch.iinfo(torch.int32).max:
         raise ValueError(f"total length {int(cu[-1])} does not fit cu_seqlens' int32")
     return cu.to(torch.int32)
+
+
+def _integer_lengths(lengths: Sequence[int] | Tensor) -> Tensor:
+    """``lengths`` as a flat int64 tensor; floats and bools are refused, not truncated."""
+    if isinstance(lengths, Tensor):
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"document lengths must be integers, got {lengths.dtype}")
+        return lengths.long().flatten()
+    values = []
+    for value in lengths:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            values.append(operator.index(value))  # ints and numpy ints, never a float
+        except TypeError:
+            raise TypeError(f"document lengths must be ints, got {value!r}") from None
+        if not -(2**63) <= values[-1] < 2**63:
+            raise ValueError(f"document length {value} does not fit int64")
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
@@ -63,6 +87,8 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     """
     if position_ids.dim() == 2 and position_ids.shape[0] == 1:
         position_ids = position_ids[0]
+    if position_ids.dtype == torch.bool or position_ids.is_complex():
+        raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
     if position_ids.dim() != 1 or position_ids.is_floating_point():
         raise ValueError(
             f"position_ids must be an integer [T] or [1, T] tensor, got {position_ids.dtype} "

@@ -25,6 +25,7 @@ import torch
 
 from .._native import native_available, npu_kernel_available
 from ..data.boundaries import PackedDocuments
+from .input_checks import check_finite_rows, check_positive_finite, check_same_device
 from .packed_attention_reference import check_packed_inputs, check_qkv, reference_on_bounds
 
 __all__ = ["attend_documents", "attention_route", "packed_attention"]
@@ -51,6 +52,7 @@ def packed_attention(
     softmax_scale: float | None = None,
     window: int | None = None,
     return_lse: bool = False,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed documents.
 
@@ -66,17 +68,53 @@ def packed_attention(
         softmax_scale: defaults to ``1 / sqrt(D)``.
         window: sliding window, left size: query ``i`` sees keys ``i - window .. i`` (causal only).
         return_lse: also return the log-sum-exp of the scaled scores.
+        check_finite: raise ``NonFiniteError`` naming the tensor and its first bad token when
+            q, k or v hold NaN or an infinity, or the output does (the scores overflowed); see
+            ``docs/non-finite.md``.
 
     Returns:
         ``out [T, Hq, D]`` in q's dtype, and ``lse [Hq, T]`` float32 when ``return_lse``.
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices, boundaries or options.
+        NonFiniteError: with ``check_finite``, as above.
     """
+    _check_devices(q, k, v, cu_seqlens)
+    scale = _checked_scale(q, softmax_scale)
+    if check_finite:
+        check_finite_rows("packed_attention", {"q": q, "k": k, "v": v})
     bounds = check_packed_inputs(q, k, v, cu_seqlens, causal=causal, window=window)
     longest = max(end - start for start, end in itertools.pairwise(bounds))
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(
             f"max_seqlen={max_seqlen} is shorter than the longest document ({longest})"
         )
-    return _attend(q, k, v, cu_seqlens, bounds, causal, softmax_scale, window, return_lse)
+    result = _attend(q, k, v, cu_seqlens, bounds, causal, scale, window, return_lse)
+    if check_finite:
+        out = result[0] if return_lse else result
+        check_finite_rows("packed_attention (its output)", {"out": out})
+    return result
+
+
+def _check_devices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> None:
+    """q, k and v on one device; cu_seqlens there or on the CPU, never on ``meta`` (its values
+    are read)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"packed_attention: {name} must be a tensor, got {type(t).__name__}")
+    check_same_device("packed_attention", {"q": q, "k": k, "v": v})
+    if cu.device.type == "meta" or (cu.device != q.device and cu.device.type != "cpu"):
+        raise ValueError(
+            f"packed_attention: cu_seqlens is on {cu.device}; it must be on q's device "
+            f"({q.device}) or the CPU, with values"
+        )
+
+
+def _checked_scale(q: torch.Tensor, softmax_scale: float | None) -> float:
+    """``softmax_scale``, checked finite and > 0, or ``1 / sqrt(D)``."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 3 and q.shape[-1] > 0 else 1.0
+    return check_positive_finite("packed_attention", "softmax_scale", softmax_scale)
 
 
 def attend_documents(
@@ -105,7 +143,15 @@ def attend_documents(
     if q.shape[0] != documents.total:
         raise ValueError(f"q has {q.shape[0]} tokens, the documents cover {documents.total}")
     return _attend(
-        q, k, v, documents.cu_seqlens, documents.bounds, causal, softmax_scale, window, False
+        q,
+        k,
+        v,
+        documents.cu_seqlens,
+        documents.bounds,
+        causal,
+        _checked_scale(q, softmax_scale),
+        window,
+        False,
     )
 
 
@@ -234,15 +280,34 @@ def _npu_fusion_attention(
 # Fake kernels and autograd of the C++ ops.
 
 
+def _check_fake_devices(*tensors: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """Every tensor argument of the op on one device, ``cu_seqlens`` there or on the CPU (the
+    fake kernel's check)."""
+    device = tensors[0].device
+    for t in (*tensors, cu_seqlens):
+        other = t.device
+        torch._check_value(
+            other == device or (t is cu_seqlens and other.type == "cpu"),
+            lambda other=other: (
+                f"packed_attention: tensor arguments on {device} and {other}; "
+                "every tensor argument must be on one device"
+            ),
+        )
+
+
 def _register() -> None:
     @torch.library.register_fake("pangu_fastkd::packed_attention_fwd")
     def _fwd_fake(q, k, v, cu_seqlens, scale, causal, window):
+        # Reached with a meta tensor among real ones too: refuse it rather than hand out
+        # uninitialised memory (or a meta output) for real inputs.
+        _check_fake_devices(q, k, v, cu_seqlens=cu_seqlens)
         torch._check(q.dim() == 3 and k.dim() == 3, lambda: "q and k must be [T, H, D]")
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
     @torch.library.register_fake("pangu_fastkd::packed_attention_bwd")
     def _bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, scale, causal, window):
+        _check_fake_devices(grad_out, q, k, v, out, lse, cu_seqlens=cu_seqlens)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):

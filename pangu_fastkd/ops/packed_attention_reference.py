@@ -64,8 +64,13 @@ def check_qkv(
     if k.shape[2] != D:
         raise ValueError(f"q and k must have the same head dim, got {D} and {k.shape[2]}")
     Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    # Zero query heads would make the GQA group size 0 (a division by zero in the kernel).
+    if Hq == 0 or Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({Hq}) must be a positive multiple of kv heads ({Hkv})"
+        )
+    if D == 0:
+        raise ValueError("the head dim must be >= 1, got 0")
     if window is not None:
         if not causal:
             raise ValueError("window (a left window size) needs causal=True")

@@ -13,11 +13,19 @@ build without the kernel for their device, use the PyTorch reference.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
 
 from .._native import native_available, npu_kernel_available
+from .input_checks import (
+    NonFiniteError,
+    check_finite_rows,
+    check_int64,
+    check_positive_finite,
+    check_same_device,
+)
 from .sparse_kd_reference import check_options, sparse_kd_reference
 from .sparse_kd_targets import (
     DIVERGENCES,
@@ -38,6 +46,7 @@ __all__ = [
 SparseKDRoute = Literal["cpu_kernel", "npu_kernel", "reference"]
 
 _OP_NAME = "pangu_fastkd::sparse_kd_fused"
+_API = "fused_linear_sparse_kd"
 
 
 def fused_linear_sparse_kd(
@@ -60,6 +69,7 @@ def fused_linear_sparse_kd(
     z_loss: float = 0.0,
     return_stats: bool = False,
     chunk_rows: int | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, KDStats]:
     """Sparse knowledge-distillation loss of an LM head, fused with its matmul.
 
@@ -89,11 +99,23 @@ def fused_linear_sparse_kd(
         return_stats: also return per-token ``KDStats`` (each ``[N]`` float32).
         chunk_rows: rows per GEMM chunk; default from the memory budget
             (``PANGU_FASTKD_CHUNK_MB``, 128 MiB of logits).
+        check_finite: raise ``NonFiniteError`` naming the tensor and its first bad row when
+            hidden, weight or bias hold NaN or an infinity, or when finite inputs give a
+            non-finite loss (the logits overflow); see ``docs/non-finite.md``. Costs one pass
+            over the inputs. The teacher target is always checked.
 
     Returns:
         The scalar loss (float32; float64 for float64 inputs), and ``KDStats`` when
-        ``return_stats``.
+        ``return_stats``. ``reduction="mean"`` over no supervised row gives NaN (as
+        ``torch.nn.functional.cross_entropy``) with zero gradients.
+
+    Raises:
+        ValueError: bad shapes, options, devices or target rows (message names which).
+        NonFiniteError: with ``check_finite``, as above.
     """
+    _check_arguments(hidden, weight, labels, target, bias, ignore_index, chunk_rows)
+    if check_finite:
+        check_finite_rows(_API, {"hidden": hidden, "weight": weight, "bias": bias})
     include_label, num_items = check_options(
         target,
         kd_weight=kd_weight,
@@ -104,9 +126,6 @@ def fused_linear_sparse_kd(
         num_items=num_items,
         softcap=softcap,
     )
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-
     if sparse_kd_route(hidden, weight, labels) == "reference":
         loss, stats = sparse_kd_reference(
             hidden,
@@ -126,6 +145,9 @@ def fused_linear_sparse_kd(
             softcap=softcap,
             z_loss=z_loss,
         )
+        if check_finite:
+            mean = reduction == "mean" and num_items is None
+            _check_finite_result(loss, stats.detach(), labels, ignore_index, mean)
         return (loss, KDStats.from_matrix(stats.detach())) if return_stats else loss
 
     grad_on = torch.is_grad_enabled()
@@ -150,10 +172,73 @@ def fused_linear_sparse_kd(
         need_grad_input=grad_on and hidden.requires_grad,
         need_grad_weight=grad_on
         and (weight.requires_grad or (bias is not None and bias.requires_grad)),
-        compute_stats=return_stats,
+        # check_finite names the first row whose loss overflowed, which the stats show.
+        compute_stats=return_stats or check_finite,
     )
     loss, _, _, _, stats = torch.ops.pangu_fastkd.sparse_kd_fused(*args)
+    if check_finite:
+        mean = reduction == "mean" and num_items is None
+        _check_finite_result(loss, stats, labels, ignore_index, mean)
     return (loss, KDStats.from_matrix(stats)) if return_stats else loss
+
+
+def _check_arguments(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target: TopKTarget | SampledTarget | None,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    chunk_rows: int | None,
+) -> None:
+    """The checks of ``fused_linear_sparse_kd`` that come before routing: one device for every
+    tensor, and integers that fit the op schema."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_API}: {name} must be a tensor, got {type(t).__name__}")
+    tensors: dict[str, torch.Tensor | None] = {
+        "hidden": hidden,
+        "weight": weight,
+        "bias": bias,
+        "labels": labels,
+    }
+    if target is not None and isinstance(target, TopKTarget | SampledTarget):
+        for field in dataclasses.fields(target):
+            value = getattr(target, field.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f"target.{field.name}"] = value
+    check_same_device(_API, tensors)
+    check_int64(_API, "ignore_index", ignore_index)
+    if chunk_rows is not None and check_int64(_API, "chunk_rows", chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if isinstance(target, TopKTarget):
+        check_positive_finite(_API, "target.temperature", target.temperature)
+
+
+def _check_finite_result(
+    loss: torch.Tensor, stats: torch.Tensor, labels: torch.Tensor, ignore_index: int, mean: bool
+) -> None:
+    """With finite inputs (checked before), a non-finite loss means the logits overflowed,
+    except for the NaN of a mean over no supervised row (``mean``: reduction "mean" without
+    ``num_items``), which is the defined result."""
+    if bool(torch.isfinite(loss)):
+        return
+    if mean and not bool((labels != ignore_index).any()):
+        return
+    bad_rows = (~torch.isfinite(stats)).any(dim=1).nonzero()
+    if bad_rows.numel():
+        where = f"first non-finite row: row {int(bad_rows[0, 0])}"
+    else:  # every row's terms fit, their sum (or the z-loss's lse^2) does not
+        lse = stats[:, KDStats._fields.index("student_lse")].abs()
+        row = int(lse.argmax()) if lse.numel() else 0
+        where = (
+            f"largest student logsumexp: {lse[row].item() if lse.numel() else 0:.3g} in row {row}"
+        )
+    raise NonFiniteError(
+        f"{_API}: the loss is {loss.item()} although hidden, weight and bias are finite "
+        f"({where}): the logits or their logsumexp overflow; scale the hidden states down or "
+        "compute in float32 (check_finite=True)"
+    )
 
 
 def sparse_kd_op_args(
@@ -231,6 +316,7 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     return_stats: bool = False,
     chunk_rows: int | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, KDStats]:
     """Cross-entropy of an LM head fused with its matmul: the no-teacher case (SFT).
 
@@ -255,6 +341,7 @@ def fused_linear_cross_entropy(
         z_loss=z_loss,
         return_stats=return_stats,
         chunk_rows=chunk_rows,
+        check_finite=check_finite,
     )
 
 
@@ -309,6 +396,22 @@ def _can_hand_out(grad_loss: torch.Tensor | None) -> bool:
     return bool(grad_loss == 1)
 
 
+def _check_fake_devices(*tensors: torch.Tensor | None) -> None:
+    """Every tensor argument of the op on the first one's device (the fake kernel's check)."""
+    device = tensors[0].device
+    for t in tensors:
+        if t is None:
+            continue
+        other = t.device
+        torch._check_value(
+            other == device,
+            lambda other=other: (
+                f"{_OP_NAME}: tensor arguments on {device} and {other}; "
+                "every tensor argument must be on one device"
+            ),
+        )
+
+
 def _register() -> None:
     @torch.library.register_fake(_OP_NAME)
     def _sparse_kd_fused_fake(
@@ -317,6 +420,12 @@ def _register() -> None:
         missing_mass, include_label, ignore_index, softcap, z_loss, reduction, num_items,
         chunk_rows, need_grad_input, need_grad_weight, compute_stats,
     ):  # fmt: skip
+        # Reached with a meta tensor among real ones too: refuse it rather than hand out
+        # uninitialised memory on the real tensors' device.
+        _check_fake_devices(
+            hidden, weight, bias, labels, ids, teacher_logits, teacher_lse, label_logit,
+            sample_weights,
+        )  # fmt: skip
         torch._check(hidden.dim() == 2, lambda: f"hidden must be [N, d], got {tuple(hidden.shape)}")
         torch._check(weight.dim() == 2, lambda: f"weight must be [V, d], got {tuple(weight.shape)}")
         torch._check(weight.shape[1] == hidden.shape[1], lambda: "weight and hidden disagree on d")
@@ -351,7 +460,9 @@ def _register() -> None:
         hand_out = _can_hand_out(grad_loss)
 
         def scaled(grad: torch.Tensor) -> torch.Tensor | None:
-            if grad_loss is None or grad.numel() == 0:
+            # The op returns a 1-D empty tensor for a gradient it did not compute; hidden's
+            # gradient of an empty batch is a real [0, d] one (PyTorch gives it too).
+            if grad_loss is None or (grad.dim() == 1 and grad.numel() == 0):
                 return None
             return grad if hand_out else grad * grad_loss.to(grad.dtype)
 

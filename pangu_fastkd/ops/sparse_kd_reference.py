@@ -65,10 +65,10 @@ def check_options(
         raise ValueError("sampled targets support only divergence='forward_kl'")
     if isinstance(num_items, torch.Tensor):
         num_items = float(num_items.item())
-    if num_items is not None and not num_items > 0:
-        raise ValueError(f"num_items must be > 0, got {num_items}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if num_items is not None and not (num_items > 0 and math.isfinite(num_items)):
+        raise ValueError(f"num_items must be finite and > 0, got {num_items}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be finite and > 0, or None, got {softcap}")
     return bool(include_label), num_items
 
 
@@ -108,8 +108,8 @@ def validate_inputs(
             raise ValueError(f"{name} must be in [0, 1], got {options[name]}")
     if not (options["temperature"] > 0 and math.isfinite(options["temperature"])):
         raise ValueError(f"temperature must be > 0, got {options['temperature']}")
-    if options["z_loss"] < 0:
-        raise ValueError(f"z_loss must be >= 0, got {options['z_loss']}")
+    if not (options["z_loss"] >= 0 and math.isfinite(options["z_loss"])):
+        raise ValueError(f"z_loss must be finite and >= 0, got {options['z_loss']}")
     if target is None or options["kd_weight"] == 0:
         return
     ids = target.ids
@@ -137,7 +137,10 @@ def validate_inputs(
 
 
 def validate_target(
-    target: TopKTarget | SampledTarget, vocab_size: int, supervised: torch.Tensor
+    target: TopKTarget | SampledTarget,
+    vocab_size: int,
+    supervised: torch.Tensor,
+    labels: torch.Tensor,
 ) -> None:
     """Raise ``ValueError`` naming the first bad supervised row of a sparse target."""
     ids = target.ids.long()
@@ -155,6 +158,7 @@ def validate_target(
         lab = target.label_logit.float()
         bad_label = (lab.isnan() | (lab == math.inf)) & supervised
         _raise_first(bad_label, "teacher label_logit must be finite or -inf")
+        _raise_first(_topk_mass_exceeds_one(target, labels) & supervised, _MASS_MESSAGE)
     else:
         w = target.weights.float()
         bad_w = (((w < 0) | ~w.isfinite()) & valid).any(dim=1)
@@ -162,6 +166,27 @@ def validate_target(
         total = torch.where(valid, w, torch.zeros_like(w)).sum(dim=1)
         bad_sum = ((total - 1).abs() > 1e-3) & supervised
         _raise_first(bad_sum, "sampled weights must sum to 1 (within 1e-3)")
+
+
+_MASS_MESSAGE = (
+    "the teacher logits (top-K and label) hold probability > 1 under their lse: "
+    "logits and lse do not belong together"
+)
+
+
+def _topk_mass_exceeds_one(target: TopKTarget, labels: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the top-K logits (and the label's, when outside them) hold more than
+    ``1 + 1e-3`` of the teacher's probability at ``T_c`` under the row's lse, which a true
+    log-partition over the whole vocabulary cannot allow."""
+    ids = target.ids.long()
+    valid = ids >= 0
+    lam = target.lse.float()[:, None]
+    log_p = (target.logits.float() / target.temperature - lam).masked_fill(~valid, -math.inf)
+    log_mass = log_p.logsumexp(dim=1)
+    label_seen = (ids == labels[:, None]).any(dim=1)
+    log_label = target.label_logit.float() / target.temperature - lam[:, 0]
+    log_mass = torch.where(label_seen, log_mass, torch.logaddexp(log_mass, log_label))
+    return log_mass > math.log1p(1e-3)
 
 
 def _raise_first(bad_rows: torch.Tensor, message: str) -> None:
@@ -246,7 +271,7 @@ def sparse_kd_reference(
     if bool(((labels < 0) | (labels >= V))[supervised].any()):
         raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
     if target is not None and kd_weight > 0:
-        validate_target(target, V, supervised)
+        validate_target(target, V, supervised, labels)
 
     rows = supervised.nonzero().squeeze(1)
     y = labels[rows]
@@ -336,7 +361,8 @@ def sparse_kd_reference(
     if num_items is not None:
         total = total / num_items
     elif reduction == "mean":
-        total = total / max(n, 1)
+        # Over no supervised row this is 0 / 0 = NaN, as torch.nn.functional.cross_entropy.
+        total = total / n
 
     correct = (z.argmax(dim=1) == y).to(acc)
     stats = torch.zeros(N, 6, dtype=torch.float32, device=hidden.device)

@@ -23,6 +23,7 @@
 // grad_v. The stream orders the two: the second launch starts after the first has finished.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <tuple>
@@ -100,8 +101,10 @@ AttentionInputs check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
                     " tokens like q");
   TORCH_CHECK_VALUE(k.size(2) == D, "packed_attention: q and k must have the same head dim, got ",
                     D, " and ", k.size(2));
-  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "packed_attention: the number of query heads (", Hq,
-                    ") must be a multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(Hq > 0 && Hkv > 0 && Hq % Hkv == 0,
+                    "packed_attention: the number of query heads (", Hq,
+                    ") must be a positive multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(D > 0, "packed_attention: the head dim must be >= 1, got ", D);
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "packed_attention: cu_seqlens must be int32, got ",
                    cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2,
@@ -159,6 +162,8 @@ PackedAttentionChipBudget attention_budget() {
 // The kernel's problem for validated inputs; cuSeqlens points into in.cu_host, which must outlive
 // the tiling call.
 PackedAttentionProblem attention_problem(const AttentionInputs& in, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0,
+                    "packed_attention: softmax_scale must be finite and > 0, got ", scale);
   PackedAttentionProblem p{};
   p.tokens = static_cast<uint32_t>(in.T);  // < 2^31: cu_seqlens (int32) ends at T
   p.docs = static_cast<uint32_t>(in.cu_host.size(0) - 1);

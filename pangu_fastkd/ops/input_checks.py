@@ -1,0 +1,101 @@
+"""Checks every op makes on its arguments before any kernel runs: one device for all tensors,
+integers that fit the op schema's int64, finite option values, and the opt-in finiteness check of
+the data (the policy is in ``docs/non-finite.md``).
+
+Each check names the argument (and for data, the first bad row), so a caller sees which input is
+wrong instead of a kernel error or a silent NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "NonFiniteError",
+    "check_finite_rows",
+    "check_int64",
+    "check_positive_finite",
+    "check_same_device",
+]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """An input or result of an op holds NaN or an infinity where ``check_finite`` asks for
+    finite numbers (a ``ValueError`` too, so callers that catch bad input catch it)."""
+
+
+def check_same_device(op: str, tensors: dict[str, torch.Tensor | None]) -> torch.device:
+    """Raise ``ValueError`` unless every given tensor is on one device; returns it.
+
+    A tensor on the ``meta`` device next to real ones would otherwise reach the op's fake
+    kernel, which returns uninitialised memory on the real tensors' device.
+
+    Args:
+        op: the op's name, for the message.
+        tensors: argument name -> tensor (None entries are skipped), the first one decides.
+    """
+    present = {name: t for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(present.items()))
+    for name, t in present.items():
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "every tensor argument must be on one device"
+            )
+    return first.device
+
+
+def check_int64(op: str, name: str, value: int) -> int:
+    """Raise ``TypeError`` unless ``value`` is an int (not a bool) and ``ValueError`` unless it
+    fits int64, the op schema's integer; returns it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{op}: {name} must fit in int64, got {value}")
+    return value
+
+
+def check_positive_finite(op: str, name: str, value: float) -> float:
+    """Raise ``ValueError`` unless ``value`` is a finite number > 0; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def check_finite_rows(
+    op: str, tensors: dict[str, torch.Tensor | None], *, allow_neg_inf: tuple[str, ...] = ()
+) -> None:
+    """Raise ``NonFiniteError`` naming the first tensor with a NaN or infinity and its first bad
+    row (index along dim 0).
+
+    One reduction per tensor and one device-to-host read for all of them; only on failure is
+    the row looked up.
+
+    Args:
+        op: the op's name, for the message.
+        tensors: argument name -> tensor (None skipped); checked in this order.
+        allow_neg_inf: names whose ``-inf`` entries are legal (teacher logits of impossible
+            tokens).
+    """
+    present = [(name, t) for name, t in tensors.items() if t is not None and t.numel() > 0]
+    if not present:
+        return
+    bad = []
+    for name, t in present:
+        wrong = ~torch.isfinite(t)
+        if name in allow_neg_inf:
+            wrong = wrong & (t != -math.inf)
+        bad.append(wrong.reshape(t.shape[0], -1) if t.dim() else wrong.reshape(1, 1))
+    flags = torch.stack([b.any() for b in bad]).cpu()
+    for (name, t), wrong, flag in zip(present, bad, flags.tolist(), strict=True):
+        if flag:
+            row = int(wrong.any(dim=1).nonzero()[0, 0])
+            value = t.reshape(wrong.shape)[row][wrong[row]][0].item()
+            where = f"row {row}" if t.dim() else "its value"
+            raise NonFiniteError(f"{op}: {name} holds {value} in {where} (check_finite=True)")
