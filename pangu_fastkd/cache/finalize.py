@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from .jsonfile import read_json
+from .loading import open_recorded_shard
 from .manifest import Manifest, ShardRecord, write_manifest
 from .progress import SEQUENCES_NAME, progress_name, read_progress, sequence_ids_digest
-from .shards import open_shard
 from .spec import FORMAT_VERSION, CacheError, CacheSpec
 
 __all__ = ["finalize_cache"]
@@ -21,8 +21,10 @@ def finalize_cache(directory: str | os.PathLike, world_size: int = 1) -> Manifes
     """Merge the ranks' progress files into ``manifest.json`` once every sequence is committed.
 
     Call once, on rank 0, after all ranks closed their writers (a barrier under ``torchrun``).
-    Each shard's size and header are checked and its per-sequence token counts read from its
-    ``seq_offsets``; the checksums recorded at commit time go into the manifest.
+    Each shard's size, header and sha256 are checked against what its writer recorded when it
+    committed it (so a shard altered since is refused, not vouched for by the manifest), and its
+    per-sequence token counts read from its ``seq_offsets``; those checksums go into the
+    manifest.
 
     Args:
         directory: the cache directory.
@@ -34,7 +36,7 @@ def finalize_cache(directory: str | os.PathLike, world_size: int = 1) -> Manifes
     Raises:
         CacheError: a rank's progress file is missing or disagrees with the others (spec,
             world size, sequence list), sequences are uncovered or covered twice, or a shard is
-            missing, has the wrong size or a bad header. Each message names the file.
+            missing, has the wrong size, sha256 or a bad header. Each message names the file.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -72,7 +74,10 @@ def finalize_cache(directory: str | os.PathLike, world_size: int = 1) -> Manifes
             )
         if progress["sequence_ids_sha256"] != sequences["sha256"]:
             raise CacheError(f"{path}: written for a different sequence list than {SEQUENCES_NAME}")
-        records += [ShardRecord.from_json(s, source=str(path)) for s in progress["shards"]]
+        rank_records = [ShardRecord.from_json(s, source=str(path)) for s in progress["shards"]]
+        if any(record.rank != rank for record in rank_records):
+            raise CacheError(f"{path}: lists a shard of another rank")
+        records += rank_records
     assert spec is not None
 
     records.sort(key=lambda shard: shard.seq_start)
@@ -85,11 +90,9 @@ def finalize_cache(directory: str | os.PathLike, world_size: int = 1) -> Manifes
                 )
             )
         shard_path = directory / shard.name
-        size = shard_path.stat().st_size if shard_path.exists() else None
-        if size != shard.num_bytes:
-            state = "missing" if size is None else f"{size} bytes"
-            raise CacheError(f"{shard_path}: shard is {state}, expected {shard.num_bytes} bytes")
-        opened = open_shard(shard_path, spec)
+        # Re-hash: the manifest vouches for these bytes from now on, so they must still be the
+        # bytes the writer hashed when it committed the shard.
+        opened = open_recorded_shard(directory, shard, spec, verify_checksum=True)
         counts = [int(c) for c in opened.seq_offsets[1:] - opened.seq_offsets[:-1]]
         opened.close()
         if len(counts) != shard.seq_stop - shard.seq_start or sum(counts) != shard.num_tokens:

@@ -11,18 +11,20 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..durable import atomic_write_bytes
 from .jsonfile import json_bytes, read_json
-from .shards import expected_shard_tensors
+from .shards import check_shard_name, expected_shard_tensors
 from .spec import FORMAT_VERSION, CacheError, CacheSpec
 
 __all__ = ["MANIFEST_NAME", "Manifest", "ShardRecord", "read_manifest", "write_manifest"]
 
 MANIFEST_NAME = "manifest.json"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class ShardRecord:
         """Rebuild a record; CacheError naming ``source`` if malformed."""
         names = [f.name for f in fields(cls)]
         if not isinstance(data, dict) or set(data) != set(names):
-            raise CacheError(f"{source}: malformed shard record {data!r}")
+            raise CacheError(f"{source}: malformed shard record {str(data)[:300]}")
         ok = (
             isinstance(data["name"], str)
             and isinstance(data["sha256"], str)
@@ -58,7 +60,11 @@ class ShardRecord:
             and data["seq_start"] < data["seq_stop"]
         )
         if not ok:
-            raise CacheError(f"{source}: malformed shard record {data!r}")
+            raise CacheError(f"{source}: malformed shard record {str(data)[:300]}")
+        # Before any file is touched: a shard is a file the writer named, in this directory.
+        check_shard_name(data["name"], data["rank"], source)
+        if not _SHA256_HEX.fullmatch(data["sha256"]):
+            raise CacheError(f"{source}: shard {data['name']} has a malformed sha256")
         return cls(**data)
 
 
@@ -183,8 +189,16 @@ class Manifest:
             )
         if not isinstance(self.world_size, int) or self.world_size < 1:
             raise CacheError(f"{source}: world_size must be a positive int")
+        names = [shard.name for shard in self.shards]
+        if len(set(names)) != len(names):
+            raise CacheError(f"{source}: a shard is listed twice")
         covered = 0
         for shard in self.shards:
+            if shard.rank >= self.world_size:
+                raise CacheError(
+                    f"{source}: shard {shard.name} of rank {shard.rank}, the cache has "
+                    f"world_size {self.world_size}"
+                )
             if shard.seq_start != covered:
                 raise CacheError(
                     f"{source}: shard {shard.name} starts at sequence {shard.seq_start}, "

@@ -1,8 +1,12 @@
 """Reading a teacher-logit cache: targets for the sparse-KD loss, aligned with packed batches.
 
-Shards are opened lazily and memory-mapped; the first time a shard is opened its size, its
-sha256 (unless disabled), its header and its sequence offsets are checked against the manifest,
-so a truncated, altered or misaligned shard is a CacheError naming it, never silent garbage.
+Shards are opened lazily and memory-mapped; the first time a shard is opened its name, type,
+size, sha256 (unless disabled), header and sequence offsets are checked against the manifest,
+so a truncated, altered, misaligned or misdirected shard is a CacheError naming it, never
+silent garbage. Every batch is then value-checked before it is returned (``values.py``): a
+shard whose manifest was re-signed, or that changed under its memory map, cannot hand the KD
+stage NaN, +inf or ids outside the vocabulary. ``CacheReader.verify`` checks the whole cache
+once, before the first training step.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..durable import sha256_file
 from ..ops.sparse_kd_targets import SampledTarget, TopKTarget
-from .manifest import MANIFEST_NAME, Manifest, read_manifest
-from .shards import ShardFile, open_shard
-from .spec import CacheError, decode_ids
+from .loading import describe_row, load_shard
+from .manifest import MANIFEST_NAME, read_manifest
+from .shards import ShardFile
+from .spec import CacheError
+from .values import Problem, decode_sampled, decode_topk, sampled_problem, topk_problem
+from .verify import verify_manifest
 
 __all__ = ["CacheReader", "load_shard"]
 
@@ -31,56 +37,15 @@ TARGET_KINDS = ("topk", "sampled")
 MAX_OPEN_SHARDS = 64
 
 
-def load_shard(
-    directory: str | os.PathLike, manifest: Manifest, index: int, *, verify_checksum: bool = True
-) -> ShardFile:
-    """Open shard ``index`` of ``manifest`` after checking it against the manifest.
-
-    Checks the file exists with the recorded byte size, its sha256 (when ``verify_checksum``),
-    its header (``open_shard``), that it describes the recorded sequence range and that its
-    ``seq_offsets`` give the manifest's per-sequence token counts.
-
-    Raises:
-        CacheError: naming the shard and what is wrong with it.
-    """
-    record = manifest.shards[index]
-    path = Path(directory) / record.name
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CacheError(f"{record.name}: shard file is missing ({path})") from None
-    if size != record.num_bytes:
-        raise CacheError(
-            f"{record.name}: shard is {size} bytes, the manifest says {record.num_bytes}; "
-            "it is truncated or was altered"
-        )
-    if verify_checksum and sha256_file(path) != record.sha256:
-        raise CacheError(
-            f"{record.name}: sha256 does not match the manifest; the shard is corrupt or altered"
-        )
-    shard = open_shard(path, manifest.spec)
-    described = (shard.metadata.get("seq_start"), shard.metadata.get("seq_stop"))
-    if described != (record.seq_start, record.seq_stop):
-        raise CacheError(
-            f"{record.name}: holds sequences {described}, the manifest expects "
-            f"({record.seq_start}, {record.seq_stop})"
-        )
-    counts = np.diff(shard.seq_offsets)
-    expected = manifest.token_counts[record.seq_start : record.seq_stop]
-    if len(counts) != len(expected) or counts.tolist() != list(expected):
-        raise CacheError(
-            f"{record.name}: per-sequence token counts {counts.tolist()[:8]} do not match the "
-            f"manifest's {list(expected)[:8]}; the shard is misaligned"
-        )
-    return shard
-
-
 class CacheReader:
     """Read access to a finalised cache.
 
     Args:
         directory: the cache directory.
         verify_checksums: check each shard's sha256 the first time it is opened.
+        check_values: check every batch's values before returning it (``values.py``; about
+            the cost of copying the rows out, see bench/bench_cache_read.py). Only turn it off
+            after ``verify`` passed on a directory nobody else can write.
 
     Raises:
         CacheError: missing manifest (unfinished or unfinalised cache), unsupported format
@@ -90,10 +55,17 @@ class CacheReader:
         manifest: the cache's ``Manifest``.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, verify_checksums: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        verify_checksums: bool = True,
+        check_values: bool = True,
+    ) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.verify_checksums = verify_checksums
+        self.check_values = check_values
         self._index = {sid: i for i, sid in enumerate(self.manifest.sequence_ids)}
         self._shard_starts = [shard.seq_start for shard in self.manifest.shards]
         self._open: OrderedDict[int, ShardFile] = OrderedDict()
@@ -167,16 +139,18 @@ class CacheReader:
             raw teacher logits ``T_c * (v + Lambda)`` (-inf for empty slots), ``lse`` ``[N]``
             fp32, ``label_logit`` ``[N]`` fp32, ``temperature`` = T_c; N = the sequences'
             supervised tokens.
+
+        Raises:
+            CacheError: a shard fails its checks, or a row its value checks (``values.py``);
+                the message names the shard, the row, the sequence and the token.
         """
         spec = self.manifest.spec
-        parts = self._gather(seq_indices, ("ids", "values", "lse", "label_value"))
-        ids = decode_ids(parts["ids"], spec.id_encoding)
-        lse = parts["lse"]
-        logits = spec.temperature * (parts["values"].to(torch.float32) + lse[:, None])
-        label_logit = spec.temperature * (parts["label_value"].to(torch.float32) + lse)
-        return TopKTarget(
-            ids=ids, logits=logits, lse=lse, label_logit=label_logit, temperature=spec.temperature
-        )
+        parts, runs = self._gather(seq_indices, ("ids", "values", "lse", "label_value"))
+        target = decode_topk(parts, spec)
+        if self.check_values:
+            problem = topk_problem(target, parts["values"], parts["label_value"], spec)
+            self._raise_for(problem, runs)
+        return target
 
     def sampled_target(self, seq_indices: Sequence[int]) -> SampledTarget:
         """Sampled targets of the given sequences, concatenated in the given order.
@@ -186,7 +160,8 @@ class CacheReader:
             fp32 = draws / ``sampled_draws`` (each row sums to 1).
 
         Raises:
-            CacheError: the cache holds no sampled targets.
+            CacheError: the cache holds no sampled targets, or a shard or a row fails its
+                checks (as ``topk_target``).
         """
         spec = self.manifest.spec
         if spec.sampled_k == 0:
@@ -194,10 +169,27 @@ class CacheReader:
                 f"{self.directory / MANIFEST_NAME}: this cache holds no sampled targets "
                 "(sampled_k = 0)"
             )
-        parts = self._gather(seq_indices, ("sampled_ids", "sampled_counts"))
-        ids = decode_ids(parts["sampled_ids"], spec.id_encoding)
-        weights = parts["sampled_counts"].to(torch.float32) / spec.sampled_draws
-        return SampledTarget(ids=ids, weights=weights)
+        parts, runs = self._gather(seq_indices, ("sampled_ids", "sampled_counts"))
+        target = decode_sampled(parts, spec)
+        if self.check_values:
+            self._raise_for(sampled_problem(target, parts["sampled_counts"], spec), runs)
+        return target
+
+    def verify(self) -> dict:
+        """Check the whole cache once, before the first training step: ``verify_cache`` on this
+        reader's manifest (every shard's size, sha256 and header, every row's values).
+
+        One pass over the cache's bytes; afterwards the reader does not hash the shards again.
+
+        Returns:
+            ``verify_cache``'s summary.
+
+        Raises:
+            CacheError: naming the manifest, or the shard, row and sequence of the first problem.
+        """
+        summary = verify_manifest(self.directory, self.manifest)
+        self._verified.update(range(len(self.manifest.shards)))
+        return summary
 
     def targets_for_batch(
         self,
@@ -295,11 +287,29 @@ class CacheReader:
         if run is not None:
             yield run[0], run[1], run[2]
 
-    def _gather(self, seq_indices: Sequence[int], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    def _gather(
+        self, seq_indices: Sequence[int], names: Sequence[str]
+    ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int, int]]]:
+        """The rows of ``names`` for the sequences, and the ``(shard, start, stop)`` runs they
+        came from, in order."""
         runs = list(self._runs(seq_indices))
         if not runs:  # no sequences: zero rows, shaped and typed like shard 0's tensors
             runs = [(0, 0, 0)]
-        return {
+        parts = {
             name: torch.cat([self._shard(s).rows(name, start, stop) for s, start, stop in runs])
             for name in names
         }
+        return parts, runs
+
+    def _raise_for(self, problem: Problem | None, runs: list[tuple[int, int, int]]) -> None:
+        """CacheError naming the shard, row, sequence and token of batch row ``problem[0]``."""
+        if problem is None:
+            return
+        batch_row, message = problem
+        ends = np.cumsum([stop - start for _, start, stop in runs])
+        run = int(np.searchsorted(ends, batch_row, side="right"))
+        shard_index, start, stop = runs[run]
+        row = start + batch_row - (int(ends[run]) - (stop - start))
+        shard = self._shard(shard_index)
+        where = describe_row(self.manifest, shard_index, shard.seq_offsets, row)
+        raise CacheError(f"{self.manifest.shards[shard_index].name}: {where}: {message}")

@@ -79,7 +79,11 @@ def find_bad_id(ids: torch.Tensor, vocab_size: int) -> tuple[int, int, bool] | N
     (``out_of_range`` True), else an id repeated within its row. Shared by the writer, which
     refuses such rows, and ``verify_cache``, which finds them in a written cache.
     """
-    bad = (ids < -1) | (ids >= vocab_size)
+    # Compare in the ids' own dtype without letting the bound wrap: torch casts a Python int
+    # to the tensor's dtype, so ``int32_ids >= 2**31`` would compare against -2**31.
+    bad = ids < -1
+    if vocab_size <= torch.iinfo(ids.dtype).max:
+        bad |= ids >= vocab_size
     if bad.any():
         row = first_row(bad)
         return row, int(ids[row][bad[row]][0]), True
@@ -91,9 +95,25 @@ def find_bad_id(ids: torch.Tensor, vocab_size: int) -> tuple[int, int, bool] | N
     return None
 
 
+def _widen_ids(where: str, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` as int64 without wrapping: a uint64 id of 2**64 - 1 must not become -1 (empty)."""
+    if ids.dtype == torch.uint64:
+        # torch has no comparisons for uint64; the high bit is the sign bit of the same bytes.
+        high = ids.view(torch.int64) < 0
+        if high.any():
+            row = first_row(high)
+            value = int(ids[row].view(torch.int64)[high[row]][0]) + (1 << 64)
+            raise ValueError(
+                f"{where}: {name} row {row} holds id {value}, expected -1 (empty) or "
+                "0 <= id < vocab_size"
+            )
+        return ids.view(torch.int64)
+    return ids.to(torch.int64)  # every other integer dtype fits int64 exactly
+
+
 def _check_ids(where: str, name: str, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``ids`` as int64 after checking the range and that no row repeats an id."""
-    ids = ids.to(torch.int64)
+    ids = _widen_ids(where, name, ids)
     problem = find_bad_id(ids, vocab_size)
     if problem is None:
         return ids
@@ -184,7 +204,7 @@ def _encode_sampled(
     counts = _as_tensor(where, "sampled_counts", scores.sampled_counts, floating=False)
     _check_shape(where, "sampled_counts", counts, (n, spec.sampled_k))
     ids = _check_ids(where, "sampled_ids", ids, spec.vocab_size)
-    counts = counts.to(torch.int64)
+    counts = _widen_ids(where, "sampled_counts", counts)
     bad = torch.where(ids < 0, counts != 0, counts < 1)
     if bad.any():
         row = first_row(bad)

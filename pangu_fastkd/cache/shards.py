@@ -23,7 +23,7 @@ under the ``5K + 8`` budget.
 from __future__ import annotations
 
 import json
-import stat
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,16 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .files import open_regular, sha256_fd
+from .header import ShardHeader, read_header
+from .jsonfile import parse_json
 from .spec import CacheError, CacheSpec
 
 __all__ = [
     "SHARD_METADATA_KEY",
+    "SHARD_NAME_PATTERN",
     "ShardFile",
+    "check_shard_name",
     "encode_shard",
     "expected_shard_tensors",
     "open_shard",
@@ -53,9 +58,25 @@ _ID_STORAGE = {"int16": ("I16", ()), "uint24": ("U8", (3,)), "int32": ("I32", ()
 _COUNTS_STORAGE = {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32"}
 
 
+# What ``shard_name`` writes, and all a manifest or progress file may name: a plain file name
+# (no separator, no "..", ASCII digits only) is a file of the cache directory itself.
+SHARD_NAME_PATTERN = re.compile(r"shard-r([0-9]{3,6})-([0-9]{5,9})\.safetensors")
+
+
 def shard_name(rank: int, index: int) -> str:
     """File name of a rank's ``index``-th shard."""
     return f"shard-r{rank:03d}-{index:05d}.safetensors"
+
+
+def check_shard_name(name: object, rank: int, source: str) -> None:
+    """CacheError naming ``source`` unless ``name`` is what the writer of ``rank`` names a
+    shard; matched before any file is touched, so a name like ``../x`` is never opened."""
+    match = SHARD_NAME_PATTERN.fullmatch(name) if isinstance(name, str) else None
+    if match is None or name != shard_name(int(match[1]), int(match[2])) or int(match[1]) != rank:
+        raise CacheError(
+            f"{source}: shard name {str(name)[:200]!r} is not a shard of rank {rank} "
+            "(expected shard-rRRR-IIIII.safetensors inside the cache directory)"
+        )
 
 
 def expected_shard_tensors(spec: CacheSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -111,24 +132,17 @@ class ShardFile:
         self._slices.clear()
 
 
-def _map_shard(path: Path) -> Any:
-    """``safe_open`` of a shard, every failure a CacheError naming it.
+def _map_shard(path: Path, fd: int) -> Any:
+    """``safe_open`` of the already opened and checked shard ``fd``, every failure a CacheError
+    naming it.
 
-    safe_open checks the header (length, JSON, dtypes, shapes) and that the tensors tile the data
-    bytes exactly, so a truncated, padded or garbled shard fails here.
+    On Linux safetensors opens ``/proc/self/fd/N``, the very file whose type, size, checksum
+    and header were checked; a file renamed over the shard meanwhile is not the one mapped.
     """
+    own = Path(f"/proc/self/fd/{fd}")
+    target = own if own.exists() else path
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CacheError(f"{path.name}: shard file is missing ({path})") from None
-    except OSError as exc:
-        raise CacheError(f"{path.name}: cannot read shard: {exc.strerror}") from None
-    # The one check safe_open lacks: opening a FIFO (or device) for reading blocks until a
-    # writer appears, so a non-regular file at a shard's name would hang the reader.
-    if not stat.S_ISREG(mode):
-        raise CacheError(f"{path.name}: not a regular file; the shard is corrupt")
-    try:
-        return safe_open(str(path), framework="pt")
+        return safe_open(str(target), framework="pt")
     except FileNotFoundError:
         raise CacheError(f"{path.name}: shard file is missing ({path})") from None
     except SafetensorError as exc:
@@ -137,56 +151,99 @@ def _map_shard(path: Path) -> Any:
         ) from None
     except OSError as exc:
         raise CacheError(f"{path.name}: cannot read shard: {exc.strerror}") from None
+    except BaseException as exc:
+        # A panic inside safetensors' Rust code surfaces as pyo3's PanicException, which
+        # derives from BaseException: still a corrupt shard, not a reason to stop the process.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise CacheError(f"{path.name}: safetensors failed on this shard ({exc})") from None
 
 
-def _shard_metadata(path: Path, handle: Any) -> dict[str, Any]:
-    try:
-        metadata = json.loads((handle.metadata() or {})[SHARD_METADATA_KEY])
-    except (ValueError, KeyError, TypeError):
-        raise CacheError(f"{path.name}: corrupt shard header") from None
+def _shard_metadata(label: str, header: ShardHeader) -> dict[str, Any]:
+    text = header.metadata.get(SHARD_METADATA_KEY)
+    if text is None:
+        raise CacheError(f"{label}: corrupt shard header (no {SHARD_METADATA_KEY} metadata)")
+    metadata = parse_json(text.encode(), f"{label}: shard metadata")
     if not isinstance(metadata, dict):
-        raise CacheError(f"{path.name}: corrupt shard header")
+        raise CacheError(f"{label}: corrupt shard header (metadata is not an object)")
     return metadata
 
 
-def open_shard(path: Path, spec: CacheSpec) -> ShardFile:
-    """Memory-map a shard and check its layout against ``spec``.
-
-    On top of safetensors' own checks (see ``_map_shard``): the cache metadata is there, the
-    expected tensors are there with the right dtype and shape, all per-row tensors agree on the
-    row count and ``seq_offsets`` runs from 0 to it without going backwards. Anything else is a
-    CacheError naming the shard. Nothing but ``seq_offsets`` is read here.
-
-    The mapping stays valid while a new cache file is renamed over the shard (the old inode
-    lives on); truncating a mapped shard in place, which no writer here does, would fault.
-    """
-    path = Path(path)
-    handle = _map_shard(path)
-    metadata = _shard_metadata(path, handle)
-    slices = {name: handle.get_slice(name) for name in handle.keys()}
-    layout = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
-
+def _check_layout(label: str, header: ShardHeader, spec: CacheSpec) -> int:
+    """The shard's row count after checking its tensors' names, dtypes and shapes."""
+    layout = {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
     expected = expected_shard_tensors(spec)
     wanted = {*expected, "seq_offsets"}
     if set(layout) != wanted:
         raise CacheError(
-            f"{path.name}: holds tensors {sorted(layout)}, expected {sorted(wanted)} for this spec"
+            f"{label}: holds tensors {sorted(layout)}, expected {sorted(wanted)} for this spec"
         )
     offsets_dtype, offsets_shape = layout["seq_offsets"]
     if offsets_dtype != "I64" or len(offsets_shape) != 1 or offsets_shape[0] < 2:
-        raise CacheError(f"{path.name}: seq_offsets must be I64 [S + 1] with S >= 1")
+        raise CacheError(f"{label}: seq_offsets must be I64 [S + 1] with S >= 1")
     num_rows = layout["ids"][1][0] if layout["ids"][1] else -1
     for name, (dtype, tail) in expected.items():
         got_dtype, got_shape = layout[name]
         if got_dtype != dtype or got_shape != (num_rows, *tail):
             raise CacheError(
-                f"{path.name}: tensor {name!r} is {got_dtype} {list(got_shape)}, "
+                f"{label}: tensor {name!r} is {got_dtype} {list(got_shape)}, "
                 f"expected {dtype} {[num_rows, *tail]}"
             )
+    return num_rows
+
+
+def open_shard(
+    path: Path,
+    spec: CacheSpec,
+    *,
+    num_bytes: int | None = None,
+    sha256: str | None = None,
+) -> ShardFile:
+    """Memory-map a shard and check its layout against ``spec``.
+
+    Checks, before safetensors sees the file: it is a regular file, not a link, FIFO or device
+    (``files.open_regular``); its size is ``num_bytes`` and its content hashes to ``sha256``
+    (each when given); its header passes ``header.read_header`` (bounded, tiling the data
+    exactly). Then: the cache metadata is there and matches the spec's encodings, the expected
+    tensors are there with the right dtype and shape, all per-row tensors agree on the row count
+    and ``seq_offsets`` runs from 0 to it without going backwards. Anything else is a
+    CacheError naming the shard. Nothing but ``seq_offsets`` is read here (and the whole file
+    once when ``sha256`` is given).
+
+    The mapping stays valid while a new cache file is renamed over the shard (the old inode
+    lives on); truncating a mapped shard in place, which no writer here does, would fault.
+    """
+    path = Path(path)
+    label = path.name
+    with open_regular(path, label=label, missing="shard file is missing") as (fd, status):
+        if num_bytes is not None and status.st_size != num_bytes:
+            raise CacheError(
+                f"{label}: shard is {status.st_size} bytes, the manifest says {num_bytes}; "
+                "it is truncated or was altered"
+            )
+        if sha256 is not None and sha256_fd(fd) != sha256:
+            raise CacheError(
+                f"{label}: sha256 does not match the one recorded when the shard was written; "
+                "the shard is corrupt or altered"
+            )
+        header = read_header(fd, status.st_size, label)
+        metadata = _shard_metadata(label, header)
+        for key, value in (("id_encoding", spec.id_encoding), ("value_dtype", spec.value_dtype)):
+            if metadata.get(key) != value:
+                raise CacheError(
+                    f"{label}: shard metadata says {key} {metadata.get(key)!r}, the spec {value!r}"
+                )
+        num_rows = _check_layout(label, header, spec)
+        handle = _map_shard(path, fd)
+    slices = {name: handle.get_slice(name) for name in handle.keys()}
+    # Both parsers must agree on what the file holds (we checked ours, safetensors maps its).
+    mapped = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
+    if mapped != {name: (i.dtype, i.shape) for name, i in header.tensors.items()}:
+        raise CacheError(f"{label}: safetensors reads a different layout than the header")
     seq_offsets = slices.pop("seq_offsets")[:].numpy().copy()  # a copy: see ``rows``
     if seq_offsets[0] != 0 or seq_offsets[-1] != num_rows or np.any(np.diff(seq_offsets) < 0):
         raise CacheError(
-            f"{path.name}: seq_offsets must rise from 0 to the row count {num_rows}, "
+            f"{label}: seq_offsets must rise from 0 to the row count {num_rows}, "
             f"got {seq_offsets.tolist()[:8]}..."
         )
     return ShardFile(path, metadata, seq_offsets, num_rows, slices)

@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "FORMAT_VERSION",
     "ID_ENCODINGS",
+    "MAX_VOCAB_SIZE",
     "VALUE_DTYPES",
     "CacheError",
     "CacheSpec",
@@ -30,6 +31,8 @@ FORMAT_VERSION = 1
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ID_ENCODINGS = ("int16", "uint24", "int32")
 UINT24_EMPTY = 0xFFFFFF  # the empty slot of 3-byte ids; -1 everywhere else
+MAX_VOCAB_SIZE = 1 << 31  # the largest id, 2**31 - 1, is the largest int32
+MAX_SAMPLED_DRAWS = (1 << 31) - 1
 
 
 class CacheError(Exception):
@@ -87,6 +90,11 @@ class CacheSpec:
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size, 1)
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            # Ids are int32 in the widest encoding and in the KD targets: id 2**31 would wrap.
+            raise ValueError(
+                f"vocab_size must be <= 2**31 ({MAX_VOCAB_SIZE}), got {self.vocab_size}"
+            )
         _check_int("k", self.k, 1)
         if self.k > self.vocab_size:
             raise ValueError(f"k must be <= vocab_size ({self.vocab_size}), got {self.k}")
@@ -107,6 +115,11 @@ class CacheSpec:
             )
         _check_int("sampled_k", self.sampled_k, 0)
         _check_int("sampled_draws", self.sampled_draws, 0)
+        if self.sampled_draws > MAX_SAMPLED_DRAWS:
+            raise ValueError(
+                f"sampled_draws must be <= 2**31 - 1 ({MAX_SAMPLED_DRAWS}), counts are stored "
+                f"as int32 at most; got {self.sampled_draws}"
+            )
         if (self.sampled_k == 0) != (self.sampled_draws == 0):
             raise ValueError(
                 "sampled_k and sampled_draws must both be 0 (no sampled targets) or both > 0, "
@@ -192,13 +205,23 @@ def encode_ids(ids: torch.Tensor, encoding: str) -> torch.Tensor:
     """Store validated ids (``[n, K]`` integer, ``-1`` = empty) in ``encoding``.
 
     Returns ``[n, K]`` int16 / int32, or ``[n, K, 3]`` uint8 (little-endian) for ``uint24``.
+
+    Raises:
+        ValueError: an id does not fit the encoding (it would wrap, 2**32 + 1 becoming 1); the
+            message gives the id as it was, computed in int64.
     """
+    if encoding not in ID_ENCODINGS:
+        raise ValueError(f"id encoding must be one of {ID_ENCODINGS}, got {encoding!r}")
+    ids = ids.to(torch.int64)
+    top = {"int16": (1 << 15) - 1, "uint24": UINT24_EMPTY - 1, "int32": (1 << 31) - 1}[encoding]
+    bad = (ids < -1) | (ids > top)
+    if bad.any():
+        value = int(ids[bad][0])
+        raise ValueError(f"id {value} does not fit the {encoding} id encoding ([-1, {top}])")
     if encoding == "int16":
         return ids.to(torch.int16)
     if encoding == "int32":
         return ids.to(torch.int32)
-    if encoding != "uint24":
-        raise ValueError(f"id encoding must be one of {ID_ENCODINGS}, got {encoding!r}")
     wide = torch.where(ids < 0, UINT24_EMPTY, ids.to(torch.int64))
     return torch.stack([(wide >> shift) & 0xFF for shift in (0, 8, 16)], dim=-1).to(torch.uint8)
 

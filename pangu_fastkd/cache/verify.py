@@ -1,31 +1,35 @@
 """Full integrity check of a teacher-logit cache (``python -m pangu_fastkd.cache verify DIR``).
 
-Beyond what the reader checks when it opens a shard (size, sha256, header, alignment with the
-manifest), this reads every row: ids in range and distinct within a row, values finite or
-``-inf`` with probabilities summing to at most 1, ``lse`` and label values finite, sampled counts
-consistent. It catches a cache that is intact on disk but was written wrong.
+Beyond what the reader checks when it opens a shard (name, type, size, sha256, header,
+alignment with the manifest), this reads every row and runs on it the value checks the reader
+runs on every batch it serves (``values.py``): ids in range and distinct within a row, values
+finite or ``-inf`` with probabilities summing to at most 1, ``lse``, label values and decoded
+logits finite, sampled counts consistent. It catches a cache that is intact on disk but was
+written wrong, or whose manifest was re-signed over altered shards.
+
+The KD stage calls it (as ``CacheReader.verify``) once before its first step: one sequential
+pass over the cache's bytes, hashing and checking them together.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from .manifest import read_manifest
-from .reader import load_shard
-from .rows import find_bad_id, first_row
+from .loading import describe_row, load_shard
+from .manifest import Manifest, read_manifest
 from .shards import ShardFile
-from .spec import CacheError, CacheSpec, decode_ids
+from .spec import CacheError, CacheSpec
+from .values import Problem, decode_sampled, decode_topk, sampled_problem, topk_problem
 
-__all__ = ["verify_cache"]
+__all__ = ["verify_cache", "verify_manifest"]
 
 # Rows checked per step: bounds the memory of a scan over a shard of any size.
 CHUNK_ROWS = 1 << 15
+
+_TOPK = ("ids", "values", "lse", "label_value")
+_SAMPLED = ("sampled_ids", "sampled_counts")
 
 
 def verify_cache(directory: str | os.PathLike) -> dict[str, Any]:
@@ -40,7 +44,12 @@ def verify_cache(directory: str | os.PathLike) -> dict[str, Any]:
         CacheError: naming the manifest, or the shard, row and sequence of the first problem.
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    return verify_manifest(directory, read_manifest(directory))
+
+
+def verify_manifest(directory: str | os.PathLike, manifest: Manifest) -> dict[str, Any]:
+    """``verify_cache`` for a manifest already read (by a ``CacheReader``)."""
+    directory = Path(directory)
     spec = manifest.spec
     for index, record in enumerate(manifest.shards):
         shard = load_shard(directory, manifest, index, verify_checksum=True)
@@ -50,13 +59,8 @@ def verify_cache(directory: str | os.PathLike) -> dict[str, Any]:
                 problem = _check_rows(shard, spec, start, stop)
                 if problem is not None:
                     row, message = problem
-                    local = int(np.searchsorted(shard.seq_offsets, row, side="right")) - 1
-                    sequence = record.seq_start + local
-                    token = row - int(shard.seq_offsets[local])
-                    raise CacheError(
-                        f"{record.name}: row {row} (sequence {sequence} "
-                        f"{manifest.sequence_ids[sequence]!r}, token {token}): {message}"
-                    )
+                    where = describe_row(manifest, index, shard.seq_offsets, row)
+                    raise CacheError(f"{record.name}: {where}: {message}")
         finally:
             shard.close()
     return {
@@ -76,65 +80,14 @@ def verify_cache(directory: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _mass_tolerance(spec: CacheSpec) -> float:
-    # Rounding each stored log-prob v by a relative eps moves sum_j exp(v_j) by at most
-    # eps * sum_j p_j |v_j| <= eps * log(K) (the entropy bound); 1e-3 covers an fp32 Lambda.
-    eps = torch.finfo(spec.value_torch_dtype).eps
-    return 1e-3 + eps * max(1.0, math.log(spec.k))
-
-
-def _check_id_rows(ids: torch.Tensor, vocab_size: int, name: str) -> tuple[int, str] | None:
-    problem = find_bad_id(ids, vocab_size)
-    if problem is None:
-        return None
-    row, value, out_of_range = problem
-    if out_of_range:
-        return row, f"{name} holds id {value} outside [0, {vocab_size})"
-    return row, f"{name} holds id {value} twice"
-
-
-def _check_rows(shard: ShardFile, spec: CacheSpec, start: int, stop: int) -> tuple[int, str] | None:
+def _check_rows(shard: ShardFile, spec: CacheSpec, start: int, stop: int) -> Problem | None:
     """The first problem in rows ``[start, stop)`` as ``(row, message)``, or None."""
-    problems = []
-
-    ids = decode_ids(shard.rows("ids", start, stop), spec.id_encoding)
-    problems.append(_check_id_rows(ids, spec.vocab_size, "ids"))
-
-    values = shard.rows("values", start, stop).to(torch.float32)
-    bad = torch.isnan(values) | (values == math.inf)
-    if bad.any():
-        problems.append((first_row(bad), "values hold NaN or +inf"))
-    empty_with_value = (ids < 0) & (values != -math.inf)
-    if empty_with_value.any():
-        problems.append((first_row(empty_with_value), "an empty id slot has a finite value"))
-    mass = values.exp().sum(dim=1)
-    too_much = mass > 1 + _mass_tolerance(spec)
-    if too_much.any():
-        row = int(too_much.nonzero()[0, 0])
-        problems.append((row, f"top-K probabilities sum to {float(mass[row]):.6g} > 1"))
-
-    lse = shard.rows("lse", start, stop)
-    if not torch.isfinite(lse).all():
-        problems.append((first_row(~torch.isfinite(lse)), "lse is not finite"))
-    label = shard.rows("label_value", start, stop).to(torch.float32)
-    if not torch.isfinite(label).all():
-        problems.append((first_row(~torch.isfinite(label)), "label value is not finite"))
-    elif (label > _mass_tolerance(spec)).any():
-        problems.append((first_row(label > _mass_tolerance(spec)), "label probability above 1"))
-
+    parts = {name: shard.rows(name, start, stop) for name in _TOPK}
+    problems = [topk_problem(decode_topk(parts, spec), parts["values"], parts["label_value"], spec)]
     if spec.sampled_k:
-        sampled_ids = decode_ids(shard.rows("sampled_ids", start, stop), spec.id_encoding)
-        problems.append(_check_id_rows(sampled_ids, spec.vocab_size, "sampled_ids"))
-        counts = shard.rows("sampled_counts", start, stop).to(torch.int64)
-        bad = torch.where(sampled_ids < 0, counts != 0, counts < 1)
-        if bad.any():
-            problems.append((first_row(bad), "sampled_counts are not >= 1 for ids, 0 for empty"))
-        wrong = counts.sum(dim=1) != spec.sampled_draws
-        if wrong.any():
-            problems.append(
-                (int(wrong.nonzero()[0, 0]), f"sampled_counts do not sum to {spec.sampled_draws}")
-            )
-
+        parts = {name: shard.rows(name, start, stop) for name in _SAMPLED}
+        target = decode_sampled(parts, spec)
+        problems.append(sampled_problem(target, parts["sampled_counts"], spec))
     found = [p for p in problems if p is not None]
     if not found:
         return None
