@@ -24,6 +24,7 @@ chat template when it has one.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ __all__ = [
     "check_model_limits",
     "config_from_dict",
     "load_config",
+    "load_saved_config",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -200,7 +202,7 @@ def validate(config: PipelineConfig) -> None:
             "student.train_on: the student trains in the [[stages]]; train_on is for teachers"
         )
     for name, spec in config.teachers.items():
-        check_name(f"teachers.{name}", name)
+        check_name("teachers", name)
         spec.validate(f"teachers.{name}")
     trained = [("student", config.student)] + [
         (f"teachers.{name}", spec) for name, spec in config.teachers.items() if spec.train_on
@@ -336,6 +338,29 @@ def config_from_dict(raw: dict, where: str = "config") -> PipelineConfig:
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return config
+
+
+def load_saved_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """The validated config a run directory was started with (its ``config.json``), for a
+    resume, with ``key.path=value`` overrides (``run_dir``: the directory may have moved).
+
+    Raises:
+        ConfigError: naming ``path``: not UTF-8, not JSON (or nested deeper than the parser
+            goes, or a number with more digits than Python converts), not an object, or not a
+            valid config.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: not UTF-8 ({err.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON: arrays or objects nest too deeply") from None
+    except ValueError as err:  # JSONDecodeError, or Python's limit on integer digits
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides or []), str(path))
 
 
 def load_config(

@@ -78,7 +78,8 @@ def _parse_value(text: str, item: str) -> Any:
 def _list_index(node: list, part: str, item: str) -> int:
     if not _INDEX.fullmatch(part) or int(part) >= len(node):
         raise ConfigError(
-            f"override {show_value(item)}: no list item {part!r} (the list has {len(node)})"
+            f"override {show_value(item)}: no list item {show_value(part)} (the list has "
+            f"{len(node)})"
         )
     return int(part)
 
