@@ -108,7 +108,7 @@ def check_numbers(table: Any, where: str) -> None:
         # torch takes ints as int64 and fails on others with "expected 'int', found 'int'".
         if is_int and not INT64_MIN <= value <= INT64_MAX:
             raise ConfigError(
-                f"{path} must fit in 64 bits (at most 2**63 - 1), got {show_value(value)}"
+                f"{path} must be within int64 (-2**63 to 2**63 - 1), got {show_value(value)}"
             )
 
 
