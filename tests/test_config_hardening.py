@@ -194,6 +194,16 @@ def test_model_limits_check_path_models_once_the_pipeline_knows_them():
         ("seed=1\nrun_dir='elsewhere'", "the value must be one TOML value"),
         ("stages..name='x'", "empty key"),
     ],
+    ids=[
+        "scalar",
+        "scalar-in-list",
+        "deep",
+        "long-int",
+        "superscript",
+        "long-index",
+        "two",
+        "empty",
+    ],
 )
 def test_bad_overrides_are_config_errors(override, message):
     raw = {"seed": 0, "stages": [{"name": "sft_reasoning", "train": {}}]}
@@ -272,6 +282,7 @@ def test_bad_records_are_named_once_with_file_and_line(tmp_path, record, message
             "d021.jsonl:2: difficulty must be finite, got an int of about 401 digits",
         ),
     ],
+    ids=["deep", "long-int", "difficulty-beyond-float"],
 )
 def test_data_lines_too_deep_or_too_long_are_record_errors(tmp_path, line, message):
     with pytest.raises(RecordError, match=re.escape(message)):
