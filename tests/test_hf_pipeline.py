@@ -501,7 +501,10 @@ BASE = {"stages": [{"name": "s", "kind": "sft", "data": "train_fast"}]}
     [
         ({"student": {"path": "x", "backend": "torch"}}, r"student\.backend: 'torch'"),
         ({"student": {"preset": "tiny", "backend": "embedded"}}, r"'backend' applies to 'path'"),
-        ({"teachers": {"t": {"preset": "tiny", "backend": "transformers"}}}, r"teachers\.t\.backend"),
+        (
+            {"teachers": {"t": {"preset": "tiny", "backend": "transformers"}}},
+            r"teachers\.t\.backend",
+        ),
         (
             {"fsdp": True, "student": {"path": "x", "backend": "transformers"}},
             r"fsdp = true.*DDP only",

@@ -66,7 +66,10 @@ def test_valid_stages_pass_with_their_references():
             "w: target 'sampled' needs sampled_draws in 'score'",
         ),
         (KDStage(name="k", cache="score"), "w: missing_mass 'tail' needs the KD temperature"),
-        (RolloutStage(name="r", data="train_fast", samples_per_prompt=0), "w.samples_per_prompt must be >= 1"),
+        (
+            RolloutStage(name="r", data="train_fast", samples_per_prompt=0),
+            "w.samples_per_prompt must be >= 1",
+        ),
         (RolloutStage(name="r", data="roll2"), "w.data: 'roll2' is neither a split"),
         (ScoreStage(name="c", data="train_fast", teacher="ghost"), "w.teacher: no teacher"),
         (ScoreStage(name="c", data="train_fast", teacher="t", k=0), "w.k must be >= 1, got 0"),
