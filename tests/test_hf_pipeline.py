@@ -499,9 +499,12 @@ BASE = {"stages": [{"name": "s", "kind": "sft", "data": "train_fast"}]}
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"student": {"path": "x", "backend": "torch"}}, r"student'\.backend: 'torch'"),
+        ({"student": {"path": "x", "backend": "torch"}}, r"student\.backend: 'torch'"),
         ({"student": {"preset": "tiny", "backend": "embedded"}}, r"'backend' applies to 'path'"),
-        ({"teachers": {"t": {"preset": "tiny", "backend": "transformers"}}}, r"'t'\.backend"),
+        (
+            {"teachers": {"t": {"preset": "tiny", "backend": "transformers"}}},
+            r"teachers\.t\.backend",
+        ),
         (
             {"fsdp": True, "student": {"path": "x", "backend": "transformers"}},
             r"fsdp = true.*DDP only",

@@ -47,7 +47,7 @@ def test_valid_stages_pass_with_their_references():
         (SFTStage(name="a", data="train_fast", start_from="roll"), "w.start_from: 'roll' is not"),
         (
             SFTStage(name="a", data="train_fast", train=TrainSpec(grad_accum=0)),
-            "w.train: batch_tokens must be >= 8 and grad_accum >= 1",
+            "w.train.grad_accum must be >= 1, got 0",
         ),
         (KDStage(name="k", cache="sft"), "w.cache: 'sft' is not an earlier score stage"),
         (KDStage(name="k", cache="score", divergence="tvd"), "w.divergence must be one of"),
@@ -55,21 +55,24 @@ def test_valid_stages_pass_with_their_references():
         (KDStage(name="k", cache="score", target="all"), "w.target must be 'topk' or 'sampled'"),
         (
             KDStage(name="k", cache="score", temperature=2.0, kd_weight=2.0),
-            "w: kd_weight must be in [0, 1], got 2.0",
+            "w.kd_weight must be in [0, 1], got 2.0",
         ),
         (
             KDStage(name="k", cache="score", missing_mass="renorm", temperature=0.0),
-            "w: temperature must be > 0, got 0.0",
+            "w.temperature must be > 0, got 0.0",
         ),
         (
             KDStage(name="k", cache="score", temperature=2.0, target="sampled"),
             "w: target 'sampled' needs sampled_draws in 'score'",
         ),
         (KDStage(name="k", cache="score"), "w: missing_mass 'tail' needs the KD temperature"),
-        (RolloutStage(name="r", data="train_fast", samples_per_prompt=0), "w: max_new_tokens"),
+        (
+            RolloutStage(name="r", data="train_fast", samples_per_prompt=0),
+            "w.samples_per_prompt must be >= 1",
+        ),
         (RolloutStage(name="r", data="roll2"), "w.data: 'roll2' is neither a split"),
         (ScoreStage(name="c", data="train_fast", teacher="ghost"), "w.teacher: no teacher"),
-        (ScoreStage(name="c", data="train_fast", teacher="t", k=0), "w: k >= 1"),
+        (ScoreStage(name="c", data="train_fast", teacher="t", k=0), "w.k must be >= 1, got 0"),
         (
             RolloutStage(name="r", data="train_fast", max_prompts=-1),
             "w.max_prompts must be >= 0 (0: all), got -1",
@@ -92,11 +95,11 @@ def test_each_stage_names_its_bad_value(stage, message):
 @pytest.mark.parametrize(
     ("train", "message"),
     [
-        (TrainSpec(steps=-1), "x: steps must be >= 0"),
-        (TrainSpec(batch_tokens=4), "x: batch_tokens must be >= 8"),
+        (TrainSpec(steps=-1), "x.steps must be >= 0"),
+        (TrainSpec(batch_tokens=4), "x.batch_tokens must be >= 8, got 4"),
         (TrainSpec(schedule="random"), "x.schedule: 'random' is not one of"),
         (TrainSpec(difficulty="hard"), "x.difficulty must be 'given' or 'length'"),
-        (TrainSpec(optim=OptimSpec(lr=0.0)), "x.optim: lr must be > 0"),
+        (TrainSpec(optim=OptimSpec(lr=0.0)), "x.optim.lr must be > 0, got 0.0"),
     ],
 )
 def test_train_spec_names_its_bad_value(train, message):
@@ -108,13 +111,13 @@ def test_model_spec_checks_itself_and_trains_with_defaults_when_asked():
     spec = ModelSpec(preset="tiny", train_on=["train_fast"])
     assert spec.train == TrainSpec()  # a teacher trained here without a [train] table
     spec.validate("t")
-    with _raises("model 't': give exactly one of 'preset' and 'path'"):
+    with _raises("t: give exactly one of 'preset' and 'path'"):
         ModelSpec(preset="tiny", path="/m").validate("t")
-    with _raises("model 't'.backend: presets are always embedded models"):
+    with _raises("t.backend: presets are always embedded models"):
         ModelSpec(preset="tiny", backend="transformers").validate("t")
-    with _raises("model 't': train_on 'eval' is not in"):
+    with _raises("t.train_on: 'eval' is not in"):
         ModelSpec(preset="tiny", train_on=["eval"]).validate("t")
-    with _raises("model 't'.train.optim: lr must be > 0"):
+    with _raises("t.train.optim.lr must be > 0"):
         ModelSpec(preset="tiny", train=TrainSpec(optim=OptimSpec(lr=-1.0))).validate("t")
 
 

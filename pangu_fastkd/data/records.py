@@ -7,7 +7,9 @@ One JSON object per line, in one of two shapes::
 
 plus the optional keys ``id``, ``mode`` ("reasoning" | "fast" | null), ``difficulty`` (a number)
 and ``answer`` (the reference final answer). Other keys are ignored, so datasets can carry
-their own metadata. Blank lines are skipped; line numbers in errors count every line.
+their own metadata. Blank lines are skipped; line numbers in errors count every line. Every
+conversation has a user message before its response (or, prompt-only, at all): a turn the model
+is asked to answer.
 """
 
 from __future__ import annotations
@@ -144,10 +146,7 @@ def read_jsonl(path: str | Path, *, require_response: bool = True) -> list[Examp
     first_line_of: dict[str, int] = {}
     for lineno, line in _numbered_lines(path):
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RecordError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        record = _decode(line, where)
         example = _parse_record(record, default_id=f"{path.stem}:{lineno}", where=where)
         if require_response and example.messages[-1].role != "assistant":
             raise RecordError(
@@ -155,6 +154,10 @@ def read_jsonl(path: str | Path, *, require_response: bool = True) -> list[Examp
                 "assistant (training data needs a response; use require_response=False for "
                 "prompt-only data)"
             )
+        if not any(m.role == "user" for m in example.prompt_messages):
+            # Nothing to answer: rollouts, scoring and evaluation render the prompt, and would
+            # fail on it only when their stage runs.
+            raise RecordError(f"{where}: no user message before the response (a prompt to answer)")
         if example.id in first_line_of:
             raise RecordError(
                 f"{where}: duplicate id {example.id!r} (first seen on line "
@@ -163,6 +166,18 @@ def read_jsonl(path: str | Path, *, require_response: bool = True) -> list[Examp
         first_line_of[example.id] = lineno
         examples.append(example)
     return examples
+
+
+def _decode(line: str, where: str) -> Any:
+    """The JSON value of one line; every way ``json.loads`` fails is a ``RecordError``."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise RecordError(f"{where}: invalid JSON (arrays or objects nest too deeply)") from None
+    except ValueError as err:  # int("9" * 5000): Python's limit on integer digits
+        raise RecordError(f"{where}: invalid JSON (a number is too long: {err})") from None
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -195,15 +210,18 @@ def _parse_record(record: Any, *, default_id: str, where: str) -> Example:
             f"{where}: missing field: a record needs 'messages' or 'prompt' (with 'response')"
         )
 
+    # The field parsers raise RecordErrors that already start with ``where``; only Example's
+    # own checks need it added.
+    fields = dict(
+        id=_parse_id(record.get("id"), default_id, where),
+        messages=messages,
+        mode=_parse_mode(record.get("mode"), where),
+        difficulty=_parse_difficulty(record.get("difficulty"), where),
+        answer=_parse_answer(record.get("answer"), where),
+    )
     try:
-        return Example(
-            id=_parse_id(record.get("id"), default_id, where),
-            messages=messages,
-            mode=_parse_mode(record.get("mode"), where),
-            difficulty=_parse_difficulty(record.get("difficulty"), where),
-            answer=_parse_answer(record.get("answer"), where),
-        )
-    except (TypeError, ValueError) as err:  # Example's own checks, for a file and line
+        return Example(**fields)
+    except (TypeError, ValueError) as err:
         raise RecordError(f"{where}: {err}") from None
 
 
@@ -222,7 +240,7 @@ def _parse_messages(raw: Any, where: str) -> tuple[Message, ...]:
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise RecordError(
-                f"{where}: messages[{i}] has unknown role {role!r}; expected one of "
+                f"{where}: messages[{i}] has unknown role {_short(role)}; expected one of "
                 f"{', '.join(ROLES)}"
             )
         if not isinstance(content, str):
@@ -278,7 +296,8 @@ def _parse_mode(raw: Any, where: str) -> str | None:
     if raw is None or raw in MODES:
         return raw
     raise RecordError(
-        f"{where}: unknown mode {raw!r}; expected one of {', '.join(map(repr, MODES))} or null"
+        f"{where}: unknown mode {_short(raw)}; expected one of "
+        f"{', '.join(map(repr, MODES))} or null"
     )
 
 
@@ -286,10 +305,16 @@ def _parse_difficulty(raw: Any, where: str) -> float | None:
     if raw is None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        raise RecordError(f"{where}: non-numeric difficulty {raw!r}; expected a number or null")
-    if not math.isfinite(raw):
-        raise RecordError(f"{where}: difficulty must be finite, got {raw!r}")
-    return float(raw)
+        raise RecordError(
+            f"{where}: non-numeric difficulty {_short(raw)}; expected a number or null"
+        )
+    try:
+        value = float(raw)
+    except OverflowError:  # an int beyond the largest float
+        value = math.inf
+    if not math.isfinite(value):
+        raise RecordError(f"{where}: difficulty must be finite, got {_short(raw)}")
+    return value
 
 
 def _parse_answer(raw: Any, where: str) -> str | None:
@@ -299,6 +324,14 @@ def _parse_answer(raw: Any, where: str) -> str | None:
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         return str(raw)
     raise RecordError(f"{where}: 'answer' must be a string or a number, got {_json_type(raw)}")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` for a message, at most 80 characters (a record's value can be a book)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _json_type(value: Any) -> str:

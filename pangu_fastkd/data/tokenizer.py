@@ -336,8 +336,9 @@ def _read_special_token_config(directory: Path) -> dict[str, str]:
             continue
         try:
             config = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file}: not valid JSON ({err})") from err
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, too deep, too long
+            reason = "nested too deeply" if isinstance(err, RecursionError) else err
+            raise ValueError(f"{file}: not valid JSON ({reason})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
         for key in ("bos_token", "eos_token", "pad_token"):

@@ -19,7 +19,7 @@ import torch
 
 from ..cache import CacheError
 from ..distributed import init_distributed
-from .config import ConfigError, config_from_dict, load_config
+from .config import ConfigError, load_config, load_saved_config
 from .pipeline import Pipeline, RunDirError
 from .replicates import run_replicates
 
@@ -40,12 +40,16 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. stages.0.train.steps=100 (repeatable)",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line ``argv``; returns the exit status (2, after one ``error:`` line
+    on stderr, for a bad config, data file or run directory)."""
     args = _parser().parse_args(argv)
+    # --threads goes through the config's own check (a resume may change it).
+    threads = [] if args.threads is None else [f"threads={args.threads}"]
     try:
         if args.resume:
             if args.config or args.overrides:
@@ -53,16 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             saved = Path(args.resume) / "config.json"
             if not saved.is_file():
                 raise RunDirError(f"--resume: {args.resume} holds no run (no config.json)")
-            raw = json.loads(saved.read_text())
-            raw["run_dir"] = args.resume
-            config = config_from_dict(raw, str(saved))
+            resumed = [f"run_dir={json.dumps(args.resume)}", *threads]
+            config = load_saved_config(saved, resumed)
         else:
             overrides = list(args.overrides)
             if args.run_dir:
                 overrides.append(f"run_dir={json.dumps(args.run_dir)}")
-            config = load_config(args.config, overrides)
-        if args.threads:
-            config.threads = args.threads
+            config = load_config(args.config, overrides + threads)
         if config.threads:
             torch.set_num_threads(config.threads)
         context = init_distributed("cpu")

@@ -1,17 +1,23 @@
 """The model, data, training and evaluation tables of a pipeline config, each checking itself.
 
-Every ``validate`` raises ``ConfigError`` naming the key path it was given (``where``), so a bad
-value is reported before any stage runs; checks that relate several tables (stage references,
-FSDP with a transformers student) are in ``config.validate``.
+Every ``validate`` raises ``ConfigError`` naming the config path of the bad key (``where`` is
+the table's own path, e.g. ``stages.2.train``), so a bad value is reported before any stage runs.
+Every numeric field declares its range with ``bounds.number``; checks that relate several tables
+(stage references, FSDP with a transformers student) are in ``config.validate``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.curriculum import SCHEDULES
-from .overrides import ConfigError
+from ..data.demo_curriculum import MAX_DIFFICULTY
+from ..data.records import MODES
+from ..model.config import PRESETS
+from .bounds import check_numbers, number
+from .overrides import ConfigError, show_value
 
 __all__ = [
     "BACKENDS",
@@ -23,6 +29,8 @@ __all__ = [
     "ModelSpec",
     "OptimSpec",
     "TrainSpec",
+    "check_mode",
+    "check_name",
 ]
 
 DATA_SPLITS = ("train_reasoning", "train_fast")
@@ -30,19 +38,48 @@ BACKENDS = ("auto", "embedded", "transformers")
 CHAT_TEMPLATES = ("auto", "default")
 # [data] tokenizer = "student": the tokenizer files of the student's checkpoint directory.
 STUDENT_TOKENIZER = "student"
+# The demo curriculum's largest operand (data.demo_curriculum refuses more).
+MAX_OPERAND = 99
+
+
+# Stage and teacher names become directory names (stages/<i>-<name>; teachers/<name>, which is
+# deleted when that teacher's spec changes): one path component of plain characters, so never
+# "", "." or "..", a separator, or a name only some file systems tell apart.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def check_name(where: str, name: str) -> None:
+    """Raises ``ConfigError`` unless ``name`` (at config path ``where``) is a safe directory
+    name: letters, digits and ``_ . + -``, starting with a letter or digit, at most 100."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}: {show_value(name)} is not a usable name (it names a directory: letters, "
+            "digits and _ . + -, starting with a letter or digit, at most 100 characters)"
+        )
+
+
+def check_mode(where: str, mode: str | None) -> None:
+    """Raises ``ConfigError`` unless ``mode`` (at config path ``where``) is None or a mode."""
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"{where}: {mode!r} is not one of {MODES} (or leave it out for all)")
 
 
 @dataclass
 class OptimSpec:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
 
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    clip: float = 1.0  # max global grad norm; 0 disables
+    lr: float = number(1e-3, above=0)
+    min_lr_ratio: float = number(0.1, at_least=0, at_most=1)  # > 1 would climb, < 0 ascend
+    warmup_steps: int = number(10, at_least=0)
+    weight_decay: float = number(0.01, at_least=0)
+    # torch.optim.AdamW refuses betas outside [0, 1), but only when a stage starts training.
+    beta1: float = number(0.9, at_least=0, below=1)
+    beta2: float = number(0.95, at_least=0, below=1)
+    clip: float = number(1.0, at_least=0, note="(0: no clipping)")  # max global grad norm
+
+    def validate(self, where: str) -> None:
+        """Raises ``ConfigError`` naming ``<where>.<field>`` for a value AdamW cannot use."""
+        check_numbers(self, where)
 
 
 @dataclass
@@ -54,27 +91,25 @@ class TrainSpec:
     the loss is normalised by the global count of supervised tokens of the step.
     """
 
-    steps: int = 0
-    epochs: float = 1.0
-    batch_tokens: int = 1024
-    grad_accum: int = 1
+    steps: int = number(0, at_least=0, note="(0: as many as epochs take)")
+    epochs: float = number(1.0, above=0)
+    batch_tokens: int = number(1024, at_least=8)
+    grad_accum: int = number(1, at_least=1)
     optim: OptimSpec = field(default_factory=OptimSpec)
     schedule: str = "sorted"  # curriculum order inside the stage
     difficulty: str = "given"  # "given" or "length"
     mode: str | None = None  # keep only examples of this mode ("reasoning" / "fast")
 
     def validate(self, where: str) -> None:
-        """Raises ``ConfigError`` for a value no stage can train with."""
-        if self.steps < 0 or self.epochs <= 0:
-            raise ConfigError(f"{where}: steps must be >= 0 and epochs > 0")
-        if self.batch_tokens < 8 or self.grad_accum < 1:
-            raise ConfigError(f"{where}: batch_tokens must be >= 8 and grad_accum >= 1")
+        """Raises ``ConfigError`` naming ``<where>.<field>`` for a value no stage can train
+        with."""
+        check_numbers(self, where)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{where}.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if self.difficulty not in ("given", "length"):
             raise ConfigError(f"{where}.difficulty must be 'given' or 'length'")
-        if not self.optim.lr > 0 or self.optim.warmup_steps < 0:
-            raise ConfigError(f"{where}.optim: lr must be > 0 and warmup_steps >= 0")
+        check_mode(f"{where}.mode", self.mode)
+        self.optim.validate(f"{where}.optim")
 
 
 @dataclass
@@ -93,7 +128,7 @@ class ModelSpec:
     preset: str | None = None
     path: str | None = None
     backend: str = "auto"
-    seed: int = 0
+    seed: int = number(0, at_least=0)
     dtype: str = "fp32"
     # Teachers from a preset are trained from scratch on these splits before the pipeline runs
     # (cached in the run directory's teachers/ folder, keyed by spec and data).
@@ -105,36 +140,49 @@ class ModelSpec:
     train_with_answer_hints: bool = False
     # The share of answered examples that get a hinted copy (1.0: all). A teacher trained on
     # hints for every example learns to copy them; with a share it must still solve the rest.
-    answer_hint_share: float = 1.0
+    answer_hint_share: float = number(1.0, above=0, at_most=1)
 
     def __post_init__(self) -> None:
         # A teacher trained here with no [train] table trains with the defaults.
         if self.train_on and self.train is None:
             self.train = TrainSpec()
 
-    def validate(self, name: str) -> None:
-        """Raises ``ConfigError`` naming the model ``name`` for an inconsistent spec."""
+    def validate(self, where: str) -> None:
+        """Raises ``ConfigError`` for an inconsistent spec, naming ``where`` (the model's config
+        path: ``student`` or ``teachers.<name>``)."""
+        check_numbers(self, where)
         if (self.preset is None) == (self.path is None):
-            raise ConfigError(f"model {name!r}: give exactly one of 'preset' and 'path'")
+            raise ConfigError(f"{where}: give exactly one of 'preset' and 'path'")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"{where}.preset: {self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.path is not None and not self.path:
+            raise ConfigError(f"{where}.path must not be empty")
         if self.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"model {name!r}: dtype must be 'fp32' or 'bf16'")
+            raise ConfigError(f"{where}.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         if self.backend not in BACKENDS:
-            raise ConfigError(f"model {name!r}.backend: {self.backend!r} is not one of {BACKENDS}")
+            raise ConfigError(f"{where}.backend: {self.backend!r} is not one of {BACKENDS}")
         if self.preset is not None and self.backend != "auto":
             raise ConfigError(
-                f"model {name!r}.backend: presets are always embedded models; 'backend' applies "
+                f"{where}.backend: presets are always embedded models; 'backend' applies "
                 "to 'path' models only"
             )
         for split in self.train_on:
             if split not in DATA_SPLITS:
-                raise ConfigError(f"model {name!r}: train_on {split!r} is not in {DATA_SPLITS}")
+                raise ConfigError(f"{where}.train_on: {split!r} is not in {DATA_SPLITS}")
+        if len(set(self.train_on)) != len(self.train_on):
+            raise ConfigError(f"{where}.train_on names a split twice: {self.train_on!r}")
         if self.train is not None:
-            self.train.validate(f"model {name!r}.train")
-        if not 0.0 < self.answer_hint_share <= 1.0:
-            raise ConfigError(
-                f"model {name!r}.answer_hint_share must be in (0, 1], got "
-                f"{self.answer_hint_share!r}"
-            )
+            self.train.validate(f"{where}.train")
+        if not self.train_on:
+            # These only shape a teacher trained here; without train_on they would do nothing.
+            for key, unused in (
+                ("train", self.train is not None),
+                ("train_with_answer_hints", self.train_with_answer_hints),
+            ):
+                if unused:
+                    raise ConfigError(
+                        f"{where}.{key} applies only to a teacher trained here: give train_on"
+                    )
 
 
 @dataclass
@@ -151,12 +199,13 @@ class DataSpec:
     # Extra variables for a directory's own template, e.g. { enable_thinking = false } (Qwen3).
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # demo
-    train_problems: int = 2000
-    eval_problems: int = 100
-    max_difficulty: int = 4
-    min_difficulty: int = 1
-    max_operand: int = 99  # the largest number in a generated question (2..99)
-    seed: int = 0
+    train_problems: int = number(2000, at_least=1)
+    eval_problems: int = number(100, at_least=1)
+    max_difficulty: int = number(4, at_least=1, at_most=MAX_DIFFICULTY)
+    min_difficulty: int = number(1, at_least=1, at_most=MAX_DIFFICULTY)
+    # The largest number in a generated question.
+    max_operand: int = number(MAX_OPERAND, at_least=2, at_most=MAX_OPERAND)
+    seed: int = number(0, at_least=0)
     # files
     train_reasoning: str | None = None
     train_fast: str | None = None
@@ -165,6 +214,14 @@ class DataSpec:
 
     def validate(self, student_has_path: bool) -> None:
         """Raises ``ConfigError`` for a data table the run cannot read."""
+        check_numbers(self, "data")
+        if self.min_difficulty > self.max_difficulty:
+            raise ConfigError(
+                f"data.min_difficulty ({self.min_difficulty}) must be at most "
+                f"data.max_difficulty ({self.max_difficulty})"
+            )
+        if not self.tokenizer:
+            raise ConfigError("data.tokenizer must not be empty ('byte' is the byte tokenizer)")
         if self.tokenizer == STUDENT_TOKENIZER and not student_has_path:
             raise ConfigError(
                 f"data.tokenizer = {STUDENT_TOKENIZER!r} needs a student with a 'path' (a "
@@ -183,6 +240,13 @@ class DataSpec:
             raise ConfigError("data.source must be 'demo' or 'files'")
         if self.source == "files" and not (self.train_fast or self.train_reasoning):
             raise ConfigError("data.source = 'files' needs data.train_fast or data.train_reasoning")
+        if self.source == "demo":
+            # The demo generates its data; a file given with it would be ignored without a word.
+            for key in ("train_reasoning", "train_fast", "eval_reasoning", "eval_fast"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"data.{key} is read only with data.source = 'files' (source is 'demo')"
+                    )
 
 
 @dataclass
@@ -190,16 +254,18 @@ class EvalSpec:
     """End-of-stage evaluation: loss on held-out examples and exact-match accuracy of greedy
     answers on up to ``max_examples`` of them."""
 
-    max_examples: int = 100
-    max_new_tokens: int = 96
-    batch_size: int = 32
-    batch_tokens: int = 4096
+    max_examples: int = number(100, at_least=0, note="(0: no evaluation)")
+    max_new_tokens: int = number(96, at_least=1)
+    batch_size: int = number(32, at_least=1)
+    batch_tokens: int = number(4096, at_least=1)
     # [stage, baseline] pairs compared problem by problem (beyond every stage against the one
     # it started from): eval row names, i.e. stage names, "init" or "teacher <name>".
     compare: list[list[str]] = field(default_factory=list)
 
     def validate(self, row_names: set[str]) -> None:
-        """Raises ``ConfigError`` for a comparison naming a row the run never evaluates."""
+        """Raises ``ConfigError`` for a bad number or a comparison naming a row the run never
+        evaluates."""
+        check_numbers(self, "eval")
         for i, pair in enumerate(self.compare):
             where = f"eval.compare[{i}]"
             if (

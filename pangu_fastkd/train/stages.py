@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from ..cache.spec import VALUE_DTYPES
 from ..ops import SparseKDOptions
 from ..ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES
+from .bounds import check_numbers, number
 from .overrides import ConfigError
-from .specs import DATA_SPLITS, TrainSpec
+from .specs import DATA_SPLITS, TrainSpec, check_mode
 
 __all__ = ["STAGE_KINDS", "KDStage", "RolloutStage", "SFTStage", "ScoreStage", "Stage"]
 
@@ -61,9 +63,9 @@ class KDStage:
     name: str
     cache: str
     train: TrainSpec = field(default_factory=TrainSpec)
-    kd_weight: float = 1.0
+    kd_weight: float = number(1.0, at_least=0, at_most=1)
     divergence: str = "forward_kl"
-    temperature: float = 1.0
+    temperature: float = number(1.0, above=0)
     missing_mass: str = "tail"
     target: str = "topk"  # "topk" or "sampled"
     start_from: str = ""
@@ -81,17 +83,23 @@ class KDStage:
     def validate(self, where: str, earlier: Mapping[str, Stage], teachers: Collection[str]) -> None:
         """Raises ``ConfigError`` for bad values, or a ``cache`` that is not an earlier score
         stage able to give the stage's target."""
+        check_numbers(self, where)
         self.train.validate(f"{where}.train")
         score = earlier.get(self.cache)
         if not isinstance(score, ScoreStage):
             raise ConfigError(f"{where}.cache: {self.cache!r} is not an earlier score stage")
         if self.divergence not in DIVERGENCES:
-            raise ConfigError(f"{where}.divergence must be one of {DIVERGENCES}")
+            raise ConfigError(
+                f"{where}.divergence must be one of {DIVERGENCES}, got {self.divergence!r}"
+            )
         if self.missing_mass not in MISSING_MASS_MODES:
-            raise ConfigError(f"{where}.missing_mass must be one of {MISSING_MASS_MODES}")
+            raise ConfigError(
+                f"{where}.missing_mass must be one of {MISSING_MASS_MODES}, got "
+                f"{self.missing_mass!r}"
+            )
         if self.target not in ("topk", "sampled"):
             raise ConfigError(f"{where}.target must be 'topk' or 'sampled'")
-        try:
+        try:  # whatever else the loss refuses, in its own words
             self.loss_options()
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
@@ -112,25 +120,23 @@ class RolloutStage:
     name: str
     data: str
     mode: str | None = None
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
-    samples_per_prompt: int = 1
-    seed: int = 0
+    max_new_tokens: int = number(96, at_least=1)
+    temperature: float = number(0.7, at_least=0, note="(0: greedy)")
+    top_p: float = number(0.95, above=0, at_most=1)
+    samples_per_prompt: int = number(1, at_least=1)
+    seed: int = number(0, at_least=0)
     start_from: str = ""
     # Answer only the first ``max_prompts`` prompts of the data (0: all): as many as the KD
     # stage's steps consume, not the whole generated split.
-    max_prompts: int = 0
+    max_prompts: int = number(0, at_least=0, note="(0: all)")
     kind: str = "rollout"
 
     def validate(self, where: str, earlier: Mapping[str, Stage], teachers: Collection[str]) -> None:
         """Raises ``ConfigError`` for bad values or references to stages not in ``earlier``."""
+        check_numbers(self, where)
         _check_data(where, self.data, earlier)
         _check_start_from(where, self.start_from, earlier)
-        if self.max_new_tokens < 1 or self.samples_per_prompt < 1:
-            raise ConfigError(f"{where}: max_new_tokens and samples_per_prompt must be >= 1")
-        if self.max_prompts < 0:
-            raise ConfigError(f"{where}.max_prompts must be >= 0 (0: all), got {self.max_prompts}")
+        check_mode(f"{where}.mode", self.mode)
 
 
 @dataclass
@@ -140,28 +146,29 @@ class ScoreStage:
     name: str
     data: str
     teacher: str
-    k: int = 16
-    temperature: float = 1.0
+    # At most the teacher's vocabulary (config.check_model_limits, once it is known).
+    k: int = number(16, at_least=1)
+    temperature: float = number(1.0, above=0)
     label_conditioned: bool = True
-    sampled_draws: int = 0
+    sampled_draws: int = number(0, at_least=0, note="(0: no sampled targets)")
     value_dtype: str = "bf16"
     mode: str | None = None
     # Score only the first ``max_examples`` examples of the data (0: all); the KD stage that
     # reads the cache trains on the same ones.
-    max_examples: int = 0
+    max_examples: int = number(0, at_least=0, note="(0: all)")
     kind: str = "score"
 
     def validate(self, where: str, earlier: Mapping[str, Stage], teachers: Collection[str]) -> None:
         """Raises ``ConfigError`` for bad values, an unknown teacher or data not yet made."""
+        check_numbers(self, where)
         _check_data(where, self.data, earlier)
         if self.teacher not in teachers:
             raise ConfigError(f"{where}.teacher: no teacher named {self.teacher!r}")
-        if self.k < 1 or self.temperature <= 0 or self.sampled_draws < 0:
-            raise ConfigError(f"{where}: k >= 1, temperature > 0 and sampled_draws >= 0")
-        if self.max_examples < 0:
+        if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(
-                f"{where}.max_examples must be >= 0 (0: all), got {self.max_examples}"
+                f"{where}.value_dtype: {self.value_dtype!r} is not one of {tuple(VALUE_DTYPES)}"
             )
+        check_mode(f"{where}.mode", self.mode)
 
 
 STAGE_KINDS = {"sft": SFTStage, "kd": KDStage, "rollout": RolloutStage, "score": ScoreStage}
