@@ -1409,9 +1409,17 @@ BAD_TOPK = [
         _opt(temperature=0.0, missing_mass="renorm"),
         (ValueError, "temperature must be > 0, got 0"),
     ),
-    _bad("negative-z-loss", _opt(z_loss=-1.0), (ValueError, "z_loss must be finite and >= 0, got -1")),
-    _bad("num-items-zero", _opt(num_items=0), (ValueError, "num_items must be > 0, got 0")),
-    _bad("softcap-zero", _opt(softcap=0.0), (ValueError, "softcap must be > 0 or None")),
+    _bad(
+        "negative-z-loss",
+        _opt(z_loss=-1.0),
+        (ValueError, "z_loss must be finite and >= 0, got -1"),
+    ),
+    _bad(
+        "num-items-zero", _opt(num_items=0), (ValueError, "num_items must be finite and > 0, got 0")
+    ),
+    _bad(
+        "softcap-zero", _opt(softcap=0.0), (ValueError, "softcap must be finite and > 0, or None")
+    ),
     _bad(
         "chunk-rows-zero",
         _opt(chunk_rows=0),
