@@ -62,6 +62,9 @@ class TrainSpec:
     schedule: str = "sorted"  # curriculum order inside the stage
     difficulty: str = "given"  # "given" or "length"
     mode: str | None = None  # keep only examples of this mode ("reasoning" / "fast")
+    # Optimizer steps in a row with a non-finite loss or gradient norm (each skipped, not
+    # applied) before the stage stops with an error.
+    max_bad_steps: int = 8
 
     def validate(self, where: str) -> None:
         """Raises ``ConfigError`` for a value no stage can train with."""
@@ -75,6 +78,14 @@ class TrainSpec:
             raise ConfigError(f"{where}.difficulty must be 'given' or 'length'")
         if not self.optim.lr > 0 or self.optim.warmup_steps < 0:
             raise ConfigError(f"{where}.optim: lr must be > 0 and warmup_steps >= 0")
+        if (
+            isinstance(self.max_bad_steps, bool)
+            or not isinstance(self.max_bad_steps, int)
+            or self.max_bad_steps < 1
+        ):
+            raise ConfigError(
+                f"{where}.max_bad_steps must be an integer >= 1, got {self.max_bad_steps!r}"
+            )
 
 
 @dataclass
