@@ -3,10 +3,13 @@
 Run directory::
 
     config.json                 the resolved configuration (a resume must match it)
+    run.json                    the config's digest, sealed (an edited config.json is refused)
     data/                       the generated curriculum (demo data)
     teachers/<name>/            teachers trained here from a preset (kept by --overwrite)
-    stages/<i>-<name>/          per stage: checkpoint/, model/ (student after the stage),
-                                rollouts.jsonl or cache/, done.json (written last)
+    stages/init.json            the initial student's eval row
+    stages/<i>-<name>/          per stage: checkpoint/ and checkpoint.old/ (the previous one),
+                                model/ (student after the stage), rollouts.jsonl or cache/,
+                                done.json (written last, sealed, with its outputs' sha256)
     metrics.jsonl, eval.md, plot.png
 
 A stage with ``done.json`` is finished and skipped on resume, once the files it vouches for
