@@ -7,6 +7,14 @@ micro-batch is its summed per-token loss divided by that global count: accumulat
 parallelism give the gradient of one big batch (the ``num_items`` rule of
 ``docs/kd-losses.md``). DDP averages gradients over ranks, so each rank scales its loss by ``W``.
 
+A step whose loss or gradient norm is not finite (what one bad batch or an overflow gives) is
+not applied: the gradients are zeroed and the optimizer does not step, so the weights and AdamW's
+moments and step count stay as they were. The step still takes its index: its micro-batches are
+passed over and the learning rate of the next step is the schedule's value for the next index,
+so the plan (which batches each step uses, the number of steps) is the same as without the bad
+step, and a resumed run follows it too. All ranks agree on the skip (the flag is summed over
+ranks), and ``max_bad_steps`` bad steps in a row stop the stage with ``NonFiniteStepsError``.
+
 The loop is deterministic on CPU (no dropout; the kernels' static work split under
 ``torch.use_deterministic_algorithms``), so a run resumed from a checkpoint ends with the same
 weights as an uninterrupted one.
@@ -29,7 +37,15 @@ from ..distributed import DistributedContext
 from ..ops import SparseKDOptions, fused_linear_cross_entropy, fused_linear_sparse_kd
 from .config import OptimSpec, TrainSpec
 
-__all__ = ["LossModule", "StageRunner", "StepPlan", "lr_at", "make_optimizer"]
+__all__ = [
+    "LossModule",
+    "NonFiniteStepsError",
+    "StageRunner",
+    "StepPlan",
+    "StepResult",
+    "lr_at",
+    "make_optimizer",
+]
 
 
 @dataclass(frozen=True)
@@ -135,8 +151,14 @@ class LossModule(torch.nn.Module):
         )
 
 
+class NonFiniteStepsError(ValueError):
+    """``max_bad_steps`` optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
 @dataclass
 class StepResult:
+    """One optimizer step as every rank saw it."""
+
     step: int
     loss: float  # mean loss per supervised token over all ranks
     tokens: int  # tokens processed by all ranks
@@ -144,6 +166,7 @@ class StepResult:
     lr: float
     grad_norm: float
     seconds: float
+    skipped: bool = False  # non-finite loss or gradient: not applied to the weights
 
 
 class StageRunner:
@@ -158,6 +181,7 @@ class StageRunner:
         context: this process's rank.
         cache: the logit cache of a KD stage (None for SFT).
         kd_target: "topk" or "sampled".
+        name: the stage's name, for errors.
     """
 
     def __init__(
@@ -170,10 +194,11 @@ class StageRunner:
         context: DistributedContext,
         cache: CacheReader | None = None,
         kd_target: str = "topk",
+        name: str = "stage",
     ):
         self.module, self.optimizer, self.batches = module, optimizer, batches
         self.plan, self.train, self.context = plan, train, context
-        self.cache, self.kd_target = cache, kd_target
+        self.cache, self.kd_target, self.name = cache, kd_target, name
 
     def _target(self, batch: PackedBatch):
         if self.cache is None:
@@ -202,12 +227,25 @@ class StageRunner:
                 loss = self.module(batch, self._target(batch), max(global_supervised, 1))
                 (loss * ctx.world_size).backward()
             local_loss += loss.detach().double()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = 0.0
         if self.train.optim.clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            # The global norm (FSDP2 reduces it over the shards), the same on every rank.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.train.optim.clip))
-        self.optimizer.step()
-        total_loss = float(ctx.all_reduce_sum(local_loss))
+            grads_bad = 0.0  # a non-finite gradient makes the norm non-finite
+        else:
+            grads_bad = 0.0 if _grads_finite(params) else 1.0
+        # One all-reduce for the loss and the count of ranks whose own gradients (FSDP2: shards)
+        # are not finite, so that every rank takes the same decision.
+        reduced = ctx.all_reduce_sum(
+            torch.tensor([float(local_loss), grads_bad], dtype=torch.float64)
+        )
+        total_loss, bad_ranks = float(reduced[0]), float(reduced[1])
+        skipped = bad_ranks > 0 or not (math.isfinite(total_loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         return StepResult(
             step=step,
             loss=total_loss,
@@ -216,6 +254,7 @@ class StageRunner:
             lr=lr,
             grad_norm=grad_norm,
             seconds=time.perf_counter() - started,
+            skipped=skipped,
         )
 
     def run(
@@ -223,7 +262,37 @@ class StageRunner:
         start_step: int,
         on_step: Callable[[StepResult], None],
     ) -> None:
-        """Steps ``start_step .. total_steps - 1``, calling ``on_step`` after each."""
+        """Steps ``start_step .. total_steps - 1``, calling ``on_step`` after each.
+
+        Raises:
+            NonFiniteStepsError: ``train.max_bad_steps`` steps in a row were skipped (after
+                ``on_step`` of the last of them); names the stage and the steps.
+        """
         self.module.train()
+        bad_in_a_row = 0
         for step in range(start_step, self.plan.total_steps):
-            on_step(self.step(step))
+            result = self.step(step)
+            bad_in_a_row = bad_in_a_row + 1 if result.skipped else 0
+            on_step(result)
+            if bad_in_a_row >= self.train.max_bad_steps:
+                first = step + 2 - bad_in_a_row  # 1-based, as progress and metrics count
+                raise NonFiniteStepsError(
+                    f"{self.name}: stopped at step {step + 1}/{self.plan.total_steps}: "
+                    f"{bad_in_a_row} steps in a row (steps {first}..{step + 1}) had a "
+                    f"non-finite loss or gradient norm (last: loss {result.loss}, grad norm "
+                    f"{result.grad_norm}) and were skipped (max_bad_steps = "
+                    f"{self.train.max_bad_steps}). Lower the learning rate or check those "
+                    "steps' batches"
+                )
+
+
+def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether this rank's gradients (its shards under FSDP2) are all finite."""
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor's shard
+        if not bool(torch.isfinite(local).all()):
+            return False
+    return True

@@ -3,14 +3,21 @@
 Run directory::
 
     config.json                 the resolved configuration (a resume must match it)
+    run.json                    the config's digest, sealed (an edited config.json is refused)
     data/                       the generated curriculum (demo data)
     teachers/<name>/            teachers trained here from a preset (kept by --overwrite)
-    stages/<i>-<name>/          per stage: checkpoint/, model/ (student after the stage),
-                                rollouts.jsonl or cache/, done.json (written last)
+    stages/init.json            the initial student's eval row
+    stages/<i>-<name>/          per stage: checkpoint/ and checkpoint.old/ (the previous one),
+                                model/ (student after the stage), rollouts.jsonl or cache/,
+                                done.json (written last, sealed, with its outputs' sha256)
     metrics.jsonl, eval.md, plot.png
 
-A stage with ``done.json`` is finished and skipped on resume; an unfinished training stage
-resumes from its last checkpoint. Rank 0 writes every shared file; other ranks train and score.
+A stage with ``done.json`` is finished and skipped on resume, once the files it vouches for
+(its model, rollouts or cache manifest) match their sha256 and the stages it was made from are
+still the ones it recorded; an unfinished training stage resumes from its last good checkpoint.
+A stage always starts from the student its config names (``start_from``, else the latest
+training stage before it), never from another one because a file is missing. Rank 0 writes
+every shared file; other ranks train and score.
 
 Models run on the embedded ``DecoderLM`` or, for checkpoints it does not support (or
 ``backend = "transformers"``), on transformers through ``pangu_fastkd.hf.HFCausalLM``; every
@@ -55,10 +62,19 @@ from .config import (
     TrainSpec,
 )
 from .evaluate import evaluate
+from .integrity import IntegrityError, canonical_digest
 from .metrics import MetricsLog, read_metrics
 from .plots import plot_run
-from .run_dir import RunDirError, prepare_run_dir, read_record, write_record
-from .stage_runners import STAGE_RUNNERS, TRAINING_KINDS
+from .run_dir import (
+    DONE_NAME,
+    RunDirError,
+    finished_record,
+    prepare_run_dir,
+    read_record,
+    write_finished_record,
+    write_record,
+)
+from .stage_runners import STAGE_OUTPUTS, STAGE_RUNNERS, TRAINING_KINDS
 from .summary import write_run_report
 from .teachers import trained_teacher
 from .training import DTYPES
@@ -236,6 +252,41 @@ class Pipeline:
         letter = MODE_LETTER.get(self.source_split(data), "?")
         return f"{'SFT' if isinstance(stage, SFTStage) else 'KD'}({letter})"
 
+    def stage_inputs(self, stage, base: str) -> dict[str, str]:
+        """``{stage name: digest of its outputs}`` of the earlier stages ``stage`` reads: the
+        student it starts from (``base``) and the rollouts or cache it trains on or scores."""
+        names = [base] if stage.kind in TRAINING_KINDS | {"rollout"} and base != "init" else []
+        stage_names = {s.name for s in self.config.stages}
+        for reference in (getattr(stage, "data", None), getattr(stage, "cache", None)):
+            if reference in stage_names:
+                names.append(reference)
+        return {name: self.output_digests[name] for name in names}
+
+    def _finished(self, stage, stage_dir: Path, base: str) -> dict | None:
+        """The verified ``done.json`` of ``stage`` (None when it has not finished).
+
+        Raises:
+            RunDirError: the record or an output of the stage fails its checks, or the stage
+                was made from earlier stages whose outputs have changed since.
+        """
+        what = f"stage {stage.name!r}"
+        record = finished_record(stage_dir, STAGE_OUTPUTS[stage.kind], what)
+        if record is None:
+            return None
+        expected = self.stage_inputs(stage, base)
+        if record.get("inputs") != expected:
+            raise RunDirError(
+                f"{what} ({stage_dir / DONE_NAME}) was made from {sorted(expected)} as they "
+                "were then, and their outputs have changed since (run again or replaced); "
+                f"delete {stage_dir} and the stages after it to run them again"
+            )
+        return record
+
+    def _record_outputs(self, stage, stage_dir: Path) -> None:
+        """Remembers the digest of a finished stage's outputs, for the stages that read them."""
+        files = read_record(stage_dir / DONE_NAME)["files"]
+        self.output_digests[stage.name] = canonical_digest(files)
+
     def evaluate(self, model: CausalLM, stage_name: str, schedule: str) -> dict:
         row = {"stage": stage_name, "schedule": schedule}
         if self.context.is_main:
@@ -308,7 +359,12 @@ class Pipeline:
         latest = "init"
         init_done = self.run_dir / "stages" / "init.json"
         if init_done.exists():
-            self.eval_rows.append(read_record(init_done))
+            try:
+                self.eval_rows.append(read_record(init_done))
+            except IntegrityError as err:
+                raise RunDirError(
+                    f"{err}; delete it to evaluate the initial student again"
+                ) from None
         else:
             row = self.evaluate(lineage["init"][0], "init", "none")
             self.eval_rows.append(row)
@@ -322,15 +378,19 @@ class Pipeline:
                 if spec.train_on:
                     self.teachers[name] = trained_teacher(self, name)
             self._report()
+        self.output_digests: dict[str, str] = {}
         for stage in self.config.stages:
             stage_dir = self.stage_dir(stage)
-            done = stage_dir / "done.json"
+            # The config's parent, whatever is on disk: a finished stage whose model is gone
+            # is an error below, never a reason to start from another student.
             base = getattr(stage, "start_from", "") or latest
+            if stage.kind in TRAINING_KINDS:
+                latest = stage.name
             student, schedule = lineage[base]
             if stage.kind in TRAINING_KINDS:
                 schedule = [*schedule, self._schedule_label(stage)]
-            if done.exists():
-                record = read_record(done)
+            record = self._finished(stage, stage_dir, base)
+            if record is not None:
                 teacher_row = record.get("teacher_eval")
                 if teacher_row and all(r["stage"] != teacher_row["stage"] for r in self.eval_rows):
                     self.eval_rows.append(teacher_row)
@@ -338,10 +398,10 @@ class Pipeline:
                     self.eval_rows.append(record["eval"])
                 if "seconds" in record:
                     self.seconds[stage.name] = record["seconds"]
-                if (stage_dir / "model").exists():
+                if stage.kind in TRAINING_KINDS:
                     trained = reload_like(student, stage_dir / "model")
                     lineage[stage.name] = (trained, schedule)
-                    latest = stage.name
+                self._record_outputs(stage, stage_dir)
                 print(f"{stage.name}: done (skipped)", file=self.out)
                 continue
             print(f"== stage {stage.name} ({stage.kind}, from {base})", file=self.out)
@@ -355,12 +415,13 @@ class Pipeline:
                 outcome.record["eval"]["start"] = base
             if outcome.trained is not None:
                 lineage[stage.name] = (outcome.trained, schedule)
-                latest = stage.name
+            outcome.record["inputs"] = self.stage_inputs(stage, base)
             if self.context.is_main:
-                write_record(done, outcome.record)
+                write_finished_record(stage_dir, STAGE_OUTPUTS[stage.kind], outcome.record)
                 if outcome.new_rows:
                     self._report()
             self.context.barrier()
+            self._record_outputs(stage, stage_dir)
         self.metrics.close()
         seconds = time.perf_counter() - started
         print(f"run finished in {seconds:.0f} s: {self.run_dir}", file=self.out)

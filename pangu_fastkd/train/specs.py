@@ -99,6 +99,9 @@ class TrainSpec:
     schedule: str = "sorted"  # curriculum order inside the stage
     difficulty: str = "given"  # "given" or "length"
     mode: str | None = None  # keep only examples of this mode ("reasoning" / "fast")
+    # Optimizer steps in a row with a non-finite loss or gradient norm (each skipped, not
+    # applied) before the stage stops with an error.
+    max_bad_steps: int = number(8, at_least=1)
 
     def validate(self, where: str) -> None:
         """Raises ``ConfigError`` naming ``<where>.<field>`` for a value no stage can train

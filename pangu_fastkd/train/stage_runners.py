@@ -4,17 +4,22 @@
 Every runner takes the pipeline, the stage, the student it starts from, the schedule so far and
 the stage's directory, and returns a ``StageOutcome``: the record ``done.json`` keeps, the
 trained student when the stage trains one, and whether the report has new rows to show.
+``STAGE_OUTPUTS`` says which of a stage's files later stages read (``done.json`` vouches for
+them).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..backends import CausalLM, copy_model
-from ..cache import CacheReader
+from ..cache import CacheError, CacheReader, verify_cache
 from ..model import GenerationConfig
 from ..rollout import generate_rollouts, write_rollouts
 from ..scoring import (
@@ -24,16 +29,26 @@ from ..scoring import (
     score_to_cache,
 )
 from .config import KDStage, RolloutStage, ScoreStage, SFTStage, Stage
+from .run_dir import StageOutputs
 from .teachers import trained_teacher
 from .training import train_model
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["STAGE_RUNNERS", "TRAINING_KINDS", "StageOutcome"]
+__all__ = ["STAGE_OUTPUTS", "STAGE_RUNNERS", "TRAINING_KINDS", "StageOutcome", "verified_cache"]
 
 # The kinds that train a student (and add a step to the schedule label).
 TRAINING_KINDS = frozenset({"sft", "kd"})
+
+# What each kind leaves for later stages. A score stage's cache is vouched for by its manifest,
+# which holds every shard's sha256 and its own checksum (the KD stage verifies the shards).
+STAGE_OUTPUTS = {
+    "sft": StageOutputs(model_dirs=("model",)),
+    "kd": StageOutputs(model_dirs=("model",)),
+    "rollout": StageOutputs(files=("rollouts.jsonl",)),
+    "score": StageOutputs(files=("cache/manifest.json",)),
+}
 
 
 @dataclass
@@ -57,7 +72,7 @@ def run_training(
     cache = None
     if isinstance(stage, KDStage):
         score = pipeline.config.stage(stage.cache)
-        cache = CacheReader(pipeline.stage_dir(score) / "cache")
+        cache = verified_cache(pipeline, pipeline.stage_dir(score) / "cache", stage.name)
         cache.check_compatible(
             tokenizer_fingerprint=pipeline.tokenizer.fingerprint(),
             vocab_size=student.config.vocab_size,
@@ -77,6 +92,41 @@ def run_training(
     if pipeline.context.is_main:
         pipeline.save_model_dir(model, stage_dir / "model")
     return StageOutcome(record={"eval": row}, trained=model, new_rows=True)
+
+
+def verified_cache(pipeline: Pipeline, directory: Path, stage_name: str) -> CacheReader:
+    """The logit cache in ``directory``, every shard and row checked by ``verify_cache`` before
+    the stage's first step (on resume too: the cache may have been damaged in between), so a
+    bad cache fails here, by name, not as a wrong loss some steps in.
+
+    Rank 0 checks, the others wait for its verdict (one full read, not one per rank); the
+    reader then skips the sha256 ``verify_cache`` has just checked.
+
+    Raises:
+        CacheError: the cache fails a check (on every rank).
+    """
+    problem = ""
+    if pipeline.context.is_main:
+        started = time.perf_counter()
+        try:
+            summary = verify_cache(directory)
+        except CacheError as err:
+            problem = str(err)
+        else:
+            print(
+                f"{stage_name}: verified the logit cache {directory} ({summary['tokens']:,} "
+                f"tokens, {summary['bytes'] / 2**20:.1f} MiB) in "
+                f"{time.perf_counter() - started:.2f} s",
+                file=pipeline.out,
+            )
+    failed = pipeline.context.all_reduce_sum(torch.tensor(1.0 if problem else 0.0))
+    if float(failed) > 0:
+        raise CacheError(
+            f"{stage_name}: the logit cache {directory} fails verification"
+            + (f": {problem}" if problem else " (see rank 0's error)")
+            + "; delete the score stage's directory to score again"
+        )
+    return CacheReader(directory, verify_checksums=False)
 
 
 def run_rollout(

@@ -21,13 +21,22 @@ from ..data import Example, fingerprint_examples, select_stage
 from ..scoring import DEFAULT_CONDITION_TEMPLATE, condition_on_answer
 from .config import ModelSpec
 from .evaluate import exact_match_accuracy
-from .run_dir import read_record, write_record
+from .run_dir import (
+    StageOutputs,
+    finished_record,
+    read_record,
+    write_finished_record,
+    write_record,
+)
 from .training import DTYPES, train_model
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["teacher_examples", "teacher_key", "trained_teacher"]
+__all__ = ["TEACHER_OUTPUTS", "teacher_examples", "teacher_key", "trained_teacher"]
+
+# What a trained teacher leaves (done.json vouches for it): its model directory.
+TEACHER_OUTPUTS = StageOutputs(model_dirs=("model",))
 
 
 def teacher_examples(spec: ModelSpec, splits: dict[str, list[Example]]) -> list[Example]:
@@ -77,10 +86,9 @@ def trained_teacher(pipeline: Pipeline, name: str) -> CausalLM:
     examples = pipeline.training_order(examples, spec.train)
     key = teacher_key(spec, examples)
     directory = pipeline.teachers_dir / name
-    done = directory / "done.json"
-    if done.exists() and read_record(done).get("key") == key:
+    record = finished_record(directory, TEACHER_OUTPUTS, label)
+    if record is not None and record.get("key") == key:
         print(f"teacher {name!r}: reusing {directory / 'model'}", file=pipeline.out)
-        record = read_record(done)
         pipeline.eval_rows.append(record["eval"])
         pipeline.seconds[label] = record.get("seconds")
         backend = "embedded" if spec.path is None else resolve_backend(spec.path, spec.backend)
@@ -112,7 +120,7 @@ def trained_teacher(pipeline: Pipeline, name: str) -> CausalLM:
             )
         pipeline.save_model_dir(model, directory / "model")
         record = {"key": key, "eval": row, "seconds": seconds, "train_accuracy": train_accuracy}
-        write_record(done, record)
+        write_finished_record(directory, TEACHER_OUTPUTS, record)
     pipeline.context.barrier()
     return model
 

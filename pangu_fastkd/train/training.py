@@ -16,9 +16,9 @@ from ..cache import CacheReader
 from ..data import Example, pack_examples, tokenize_example
 from ..distributed import DistributedContext
 from ..model import DecoderLM
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, set_aside_damaged
 from .config import KDStage, PipelineConfig, TrainSpec
-from .loop import LossModule, StageRunner, StepPlan, make_optimizer
+from .loop import LossModule, NonFiniteStepsError, StageRunner, StepPlan, StepResult, make_optimizer
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -42,7 +42,16 @@ def train_model(
     """``model`` trained on ``examples`` (in their order) for ``train``'s steps, resumed from
     ``stage_dir/checkpoint`` when one is there; KD with ``kd`` and ``cache``, else SFT.
 
+    A damaged newest checkpoint is passed over for the previous one, with a warning. Steps with
+    a non-finite loss or gradient norm are skipped and logged (``"skipped": true`` in
+    metrics.jsonl); no checkpoint is written on a skipped step.
+
     Returns the trained model with full weights on every rank.
+
+    Raises:
+        CheckpointError: the stage has checkpoints and none is good.
+        NonFiniteStepsError: ``train.max_bad_steps`` steps in a row were skipped; the last
+            checkpoint written (from before them) is kept.
     """
     config, context = pipeline.config, pipeline.context
     tokenized = [tokenize_example(ex, pipeline.tokenizer, pipeline.template) for ex in examples]
@@ -51,12 +60,22 @@ def train_model(
     checkpoint = load_checkpoint(stage_dir)
     start = 0
     if checkpoint is not None:
+        for problem in checkpoint.passed_over:
+            print(
+                f"{stage_name}: warning: passing over a damaged checkpoint ({problem}); "
+                f"resuming from {checkpoint.directory}",
+                file=pipeline.out,
+            )
         model = reload_like(model, checkpoint.model_dir)
         start = checkpoint.next_step
         if checkpoint.total_steps != plan.total_steps:
             raise ValueError(f"{stage_dir}: checkpoint is from a different plan")
         print(f"{stage_name}: resuming at step {start}/{plan.total_steps}", file=pipeline.out)
         pipeline.metrics.truncate_after(stage_name, start)
+        # Every rank has read its checkpoint before rank 0 moves the damaged one away.
+        context.barrier()
+        if checkpoint.passed_over and context.is_main:
+            set_aside_damaged(stage_dir, checkpoint)
     options = kd.loss_options() if kd is not None else None
     module = LossModule(model, options, autocast_bf16=config.autocast_bf16)
     wrapped = wrap_for_ranks(module, config, context)
@@ -83,6 +102,7 @@ def train_model(
         context,
         cache=cache,
         kd_target=kd.target if kd else "topk",
+        name=stage_name,
     )
     progress = Progress(plan.total_steps, stage_name, enabled=context.is_main, initial_step=start)
     every = config.checkpoint_every
@@ -92,27 +112,41 @@ def train_model(
             stage_dir, wrapped, optimizer, next_step, plan.total_steps, config, context
         )
 
-    def on_step(result) -> None:
+    def on_step(result: StepResult) -> None:
+        record = {
+            "kind": "train",
+            "stage": stage_name,
+            "step": result.step + 1,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens": result.tokens,
+            "supervised": result.supervised,
+            "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        }
+        if result.skipped:
+            record["skipped"] = True
+            print(
+                f"{stage_name}: step {result.step + 1}/{plan.total_steps} skipped: loss "
+                f"{result.loss}, grad norm {result.grad_norm} (not finite); weights unchanged",
+                file=pipeline.out,
+            )
         progress.update(result.step + 1, result.tokens, loss=result.loss)
-        pipeline.metrics.log(
-            {
-                "kind": "train",
-                "stage": stage_name,
-                "step": result.step + 1,
-                "loss": result.loss,
-                "lr": result.lr,
-                "grad_norm": result.grad_norm,
-                "tokens": result.tokens,
-                "supervised": result.supervised,
-                "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
-            }
-        )
+        pipeline.metrics.log(record)
         next_step = result.step + 1
-        if every and next_step % every == 0 and next_step < plan.total_steps:
+        # Not on a skipped step: a checkpoint in the middle of a run of bad steps would be
+        # resumed into them; the last one before them is the one to keep.
+        if every and next_step % every == 0 and next_step < plan.total_steps and not result.skipped:
             checkpoint_at(next_step)
 
-    runner.run(start, on_step)
-    progress.close()
+    try:
+        runner.run(start, on_step)
+    except NonFiniteStepsError as err:
+        kept = stage_dir / "checkpoint"
+        where = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint yet"
+        raise NonFiniteStepsError(f"{err}; {where}") from None
+    finally:
+        progress.close()
     return checkpoint_at(plan.total_steps)
 
 
