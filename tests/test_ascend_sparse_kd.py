@@ -69,7 +69,9 @@ class Spec:
     ub_slack: int | None = None  # run with the UB budget set to the tiling's ubBytes + slack
     ties: bool = False  # rows 0-3 get the label at the row maximum, some tied with another id
     weight_sum: float = 1.0  # sampled weights' row sum (the reference accepts 1 +- 1e-3)
-    lse_shift: float = 0.0  # added to the cache's Lambda; < 0 makes P_S exceed 1 (p_rest = 0)
+    # When set, the cache's Lambda makes the stored support hold this much probability: just
+    # over 1 (within the 1e-3 the op lets rounding through) the kernel must clamp p_rest to 0.
+    support_mass: float | None = None
 
 
 @dataclass
@@ -115,7 +117,9 @@ def _make_case(spec: Spec) -> Case:
                 ids[1::3, 1] = -1  # empty slots
                 t[0, 2] = -math.inf  # an impossible token the cache kept
             label_logit = teacher.gather(1, labels[:, None]).squeeze(1)
-            lam = torch.logsumexp(teacher / tc, dim=1) + spec.lse_shift
+            lam = torch.logsumexp(teacher / tc, dim=1)
+            if spec.support_mass is not None:
+                lam = _lambda_for_support_mass(ids, t, labels, label_logit, tc, spec.support_mass)
             target = TopKTarget(ids.int(), t, lam, label_logit, tc)
         else:
             # Ids drawn from the teacher without replacement, weights positive and summing to 1.
@@ -132,6 +136,22 @@ def _make_case(spec: Spec) -> Case:
             target = SampledTarget(ids.int(), weights)
     labels[list(spec.ignored)] = IGNORE
     return Case(spec, logits, labels, target)
+
+
+def _lambda_for_support_mass(
+    ids: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    label_logit: torch.Tensor,
+    tc: float,
+    mass: float,
+) -> torch.Tensor:
+    """``[N]`` Lambda under which the stored logits (and the label's, when outside them) hold
+    ``mass`` of the teacher's probability at ``tc``."""
+    scaled = (t / tc).masked_fill(ids < 0, -math.inf)
+    outside = ~(ids == labels[:, None]).any(dim=1)
+    with_label = torch.logaddexp(scaled.logsumexp(dim=1), label_logit / tc)
+    return torch.where(outside, with_label, scaled.logsumexp(dim=1)) - math.log(mass)
 
 
 def _place_ties(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -345,13 +365,13 @@ CASES = {
     "ties-forward-tail-bf16": Spec(dtype=BF16, ties=True, softcap=9.0, chip="310b"),
     "ties-forward-tail-f16": Spec(dtype=F16, ties=True, softcap=9.0, max_blocks=4),
     "ties-sampled-f32": Spec(target="sampled", include_label=False, ties=True),
-    "teacher-mass-over-one-forward": Spec(lse_shift=-1.5, temperature=1.0),
-    "teacher-mass-over-one-jsd": Spec(divergence="jsd", lse_shift=-1.5, ignored=()),
+    "teacher-mass-over-one-forward": Spec(support_mass=1.0008, temperature=1.0),
+    "teacher-mass-over-one-jsd": Spec(divergence="jsd", support_mass=1.0008, ignored=()),
     "teacher-mass-over-one-reverse-bf16": Spec(
-        dtype=BF16, divergence="reverse_kl", lse_shift=-1.5, max_blocks=2
+        dtype=BF16, divergence="reverse_kl", support_mass=1.0008, max_blocks=2
     ),
     "teacher-mass-over-one-jsd-f16": Spec(
-        dtype=F16, divergence="jsd", lse_shift=-1.5, chip="310b", ignored=(0,)
+        dtype=F16, divergence="jsd", support_mass=1.0008, chip="310b", ignored=(0,)
     ),
     # Softcap and z-loss.
     "softcap-forward-tail": Spec(softcap=5.0),
