@@ -546,3 +546,17 @@ def test_auto_backend_reports_why_neither_backend_loads(tmp_path):
     student = load_model_spec(raw["student"]["path"], "auto", torch.float32)
     with pytest.raises(ValueError, match="DDP only"):
         wrap_for_ranks(LossModule(student), pipeline.config, pipeline.context)
+
+
+def test_a_score_k_above_a_loaded_teachers_vocabulary_fails_before_training(tmp_path, capsys):
+    # Only the loaded model knows its vocabulary: the check runs once it is built, before
+    # the first stage trains.
+    teacher_dir = _hf_dir(tmp_path, "qwen2", seed=4)
+    student_dir = _hf_dir(tmp_path, "qwen3", seed=5)
+    config = tmp_path / "hf.toml"
+    config.write_text(_pipeline_toml(teacher_dir, student_dir).replace("k = 4", f"k = {V + 1}"))
+    run_dir = tmp_path / "run"
+    assert main([str(config), "--run-dir", str(run_dir)]) == 2
+    error = capsys.readouterr().err
+    assert f"stages.2.k = {V + 1} is larger than the vocabulary of teacher 't' ({V})" in error
+    assert not (run_dir / "stages" / "0-sft").exists()

@@ -56,10 +56,12 @@ from ..model import DecoderLM, ModelConfig, init_weights
 from .config import (
     STUDENT_TOKENIZER,
     DataSpec,
+    ModelLimits,
     ModelSpec,
     PipelineConfig,
     SFTStage,
     TrainSpec,
+    check_model_limits,
 )
 from .evaluate import evaluate
 from .integrity import IntegrityError, canonical_digest
@@ -306,12 +308,16 @@ class Pipeline:
         print(report, file=self.out)
         plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "plot.png")
 
-    def _preflight(self) -> None:
+    def _preflight(self, initial_student: CausalLM) -> None:
         """Fails before any training on what can be checked up front: model files and
-        architectures, examples longer than a stage's batch, too few batches for the ranks."""
+        architectures, config values the models' sizes rule out (a score stage's ``k``,
+        ``max_new_tokens``), examples longer than a stage's batch, too few batches for the
+        ranks."""
+        loaded = {"student": ModelLimits.of(initial_student)}
         for name, spec in self.config.teachers.items():
             if spec.path is not None:
-                self.build_model(spec, name)
+                loaded[f"teachers.{name}"] = ModelLimits.of(self.build_model(spec, name))
+        check_model_limits(self.config, self.tokenizer.vocab_size, loaded)
         checks = [
             (stage.name, stage.data, stage.train)
             for stage in self.config.stages
@@ -353,7 +359,7 @@ class Pipeline:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.context.is_main)
         initial_student = self._initial_student()
-        self._preflight()
+        self._preflight(initial_student)
         # lineage: a trained student per training stage ("init" before any), with its schedule.
         lineage: dict[str, tuple[CausalLM, list[str]]] = {"init": (initial_student, [])}
         latest = "init"
