@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..backends import CausalLM, copy_model
-from ..cache import CacheError, CacheReader, verify_cache
+from ..cache import CacheError, CacheReader
 from ..model import GenerationConfig
 from ..rollout import generate_rollouts, write_rollouts
 from ..scoring import (
@@ -95,38 +95,40 @@ def run_training(
 
 
 def verified_cache(pipeline: Pipeline, directory: Path, stage_name: str) -> CacheReader:
-    """The logit cache in ``directory``, every shard and row checked by ``verify_cache`` before
-    the stage's first step (on resume too: the cache may have been damaged in between), so a
-    bad cache fails here, by name, not as a wrong loss some steps in.
+    """The logit cache in ``directory``, every shard and row checked (``CacheReader.verify``)
+    before the stage's first step (on resume too: the cache may have been damaged in between),
+    so a bad cache fails here, by name, not as a wrong loss some steps in.
 
-    Rank 0 checks, the others wait for its verdict (one full read, not one per rank); the
-    reader then skips the sha256 ``verify_cache`` has just checked.
+    Rank 0 checks the manifest its reader serves from, the others wait for its verdict (one
+    full read, not one per rank) and then read without hashing the shards again.
 
     Raises:
         CacheError: the cache fails a check (on every rank).
     """
     problem = ""
-    if pipeline.context.is_main:
-        started = time.perf_counter()
-        try:
-            summary = verify_cache(directory)
-        except CacheError as err:
-            problem = str(err)
-        else:
+    reader: CacheReader | None = None
+    try:
+        reader = CacheReader(directory, verify_checksums=pipeline.context.is_main)
+        if pipeline.context.is_main:
+            started = time.perf_counter()
+            summary = reader.verify()
             print(
                 f"{stage_name}: verified the logit cache {directory} ({summary['tokens']:,} "
                 f"tokens, {summary['bytes'] / 2**20:.1f} MiB) in "
                 f"{time.perf_counter() - started:.2f} s",
                 file=pipeline.out,
             )
+    except CacheError as err:
+        problem = str(err)
+    # Every rank reaches the all-reduce, so one rank's failure cannot leave the others waiting.
     failed = pipeline.context.all_reduce_sum(torch.tensor(1.0 if problem else 0.0))
-    if float(failed) > 0:
+    if float(failed) > 0 or reader is None:
         raise CacheError(
             f"{stage_name}: the logit cache {directory} fails verification"
             + (f": {problem}" if problem else " (see rank 0's error)")
             + "; delete the score stage's directory to score again"
         )
-    return CacheReader(directory, verify_checksums=False)
+    return reader
 
 
 def run_rollout(
