@@ -331,6 +331,28 @@ def fused_kernel(
     )
 
 
+def fused_kernel_checked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target: TopKTarget,
+    *,
+    kd_weight: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """The kernel with ``check_finite=True``, as the trainer runs it: the cost of checking the
+    inputs (hidden, weight) and the loss is the difference to ``fused_kernel``."""
+    return fused_linear_sparse_kd(
+        hidden,
+        weight,
+        labels,
+        target,
+        kd_weight=kd_weight,
+        ignore_index=ignore_index,
+        check_finite=True,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) the GEMM floor
 
@@ -376,5 +398,6 @@ PROVIDERS: dict[str, Provider] = {
     "naive": naive_torch,
     "chunked": chunked_torch,
     "kernel": fused_kernel,
+    "kernel_checked": fused_kernel_checked,
     "floor": gemm_floor,
 }

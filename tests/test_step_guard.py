@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -123,6 +124,45 @@ def test_a_poisoned_batch_is_skipped_as_if_it_were_not_there(monkeypatch, how, c
         assert torch.equal(weight, reference_model.state_dict()[name]), name
     for ours, theirs in zip(_optimizer_tensors(runner), _optimizer_tensors(reference), strict=True):
         assert torch.equal(ours, theirs)  # AdamW's moments and step count: 4 updates each
+
+
+@pytest.mark.parametrize(
+    "value,found",
+    [
+        (math.nan, r"hidden holds nan in row 3"),
+        (-math.inf, r"hidden holds -inf in row 3"),
+    ],
+    ids=["nan-hidden", "inf-hidden"],
+)
+def test_check_finite_in_the_loss_skips_the_step_and_names_the_tensor(monkeypatch, value, found):
+    # The trainer's loss runs with check_finite: a bad hidden state (here in supervised row 3 of
+    # one batch) is named in the step's result, and the step is skipped like any NaN loss.
+    model = DecoderLM(ModelConfig.preset("tiny", VOCAB))
+    init_weights(model, seed=5)
+    reference_model = copy.deepcopy(model)
+    batches = [_batch(seed) for seed in range(6)]
+    train = TrainSpec(steps=4, optim=OptimSpec(lr=3e-3, warmup_steps=0))
+    reference = _runner(reference_model, batches, train)
+    for step in range(4):
+        if step != POISONED:
+            reference.step(step)
+    hidden_states = DecoderLM.hidden_states
+
+    def poisoned(self, input_ids, cu_seqlens):
+        hidden = hidden_states(self, input_ids, cu_seqlens)
+        if input_ids is batches[POISONED].input_ids:
+            hidden = hidden.clone()
+            hidden[3] = value
+        return hidden
+
+    monkeypatch.setattr(DecoderLM, "hidden_states", poisoned)
+    results = []
+    _runner(model, batches, train).run(0, results.append)
+    assert [r.skipped for r in results] == [s == POISONED for s in range(4)]
+    assert re.search(found, results[POISONED].non_finite), results[POISONED].non_finite
+    assert all(not r.non_finite for i, r in enumerate(results) if i != POISONED)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, reference_model.state_dict()[name]), name
 
 
 def test_max_bad_steps_in_a_row_stop_the_stage_by_name(monkeypatch):

@@ -34,7 +34,12 @@ from ..backends import CausalLM, head_parts
 from ..cache import CacheReader
 from ..data import PackedBatch
 from ..distributed import DistributedContext
-from ..ops import SparseKDOptions, fused_linear_cross_entropy, fused_linear_sparse_kd
+from ..ops import (
+    NonFiniteError,
+    SparseKDOptions,
+    fused_linear_cross_entropy,
+    fused_linear_sparse_kd,
+)
 from .config import OptimSpec, TrainSpec
 
 __all__ = [
@@ -119,6 +124,8 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.kd = kd
         self.autocast_bf16 = autocast_bf16
+        # What check_finite found in this rank's micro-batches since the runner last took it.
+        self.non_finite: list[str] = []
 
     def forward(self, batch: PackedBatch, target, num_items: float) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
@@ -128,6 +135,26 @@ class LossModule(torch.nn.Module):
         weight, bias, softcap = head_parts(self.model)
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
+        try:
+            return self._loss(hidden, weight, bias, softcap, labels, target, num_items, True)
+        except NonFiniteError as err:
+            # The step must still run its backward (DDP and FSDP2 ranks meet in it), and must
+            # not be applied: a NaN loss makes every gradient NaN, which the step guard skips.
+            self.non_finite.append(str(err))
+            loss = self._loss(hidden, weight, bias, softcap, labels, target, num_items, False)
+            return loss * math.nan
+
+    def _loss(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        softcap: float | None,
+        labels: torch.Tensor,
+        target,
+        num_items: float,
+        check_finite: bool,
+    ) -> torch.Tensor:
         if self.kd is None:
             return fused_linear_cross_entropy(
                 hidden,
@@ -137,6 +164,7 @@ class LossModule(torch.nn.Module):
                 softcap=softcap,
                 reduction="sum",
                 num_items=num_items,
+                check_finite=check_finite,
             )
         return fused_linear_sparse_kd(
             hidden,
@@ -147,6 +175,7 @@ class LossModule(torch.nn.Module):
             softcap=softcap,
             reduction="sum",
             num_items=num_items,
+            check_finite=check_finite,
             **self.kd.as_kwargs(),
         )
 
@@ -167,6 +196,8 @@ class StepResult:
     grad_norm: float
     seconds: float
     skipped: bool = False  # non-finite loss or gradient: not applied to the weights
+    # What the loss's check_finite found on this rank (the first micro-batch's error), if any.
+    non_finite: str = ""
 
 
 class StageRunner:
@@ -199,6 +230,8 @@ class StageRunner:
         self.module, self.optimizer, self.batches = module, optimizer, batches
         self.plan, self.train, self.context = plan, train, context
         self.cache, self.kd_target, self.name = cache, kd_target, name
+        # The LossModule itself (DDP wraps it; FSDP2 shards it in place).
+        self.loss_module = getattr(module, "module", module)
 
     def _target(self, batch: PackedBatch):
         if self.cache is None:
@@ -217,6 +250,8 @@ class StageRunner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        found = getattr(self.loss_module, "non_finite", [])
+        found.clear()
         local_loss = torch.zeros((), dtype=torch.float64)
         mine = plan.micro_batches(step, ctx.rank)
         for a, index in enumerate(mine):
@@ -255,6 +290,7 @@ class StageRunner:
             grad_norm=grad_norm,
             seconds=time.perf_counter() - started,
             skipped=skipped,
+            non_finite=found[0] if found else "",
         )
 
     def run(
@@ -283,6 +319,11 @@ class StageRunner:
                     f"{result.grad_norm}) and were skipped (max_bad_steps = "
                     f"{self.train.max_bad_steps}). Lower the learning rate or check those "
                     "steps' batches"
+                    + (
+                        f"; the last step's loss found: {result.non_finite}"
+                        if result.non_finite
+                        else ""
+                    )
                 )
 
 

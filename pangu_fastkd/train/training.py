@@ -126,9 +126,14 @@ def train_model(
         }
         if result.skipped:
             record["skipped"] = True
+            found = ""
+            if result.non_finite:
+                record["non_finite"] = result.non_finite
+                found = f" ({result.non_finite})"
             print(
                 f"{stage_name}: step {result.step + 1}/{plan.total_steps} skipped: loss "
-                f"{result.loss}, grad norm {result.grad_norm} (not finite); weights unchanged",
+                f"{result.loss}, grad norm {result.grad_norm} (not finite){found}; weights "
+                "unchanged",
                 file=pipeline.out,
             )
         progress.update(result.step + 1, result.tokens, loss=result.loss)
