@@ -56,10 +56,10 @@ class Case:
 
 
 def outcome(case: Case) -> str:
-    """"" when the case behaved as it must, else why not (one line)."""
+    """The empty string when the case behaved as it must, else why not (one line)."""
     try:
         case.run()
-    except BaseException as err:  # noqa: BLE001 - every exception is a verdict here
+    except BaseException as err:  # every exception is a verdict here
         text = " ".join(str(err).split())[:400]
         kind = type(err).__name__
         if case.expect is None:

@@ -84,9 +84,7 @@ def _death(returncode: int) -> str:
 def run_category(module: str, category: str, workdir: Path) -> Report:
     """All cases of ``category``, restarting the child after the case that killed it."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")]
-    )
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")])
     report, names, start = Report(), {}, 0
     while True:
         command = [sys.executable, str(HARNESS), module, category, str(SEED), str(workdir)]
