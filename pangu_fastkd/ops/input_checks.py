@@ -9,6 +9,7 @@ wrong instead of a kernel error or a silent NaN.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -17,6 +18,7 @@ __all__ = [
     "check_finite_rows",
     "check_int64",
     "check_positive_finite",
+    "check_real",
     "check_same_device",
 ]
 
@@ -57,6 +59,18 @@ def check_int64(op: str, name: str, value: int) -> int:
     if not _INT64_MIN <= value <= _INT64_MAX:
         raise ValueError(f"{op}: {name} must fit in int64, got {value}")
     return value
+
+
+def check_real(op: str, name: str, value: object) -> float:
+    """Raise ``TypeError`` unless ``value`` is a real number (an int, a float or a numpy scalar,
+    not a bool); returns it as a float.
+
+    The ops hand options to their kernel through ``float()``, which parses a string (``"2.0"``)
+    and reads a bool as 0 or 1: without this check such a value ran silently.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    return float(value)
 
 
 def check_positive_finite(op: str, name: str, value: float) -> float:

@@ -25,7 +25,12 @@ import torch
 
 from .._native import native_available, npu_kernel_available
 from ..data.boundaries import PackedDocuments
-from .input_checks import check_finite_rows, check_positive_finite, check_same_device
+from .input_checks import (
+    check_finite_rows,
+    check_int64,
+    check_positive_finite,
+    check_same_device,
+)
 from .packed_attention_reference import check_packed_inputs, check_qkv, reference_on_bounds
 
 __all__ = ["attend_documents", "attention_route", "packed_attention"]
@@ -73,7 +78,8 @@ def packed_attention(
             ``docs/non-finite.md``.
 
     Returns:
-        ``out [T, Hq, D]`` in q's dtype, and ``lse [Hq, T]`` float32 when ``return_lse``.
+        ``out [T, Hq, D]`` in q's dtype, and ``lse [Hq, T]`` float32 (float64 for float64
+        inputs) when ``return_lse``.
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes, devices, boundaries or options.
@@ -85,6 +91,9 @@ def packed_attention(
         check_finite_rows("packed_attention", {"q": q, "k": k, "v": v})
     bounds = check_packed_inputs(q, k, v, cu_seqlens, causal=causal, window=window)
     longest = max(end - start for start, end in itertools.pairwise(bounds))
+    if max_seqlen is not None:
+        # An int: a NaN compared False with the longest document and passed unchecked.
+        check_int64("packed_attention", "max_seqlen", max_seqlen)
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(
             f"max_seqlen={max_seqlen} is shorter than the longest document ({longest})"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..data.boundaries import check_cu_seqlens
+from .input_checks import check_int64
 
 __all__ = [
     "check_packed_inputs",
@@ -47,6 +48,13 @@ def check_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None
 ) -> int:
     """The checks that read only shapes and dtypes (no device read-back); returns ``Hq // Hkv``."""
+    # A non-bool causal would be read by truthiness: causal=None silently meant full attention.
+    if not isinstance(causal, bool):
+        raise TypeError(f"packed_attention: causal must be a bool, got {type(causal).__name__}")
+    if window is not None:
+        # Only an int: a float was truncated (1.5 -> 1), a bool read as 0 or 1, NaN failed in
+        # int() and an int beyond int64 raised a RuntimeError of the op's schema.
+        check_int64("packed_attention", "window", window)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name} must be [T, H, D], got shape {tuple(t.shape)}")

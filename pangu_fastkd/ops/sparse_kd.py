@@ -26,6 +26,7 @@ from .input_checks import (
     check_positive_finite,
     check_same_device,
 )
+from .sparse_kd_options import check_option_types
 from .sparse_kd_reference import check_options, sparse_kd_reference
 from .sparse_kd_targets import (
     DIVERGENCES,
@@ -114,6 +115,15 @@ def fused_linear_sparse_kd(
         NonFiniteError: with ``check_finite``, as above.
     """
     _check_arguments(hidden, weight, labels, target, bias, ignore_index, chunk_rows)
+    check_option_types(
+        kd_weight=kd_weight,
+        beta=beta,
+        temperature=temperature,
+        z_loss=z_loss,
+        softcap=softcap,
+        num_items=num_items,
+        include_label=include_label,
+    )
     if check_finite:
         check_finite_rows(_API, {"hidden": hidden, "weight": weight, "bias": bias})
     include_label, num_items = check_options(

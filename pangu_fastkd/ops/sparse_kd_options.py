@@ -4,7 +4,7 @@ A trainer holds a ``SparseKDOptions`` per KD stage and hands it to ``fused_linea
 with ``**options.as_kwargs()``; the op's own keyword arguments stay the primary API (as in
 Liger-Kernel and TRL). The options are checked when the object is made, with the op's messages,
 so a bad config fails before any training runs. What each field means is defined in
-``docs/kd-losses.md``.
+``docs/kd-losses.md``. ``check_option_types`` is the op's check of its options' types.
 """
 
 from __future__ import annotations
@@ -13,9 +13,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
+from .input_checks import check_real
 from .sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES, choice_code
 
-__all__ = ["SparseKDOptions"]
+__all__ = ["SparseKDOptions", "check_option_types"]
+
+_API = "fused_linear_sparse_kd"
 
 
 @dataclass(frozen=True)
@@ -55,3 +60,43 @@ class SparseKDOptions:
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of ``fused_linear_sparse_kd``."""
         return asdict(self)
+
+
+def check_option_types(
+    *,
+    kd_weight: object,
+    beta: object,
+    temperature: object,
+    z_loss: object,
+    softcap: object,
+    num_items: object,
+    include_label: object,
+) -> None:
+    """``TypeError`` for an option of ``fused_linear_sparse_kd`` of the wrong type, before any
+    value is compared.
+
+    Without it a string option (``temperature="2.0"``) reached the kernel through ``float()``
+    and ran, a bool counted as 0 or 1, ``include_label="no"`` meant True, and a ``num_items``
+    tensor of several elements failed with a RuntimeError of ``Tensor.item``.
+    """
+    for name, value in (
+        ("kd_weight", kd_weight),
+        ("beta", beta),
+        ("temperature", temperature),
+        ("z_loss", z_loss),
+    ):
+        check_real(_API, name, value)
+    if softcap is not None:
+        check_real(_API, "softcap", softcap)
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(
+                f"{_API}: num_items must be a number or a one-element tensor, "
+                f"got shape {tuple(num_items.shape)}"
+            )
+    elif num_items is not None:
+        check_real(_API, "num_items", num_items)
+    if include_label is not None and not isinstance(include_label, bool):
+        raise TypeError(
+            f"{_API}: include_label must be a bool or None, got {type(include_label).__name__}"
+        )
