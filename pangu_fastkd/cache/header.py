@@ -84,7 +84,7 @@ def _tensor_info(label: str, name: str, entry: Any) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _corrupt(label, f"header entry of tensor {name!r} is malformed")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list is not even hashable
         raise _corrupt(label, f"tensor {name!r} has unknown dtype {dtype!r}")
     if (
         not isinstance(shape, list)

@@ -68,9 +68,13 @@ class ShardRecord:
         return cls(**data)
 
 
+def _canonical(value: Any) -> str:
+    """JSON text that tells apart what ``==`` does not (``1``, ``1.0`` and ``true``)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def _manifest_checksum(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,11 @@ class Manifest:
                 f"(this code reads version {FORMAT_VERSION})"
             )
         body = {key: value for key, value in data.items() if key != "checksum"}
-        if data.get("checksum") != _manifest_checksum(body):
+        try:
+            checksum = _manifest_checksum(body)
+        except ValueError:  # a number like 1e400 parses to inf, which canonical JSON cannot hold
+            raise CacheError(f"{source}: a number is beyond the range of a float") from None
+        if data.get("checksum") != checksum:
             raise CacheError(f"{source}: checksum mismatch, the manifest was edited or is corrupt")
         try:
             spec = CacheSpec.from_json(data["spec"], source=source)
@@ -173,6 +181,24 @@ class Manifest:
                 f"{source}: id_encoding {data.get('id_encoding')!r} does not match vocab_size "
                 f"{spec.vocab_size} (expected {spec.id_encoding!r})"
             )
+        # Anyone can re-sign an edited manifest, so the fields the reader does not use (the
+        # totals, dtypes) must still be what the writer records for these shards and sequences,
+        # with no key added and none of another type (a format_version of true or 1.0 is not 1):
+        # a manifest that verifies is one this code wrote.
+        written = manifest.to_json()
+        del written["checksum"]
+        differing = sorted(
+            key
+            for key in set(body) | set(written)
+            if key not in body
+            or key not in written
+            or _canonical(body[key]) != _canonical(written[key])
+        )
+        if differing:
+            raise CacheError(
+                f"{source}: {', '.join(map(repr, differing))[:300]} not as the writer records them "
+                "for this cache's spec, shards and sequences; the manifest was edited"
+            )
         return manifest
 
     def check_consistent(self, source: str) -> None:
@@ -187,7 +213,11 @@ class Manifest:
                 f"{source}: token_counts must hold one non-negative int per sequence "
                 f"({len(ids)}), got {len(counts)} entries"
             )
-        if not isinstance(self.world_size, int) or self.world_size < 1:
+        if (
+            isinstance(self.world_size, bool)
+            or not isinstance(self.world_size, int)
+            or self.world_size < 1
+        ):
             raise CacheError(f"{source}: world_size must be a positive int")
         names = [shard.name for shard in self.shards]
         if len(set(names)) != len(names):

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from .files import open_regular, sha256_fd
 from .header import ShardHeader, read_header
 from .jsonfile import parse_json
-from .spec import CacheError, CacheSpec
+from .spec import FORMAT_VERSION, CacheError, CacheSpec
 
 __all__ = [
     "SHARD_METADATA_KEY",
@@ -228,10 +228,16 @@ def open_shard(
             )
         header = read_header(fd, status.st_size, label)
         metadata = _shard_metadata(label, header)
-        for key, value in (("id_encoding", spec.id_encoding), ("value_dtype", spec.value_dtype)):
-            if metadata.get(key) != value:
+        expected = (
+            ("format_version", FORMAT_VERSION),  # readers refuse any other (spec.py)
+            ("id_encoding", spec.id_encoding),
+            ("value_dtype", spec.value_dtype),
+        )
+        for key, value in expected:
+            # The type too: True and 1.0 compare equal to the format version 1.
+            if type(metadata.get(key)) is not type(value) or metadata.get(key) != value:
                 raise CacheError(
-                    f"{label}: shard metadata says {key} {metadata.get(key)!r}, the spec {value!r}"
+                    f"{label}: shard metadata says {key} {metadata.get(key)!r}, expected {value!r}"
                 )
         num_rows = _check_layout(label, header, spec)
         handle = _map_shard(path, fd)

@@ -321,8 +321,14 @@ def _parse_answer(raw: Any, where: str) -> str | None:
     if raw is None or isinstance(raw, str):
         return raw
     # Numeric answers (math datasets) are compared as text downstream.
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+    if isinstance(raw, int) and not isinstance(raw, bool):
         return str(raw)
+    # NaN and Infinity (json.dumps writes them for a missing value in a float column, 1e400
+    # parses to inf) are no answer: as text, "nan" would be compared with the model's output.
+    if isinstance(raw, float) and math.isfinite(raw):
+        return str(raw)
+    if isinstance(raw, float):
+        raise RecordError(f"{where}: 'answer' must be finite, got {raw}")
     raise RecordError(f"{where}: 'answer' must be a string or a number, got {_json_type(raw)}")
 
 
