@@ -1,8 +1,10 @@
 """Tests of the offline teacher-logit cache: format, writer, reader, verify and its CLI.
 
 The oracle is what the scorer handed over: every test writes synthetic ``SequenceScores`` and
-checks what comes back against them (bf16/fp16 values within the value dtype's rounding of the
-log-prob ``t / T_c - Lambda``, everything else exactly). Corruption tests damage a pristine cache
+checks what comes back against them (v1: bf16/fp16 values within the value dtype's rounding of
+the log-prob ``t / T_c - Lambda``; v2: within half a step of the documented quantiser, the top-K
+mass exact; everything else exactly). Tests of what both codecs do run on both; v1's layout is
+pinned here, v2's in tests/test_cache_v2.py. Corruption tests damage a pristine cache
 one way at a time and expect a CacheError naming the damaged file, from the reader and the CLI.
 """
 
@@ -60,6 +62,9 @@ def make_spec(**overrides) -> CacheSpec:
         tokenizer_fingerprint="tokenizer-sha:def",
         data_fingerprint="data-sha:123",
         provenance={"template": "chatml", "teacher_path": "/models/teacher"},
+        # This file's tests pin v1's layout (tensor names, whole-byte ids, float values);
+        # tests/test_cache_v2.py runs the same checks on v2.
+        codec="v1",
     )
     fields.update(overrides)
     return CacheSpec(**fields)
@@ -150,7 +155,73 @@ def shard_files(directory: Path) -> list[Path]:
 # Round trip
 
 
+CODECS = pytest.mark.parametrize("codec", ["v1", "v2"])
+
+# The v2 quantiser as docs/cache-format.md defines it: u(d) = (1 - e^(-d/A)) / (1 - e^(-R/A)).
+V2_SCALE, V2_RANGE = 4.0, 30.0
+
+
+def v2_compand(distance: torch.Tensor) -> torch.Tensor:
+    """The documented compander of codec v2, in float64."""
+    d = distance.to(torch.float64).clamp(max=V2_RANGE)
+    return -torch.expm1(-d / V2_SCALE) / -math.expm1(-V2_RANGE / V2_SCALE)
+
+
+def topk_tail_kl(exact: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """``[n]`` KL(exact || decoded) over the K stored tokens and the tail bucket, in float64,
+    from ``[n, K]`` log-probs (``-inf`` where absent)."""
+    p, q = exact.to(torch.float64), decoded.to(torch.float64)
+    terms = torch.where(torch.isfinite(p), p.exp() * (p - q), 0.0).sum(dim=1)
+    p_tail = (1 - p.exp().sum(dim=1)).clamp(min=0)
+    q_tail = (1 - q.exp().sum(dim=1)).clamp(min=0)
+    ratio = torch.where(p_tail > 0, torch.log(p_tail / q_tail), 0.0)
+    return terms + p_tail * ratio
+
+
+def _check_topk_v2(target: TopKTarget, expected: Sequence[SequenceScores], spec: CacheSpec) -> None:
+    """v2: the same ids (sorted by id with empties last under elias_fano), lse exact, each
+    distance to the row max within half a code step, the top-K mass to fp32, the label within
+    fp16 rounding."""
+    V, T = spec.vocab_size, spec.temperature
+    ids = concat(expected, "topk_ids")
+    lse = concat(expected, "lse")
+    v = concat(expected, "topk_logits").masked_fill(ids < 0, -math.inf) / T - lse[:, None]
+    if spec.id_coding == "elias_fano":
+        order = torch.argsort(torch.where(ids < 0, V, ids), dim=1, stable=True)
+        ids, v = ids.gather(1, order), v.gather(1, order)
+    assert target.ids.dtype == torch.int32 and torch.equal(target.ids, ids.to(torch.int32))
+    assert target.lse.dtype == torch.float32 and torch.equal(target.lse, lse)
+    assert target.temperature == T
+
+    got = target.logits / T - target.lse[:, None]
+    finite = torch.isfinite(v)
+    assert torch.equal(torch.isfinite(got), finite) and (got[~finite] == -math.inf).all()
+    rows = finite.any(dim=1)
+    mass, got_mass = v.exp().sum(dim=1), got.exp().sum(dim=1)
+    assert torch.allclose(got_mass[rows], mass[rows], rtol=2e-5, atol=1e-7)
+
+    def distance(x: torch.Tensor) -> torch.Tensor:
+        top = x.masked_fill(~finite, -math.inf).amax(dim=1, keepdim=True)
+        return (top - x).masked_fill(~finite, 0.0)
+
+    half_step = 0.5 / ((1 << spec.value_bits) - 3)
+    u_err = (v2_compand(distance(got)) - v2_compand(distance(v))).abs()
+    assert u_err.max() <= half_step + 1e-5
+    kl = topk_tail_kl(v[rows], got[rows])
+    assert kl.min() >= -1e-6 and kl.mean() <= 1e-3
+
+    label = concat(expected, "label_logit")
+    v_label = label / T - lse
+    got_label = target.label_logit / T - target.lse
+    fp16_floor = torch.finfo(torch.float16).min
+    tolerance = 2**-11 * v_label.abs() + 8 * torch.finfo(torch.float32).eps * (1 + lse.abs())
+    assert ((got_label - v_label.clamp(min=fp16_floor)).abs() <= tolerance).all()
+
+
 def _check_topk(target: TopKTarget, expected: Sequence[SequenceScores], spec: CacheSpec) -> None:
+    if spec.codec == "v2":
+        _check_topk_v2(target, expected, spec)
+        return
     ids = concat(expected, "topk_ids")
     lse = concat(expected, "lse")
     assert target.ids.dtype == torch.int32 and torch.equal(target.ids, ids.to(torch.int32))
@@ -228,8 +299,9 @@ def test_round_trip(tmp_path, vocab_size, encoding, stored, value_dtype):
     assert verify_cache(tmp_path)["tokens"] == sum(LENGTHS)
 
 
-def test_reader_keeps_few_shards_mapped(tmp_path, monkeypatch):
-    spec = make_spec()
+@CODECS
+def test_reader_keeps_few_shards_mapped(tmp_path, monkeypatch, codec):
+    spec = make_spec(codec=codec)
     written = write_cache(tmp_path, spec, shard_tokens=2)
     monkeypatch.setattr(reader_module, "MAX_OPEN_SHARDS", 2)
     reader = CacheReader(tmp_path)
@@ -309,8 +381,9 @@ def test_fused_loss_on_reader_target(tmp_path):
 
 
 @pytest.mark.parametrize(("lengths", "world_size"), [(LENGTHS, 2), ((3, 2), 3)])
-def test_multi_rank_then_finalize(tmp_path, lengths, world_size):
-    spec = make_spec(sampled_k=3, sampled_draws=9)
+@CODECS
+def test_multi_rank_then_finalize(tmp_path, lengths, world_size, codec):
+    spec = make_spec(sampled_k=3, sampled_draws=9, codec=codec)
     sequence_ids = [f"doc-{i}" for i in range(len(lengths))]
     writers = [
         CacheWriter(tmp_path, spec, sequence_ids, rank=r, world_size=world_size, shard_tokens=6)
@@ -345,8 +418,9 @@ def test_multi_rank_then_finalize(tmp_path, lengths, world_size):
     assert verify_cache(tmp_path)["sequences"] == S
 
 
-def test_finalize_refuses_missing_rank(tmp_path):
-    spec = make_spec()
+@CODECS
+def test_finalize_refuses_missing_rank(tmp_path, codec):
+    spec = make_spec(codec=codec)
     with CacheWriter(tmp_path, spec, ["a", "b", "c"], rank=0, world_size=2) as writer:
         writer.add(sample_scores(0, 2, spec))
     with pytest.raises(CacheError, match=r"progress-r001\.json.*rank 1 never started"):
@@ -355,8 +429,9 @@ def test_finalize_refuses_missing_rank(tmp_path):
         CacheReader(tmp_path)
 
 
-def test_targets_for_batch_alignment_and_mismatch(tmp_path):
-    spec = make_spec(sampled_k=2, sampled_draws=5)
+@CODECS
+def test_targets_for_batch_alignment_and_mismatch(tmp_path, codec):
+    spec = make_spec(sampled_k=2, sampled_draws=5, codec=codec)
     written = write_cache(tmp_path, spec)
     reader = CacheReader(tmp_path)
     docs = ["doc-3", "doc-1", "doc-0", "doc-6"]
@@ -376,8 +451,9 @@ def test_targets_for_batch_alignment_and_mismatch(tmp_path):
         reader.targets_for_batch(docs, counts, kind="full")
 
 
-def test_exception_inside_writer_commits_nothing(tmp_path):
-    spec = make_spec()
+@CODECS
+def test_exception_inside_writer_commits_nothing(tmp_path, codec):
+    spec = make_spec(codec=codec)
     sequence_ids = ["a", "b", "c"]
     with pytest.raises(RuntimeError, match="scorer died"):
         with CacheWriter(tmp_path, spec, sequence_ids, shard_tokens=1000) as writer:
@@ -395,8 +471,8 @@ if {tests_dir!r} not in sys.path:
 from test_cache import LENGTHS, make_spec, sample_scores
 from pangu_fastkd.cache import CacheWriter
 
-def main(directory, delay):
-    spec = make_spec(sampled_k=3, sampled_draws=12)
+def main(directory, delay, codec):
+    spec = make_spec(sampled_k=3, sampled_draws=12, codec=codec)
     ids = [f"doc-{{i}}" for i in range(len(LENGTHS) * 2)]
     with CacheWriter(directory, spec, ids, shard_tokens=8) as writer:
         while (i := writer.next_sequence) is not None:
@@ -404,11 +480,11 @@ def main(directory, delay):
             time.sleep(delay)
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), sys.argv[3])
 """
 
 
-def _load_job(path: Path) -> Callable[[Path, float], None]:
+def _load_job(path: Path) -> Callable[[Path, float, str], None]:
     spec = importlib.util.spec_from_file_location("resume_job", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -420,17 +496,18 @@ def _digests(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+@CODECS
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, codec):
     job = tmp_path / "resume_job.py"
     job.write_text(RESUME_JOB.format(tests_dir=str(Path(__file__).parent)))
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run = _load_job(job)
-    run(reference, 0.0)
+    run(reference, 0.0, codec)
     finalize_cache(reference)
     total_shards = len(json.loads((reference / "progress-r000.json").read_text())["shards"])
 
     process = subprocess.Popen(
-        [sys.executable, str(job), str(resumed), "0.5"],
+        [sys.executable, str(job), str(resumed), "0.5", codec],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -462,7 +539,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     orphan = resumed / f"shard-r000-{len(committed):05d}.safetensors"
     orphan.write_bytes(b"half a shard")
     (resumed / f".shard-r000-{len(committed):05d}.safetensors.x1y2.tmp").write_bytes(b"junk")
-    run(resumed, 0.0)
+    run(resumed, 0.0, codec)
     finalize_cache(resumed)
 
     assert _digests(resumed) == _digests(reference)
@@ -622,11 +699,21 @@ def test_check_compatible(tmp_path):
 # Corruption
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("pristine")
-    write_cache(directory, make_spec(sampled_k=3, sampled_draws=12))
+def write_pristine(tmp_path_factory, codec: str, **spec_fields) -> Path:
+    """An intact cache of both target kinds, for the damage tests to copy."""
+    directory = tmp_path_factory.mktemp(f"pristine-{codec}")
+    write_cache(directory, make_spec(sampled_k=3, sampled_draws=12, codec=codec, **spec_fields))
     return directory
+
+
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def pristine(tmp_path_factory, request) -> Path:
+    return write_pristine(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def pristine_v1(tmp_path_factory) -> Path:
+    return write_pristine(tmp_path_factory, "v1")
 
 
 def _flip_byte(directory: Path) -> tuple[str, int]:
@@ -660,7 +747,7 @@ def _edit_manifest(directory: Path) -> tuple[str, int]:
 def _future_version(directory: Path) -> tuple[str, int]:
     path = directory / "manifest.json"
     data = json.loads(path.read_text())
-    data["format_version"] = 2
+    data["format_version"] = 3
     path.write_text(json.dumps(data))
     return "manifest.json", -1
 
@@ -670,7 +757,7 @@ CORRUPTIONS = {
     "truncated shard": (_truncate, r"truncated or was altered"),
     "missing shard": (_delete, r"shard file is missing"),
     "edited manifest": (_edit_manifest, r"checksum mismatch"),
-    "wrong format version": (_future_version, r"format version 2 is not supported"),
+    "wrong format version": (_future_version, r"format version 3 is not supported"),
 }
 
 
@@ -811,10 +898,10 @@ BAD_CONTENT = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CONTENT))
-def test_verify_checks_every_row(tmp_path, pristine, case):
+def test_verify_checks_every_row(tmp_path, pristine_v1, case):
     edit, message = BAD_CONTENT[case]
     directory = tmp_path / "cache"
-    shutil.copytree(pristine, directory)
+    shutil.copytree(pristine_v1, directory)
     name = _rewrite_shard(directory, 1, edit)
     assert read_manifest(directory).shards[1].seq_start == 4  # rows 0 | 1 2 3 ...: doc-4 | doc-5
     with pytest.raises(CacheError, match=rf"^{name}: {message}"):

@@ -198,6 +198,36 @@ def test_scoring_config_validation():
             ScoringConfig(**bad)
     with pytest.raises(ValueError, match="answer"):
         ScoringConfig(label_conditioned=True, condition_template="no placeholder")
+    with pytest.raises(ValueError, match="value_dtype applies to codec v1 only"):
+        ScoringConfig(value_dtype="fp32")
+    with pytest.raises(ValueError, match="value_bits and id_coding apply to codec v2 only"):
+        ScoringConfig(codec="v1", value_bits=8)
+    with pytest.raises(ValueError, match="codec must be one of"):
+        ScoringConfig(codec="zstd")
+
+
+def test_default_scoring_writes_v2_close_to_the_teacher(tmp_path):
+    """The default codec (v2, 6-bit values): the teacher's top-K ids as a set, the log-partition
+    exact, each top-K probability within 6% of the teacher's (most within 1%), the top-K mass
+    to fp32."""
+    teacher, examples = make_teacher(), make_examples()
+    config = ScoringConfig(k=6, temperature=1.5, batch_tokens=100, shard_tokens=20)
+    score_to_cache(teacher, TOKENIZER, TEMPLATE, examples, tmp_path / "c", config)
+    reader = CacheReader(tmp_path / "c")
+    assert reader.manifest.spec.codec == "v2" and reader.manifest.spec.value_bits == 6
+    for index, ex in enumerate(examples):
+        seq = teacher_sequence(ex, TOKENIZER, TEMPLATE)
+        logits = teacher_logits(teacher, seq.teacher_ids)[list(seq.rows)]
+        target = reader.topk_target([index])
+        top = logits.topk(6, dim=1)
+        ids, order = top.indices.sort(dim=1)
+        assert torch.equal(target.ids, ids.int())
+        lse = torch.logsumexp(logits / 1.5, 1)
+        torch.testing.assert_close(target.lse, lse)
+        p = (top.values.gather(1, order) / 1.5 - lse[:, None]).exp()
+        q = (target.logits / 1.5 - target.lse[:, None]).exp()
+        torch.testing.assert_close(q.sum(1), p.sum(1), rtol=1e-5, atol=1e-6)
+        assert ((q / p - 1).abs() <= 0.06).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +240,7 @@ def test_cache_holds_what_the_teacher_forward_says(tmp_path, label_conditioned):
     config = ScoringConfig(
         k=6,
         temperature=1.5,
+        codec="v1",  # exact fp32 values; v2 below
         value_dtype="fp32",
         label_conditioned=label_conditioned,
         batch_tokens=100,  # several packed passes, one sequence longer than a pass

@@ -17,6 +17,18 @@ from .spec import CacheError
 from .verify import verify_cache
 
 
+def _codec_lines(manifest: Manifest) -> list[str]:
+    """How the cache stores ids and values: v1 dtypes, v2 bit widths."""
+    spec = manifest.spec
+    if spec.codec == "v1":
+        return [f"value_dtype: {spec.value_dtype}", f"id_encoding: {manifest.id_encoding}"]
+    return [
+        f"value_bits: {spec.value_bits}",
+        f"id_coding: {spec.id_coding}",
+        f"id_bits: {spec.id_bits}",
+    ]
+
+
 def _info_lines(manifest: Manifest) -> list[str]:
     spec = manifest.spec
     lines = [
@@ -24,8 +36,8 @@ def _info_lines(manifest: Manifest) -> list[str]:
         f"vocab_size: {spec.vocab_size}",
         f"k: {spec.k}",
         f"temperature: {spec.temperature}",
-        f"value_dtype: {spec.value_dtype}",
-        f"id_encoding: {manifest.id_encoding}",
+        f"codec: {spec.codec}",
+        *_codec_lines(manifest),
         f"sampled_k: {spec.sampled_k}",
         f"sampled_draws: {spec.sampled_draws}",
         f"label_conditioned: {spec.label_conditioned}",

@@ -11,8 +11,14 @@ from pathlib import Path
 from .jsonfile import read_json
 from .loading import open_recorded_shard
 from .manifest import Manifest, ShardRecord, write_manifest
-from .progress import SEQUENCES_NAME, progress_name, read_progress, sequence_ids_digest
-from .spec import FORMAT_VERSION, CacheError, CacheSpec
+from .progress import (
+    SEQUENCES_NAME,
+    progress_name,
+    progress_spec,
+    read_progress,
+    sequence_ids_digest,
+)
+from .spec import CacheError, CacheSpec
 
 __all__ = ["finalize_cache"]
 
@@ -58,7 +64,7 @@ def finalize_cache(directory: str | os.PathLike, world_size: int = 1) -> Manifes
         if not path.exists():
             raise CacheError(f"{path}: not found; rank {rank} never started writing")
         progress = read_progress(path)
-        rank_spec = CacheSpec.from_json(progress["spec"], source=str(path))
+        rank_spec = progress_spec(progress, path)
         if spec is None:
             spec = rank_spec
         elif differences := spec.differences(rank_spec):
@@ -106,7 +112,7 @@ def finalize_cache(directory: str | os.PathLike, world_size: int = 1) -> Manifes
         )
 
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=spec.format_version,
         spec=spec,
         world_size=world_size,
         sequence_ids=tuple(sequence_ids),

@@ -19,7 +19,7 @@ from typing import Any
 from ..durable import atomic_write_bytes
 from .jsonfile import json_bytes, read_json
 from .shards import check_shard_name, expected_shard_tensors
-from .spec import FORMAT_VERSION, CacheError, CacheSpec
+from .spec import FORMAT_VERSIONS, CacheError, CacheSpec
 
 __all__ = ["MANIFEST_NAME", "Manifest", "ShardRecord", "read_manifest", "write_manifest"]
 
@@ -82,7 +82,7 @@ class Manifest:
     """Everything a reader needs to know about a complete cache.
 
     Attributes:
-        format_version: ``FORMAT_VERSION`` of the writer.
+        format_version: 1 or 2, the version of the spec's codec (``FORMAT_VERSIONS``).
         spec: the cache spec (vocab size, K, T_c, fingerprints, dtypes, sampled targets).
         world_size: number of ranks that wrote it.
         sequence_ids: ids of all sequences, in cache order.
@@ -122,7 +122,8 @@ class Manifest:
         """Storage dtype of each shard tensor, e.g. ``{"ids": "U8[3]", "values": "BF16"}``."""
         names = {}
         for name, (dtype, tail) in expected_shard_tensors(self.spec).items():
-            names[name] = f"{dtype}[3]" if dtype == "U8" and tail[-1:] == (3,) else dtype
+            uint24 = self.spec.codec == "v1" and dtype == "U8" and tail[-1:] == (3,)
+            names[name] = f"{dtype}[3]" if uint24 else dtype
         names["seq_offsets"] = "I64"
         return names
 
@@ -154,10 +155,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise CacheError(f"{source}: not a cache manifest")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in FORMAT_VERSIONS.values():
             raise CacheError(
                 f"{source}: cache format version {version!r} is not supported "
-                f"(this code reads version {FORMAT_VERSION})"
+                f"(this code reads versions {sorted(FORMAT_VERSIONS.values())})"
             )
         body = {key: value for key, value in data.items() if key != "checksum"}
         try:
@@ -174,7 +175,12 @@ class Manifest:
             world_size = data["world_size"]
         except (KeyError, TypeError) as exc:
             raise CacheError(f"{source}: malformed manifest ({exc!r})") from None
-        manifest = cls(FORMAT_VERSION, spec, world_size, sequence_ids, token_counts, shards)
+        if spec.format_version != version:
+            raise CacheError(
+                f"{source}: format version {version} does not match the spec's codec "
+                f"{spec.codec!r} (version {spec.format_version})"
+            )
+        manifest = cls(version, spec, world_size, sequence_ids, token_counts, shards)
         manifest.check_consistent(source)
         if data.get("id_encoding") != spec.id_encoding:
             raise CacheError(

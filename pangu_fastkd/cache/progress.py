@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from .jsonfile import read_json
-from .spec import FORMAT_VERSION, CacheError
+from .spec import FORMAT_VERSIONS, CacheError, CacheSpec
 
-__all__ = ["SEQUENCES_NAME", "progress_name", "read_progress", "sequence_ids_digest"]
+__all__ = [
+    "SEQUENCES_NAME",
+    "progress_name",
+    "progress_spec",
+    "read_progress",
+    "sequence_ids_digest",
+]
 
 SEQUENCES_NAME = "sequences.json"
 _PROGRESS_KEYS = frozenset(
@@ -44,7 +50,7 @@ def sequence_ids_digest(sequence_ids: Sequence[str]) -> str:
 
 
 def read_progress(path: Path) -> dict[str, Any]:
-    """A rank's progress file with every key present and this code's format version.
+    """A rank's progress file with every key present and a format version this code reads.
 
     Raises:
         CacheError: naming the file if it is missing, malformed or of another format version.
@@ -52,9 +58,22 @@ def read_progress(path: Path) -> dict[str, Any]:
     progress = read_json(path)
     if not isinstance(progress, dict) or not _PROGRESS_KEYS <= set(progress):
         raise CacheError(f"{path}: malformed progress file")
-    if progress["format_version"] != FORMAT_VERSION:
+    version = progress["format_version"]
+    if type(version) is not int or version not in FORMAT_VERSIONS.values():
         raise CacheError(
-            f"{path}: written by cache format version {progress['format_version']!r}, "
-            f"this code writes version {FORMAT_VERSION}"
+            f"{path}: written by cache format version {version!r}, this code reads versions "
+            f"{sorted(FORMAT_VERSIONS.values())}"
         )
     return progress
+
+
+def progress_spec(progress: dict[str, Any], path: Path) -> CacheSpec:
+    """The spec of a progress file read by ``read_progress``, whose codec must be the one of
+    its format version."""
+    spec = CacheSpec.from_json(progress["spec"], source=str(path))
+    if spec.format_version != progress["format_version"]:
+        raise CacheError(
+            f"{path}: format version {progress['format_version']} does not match the spec's "
+            f"codec {spec.codec!r} (version {spec.format_version})"
+        )
+    return spec

@@ -26,7 +26,14 @@ from .loading import describe_row, load_shard
 from .manifest import MANIFEST_NAME, read_manifest
 from .shards import ShardFile
 from .spec import CacheError
-from .values import Problem, decode_sampled, decode_topk, sampled_problem, topk_problem
+from .values import (
+    SAMPLED_NAMES,
+    Problem,
+    decode_sampled,
+    read_topk,
+    sampled_problem,
+    topk_names,
+)
 from .verify import verify_manifest
 
 __all__ = ["CacheReader", "load_shard"]
@@ -145,11 +152,9 @@ class CacheReader:
                 the message names the shard, the row, the sequence and the token.
         """
         spec = self.manifest.spec
-        parts, runs = self._gather(seq_indices, ("ids", "values", "lse", "label_value"))
-        target = decode_topk(parts, spec)
-        if self.check_values:
-            problem = topk_problem(target, parts["values"], parts["label_value"], spec)
-            self._raise_for(problem, runs)
+        parts, runs = self._gather(seq_indices, topk_names(spec))
+        target, problem = read_topk(parts, spec, check=self.check_values)
+        self._raise_for(problem, runs)
         return target
 
     def sampled_target(self, seq_indices: Sequence[int]) -> SampledTarget:
@@ -169,7 +174,7 @@ class CacheReader:
                 f"{self.directory / MANIFEST_NAME}: this cache holds no sampled targets "
                 "(sampled_k = 0)"
             )
-        parts, runs = self._gather(seq_indices, ("sampled_ids", "sampled_counts"))
+        parts, runs = self._gather(seq_indices, SAMPLED_NAMES)
         target = decode_sampled(parts, spec)
         if self.check_values:
             self._raise_for(sampled_problem(target, parts["sampled_counts"], spec), runs)

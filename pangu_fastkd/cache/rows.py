@@ -1,9 +1,9 @@
 """Checking and encoding what the scorer hands over for one sequence, before any of it is stored.
 
-``encode_sequence`` turns one ``SequenceScores`` into the rows a shard stores (ids in the cache's
-id encoding, log-probs ``t / T_c - Lambda`` in the value dtype), after checking shapes, dtypes,
-id ranges, repeats, finite values and that no row's probabilities add up to more than 1. The
-errors name the sequence, the tensor and the row.
+``encode_sequence`` turns one ``SequenceScores`` into the rows a shard stores (v1: ids in the
+cache's id encoding, log-probs ``t / T_c - Lambda`` in the value dtype; v2: ``codec_v2.py``),
+after checking shapes, dtypes, id ranges, repeats, finite values and that no row's
+probabilities add up to more than 1. The errors name the sequence, the tensor and the row.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .codec_v2 import encode_v2_ids, encode_v2_topk
 from .spec import CacheSpec, encode_ids
 
 __all__ = ["MASS_TOLERANCE", "SequenceScores", "encode_sequence", "find_bad_id", "first_row"]
@@ -172,16 +173,18 @@ def encode_sequence(scores: SequenceScores, spec: CacheSpec, where: str) -> dict
     logits = logits.to(torch.float32).masked_fill(empty, -math.inf)
     values = _log_probs(where, "topk_logits", logits, lse, spec)
     label_value = _log_probs(where, "label_logit", label_logit.to(torch.float32), lse, spec)
-    # fp16 tops out at -65504: keep the label's log-prob finite (the loss requires it).
-    value_min = torch.finfo(spec.value_torch_dtype).min
-    label_value = label_value.clamp(min=value_min)
-
-    rows = {
-        "ids": encode_ids(ids, spec.id_encoding),
-        "values": values.to(spec.value_torch_dtype),
-        "lse": lse.contiguous(),
-        "label_value": label_value.to(spec.value_torch_dtype),
-    }
+    if spec.codec == "v2":
+        rows = encode_v2_topk(ids, values, lse, label_value, spec)
+    else:
+        # fp16 tops out at -65504: keep the label's log-prob finite (the loss requires it).
+        value_min = torch.finfo(spec.value_torch_dtype).min
+        label_value = label_value.clamp(min=value_min)
+        rows = {
+            "ids": encode_ids(ids, spec.id_encoding),
+            "values": values.to(spec.value_torch_dtype),
+            "lse": lse.contiguous(),
+            "label_value": label_value.to(spec.value_torch_dtype),
+        }
     rows.update(_encode_sampled(scores, spec, where, n))
     return {"rows": rows, "num_tokens": n}
 
@@ -220,6 +223,8 @@ def _encode_sampled(
             f"sampled_draws = {spec.sampled_draws}"
         )
     return {
-        "sampled_ids": encode_ids(ids, spec.id_encoding),
+        "sampled_ids": encode_v2_ids(ids, spec)
+        if spec.codec == "v2"
+        else encode_ids(ids, spec.id_encoding),
         "sampled_counts": counts.to(spec.counts_dtype),
     }

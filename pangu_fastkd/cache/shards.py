@@ -1,7 +1,8 @@
 """Shard files of the teacher-logit cache: names, tensor layout, bytes, memory-mapped reads.
 
 A shard is a safetensors file holding a contiguous range of one rank's sequences (``n``
-supervised tokens, ``S`` sequences, ``K`` = ``spec.k``)::
+supervised tokens, ``S`` sequences, ``K`` = ``spec.k``). Codec v2's tensors are listed in
+``codec_v2.py``; codec v1's are::
 
     ids             [n, K] int16 | [n, K, 3] uint8 (little-endian 24 bit) | [n, K] int32
     values          [n, K] value dtype: teacher log-prob at T_c, v_j = t_j / T_c - Lambda
@@ -33,10 +34,11 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .codec_v2 import v2_shard_tensors
 from .files import open_regular, sha256_fd
 from .header import ShardHeader, read_header
 from .jsonfile import parse_json
-from .spec import FORMAT_VERSION, CacheError, CacheSpec
+from .spec import CacheError, CacheSpec
 
 __all__ = [
     "SHARD_METADATA_KEY",
@@ -46,6 +48,7 @@ __all__ = [
     "encode_shard",
     "expected_shard_tensors",
     "open_shard",
+    "shard_codec_metadata",
     "shard_name",
 ]
 
@@ -79,8 +82,26 @@ def check_shard_name(name: object, rank: int, source: str) -> None:
         )
 
 
+def shard_codec_metadata(spec: CacheSpec) -> dict[str, Any]:
+    """What a shard's metadata says about its encoding (and every reader checks)."""
+    if spec.codec == "v1":
+        return {
+            "format_version": 1,
+            "id_encoding": spec.id_encoding,
+            "value_dtype": spec.value_dtype,
+        }
+    return {
+        "format_version": spec.format_version,
+        "codec": spec.codec,
+        "id_coding": spec.id_coding,
+        "value_bits": spec.value_bits,
+    }
+
+
 def expected_shard_tensors(spec: CacheSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Per-row tensors of a shard: name -> (safetensors dtype, shape after the row dimension)."""
+    if spec.codec == "v2":
+        return v2_shard_tensors(spec)
     id_dtype, id_tail = _ID_STORAGE[spec.id_encoding]
     value_dtype = _VALUE_STORAGE[spec.value_dtype]
     tensors = {
@@ -181,7 +202,9 @@ def _check_layout(label: str, header: ShardHeader, spec: CacheSpec) -> int:
     offsets_dtype, offsets_shape = layout["seq_offsets"]
     if offsets_dtype != "I64" or len(offsets_shape) != 1 or offsets_shape[0] < 2:
         raise CacheError(f"{label}: seq_offsets must be I64 [S + 1] with S >= 1")
-    num_rows = layout["ids"][1][0] if layout["ids"][1] else -1
+    # Every per-row tensor leads with the row count; the first expected one sets it.
+    first_shape = layout[next(iter(expected))][1]
+    num_rows = first_shape[0] if first_shape else -1
     for name, (dtype, tail) in expected.items():
         got_dtype, got_shape = layout[name]
         if got_dtype != dtype or got_shape != (num_rows, *tail):
@@ -228,12 +251,7 @@ def open_shard(
             )
         header = read_header(fd, status.st_size, label)
         metadata = _shard_metadata(label, header)
-        expected = (
-            ("format_version", FORMAT_VERSION),  # readers refuse any other (spec.py)
-            ("id_encoding", spec.id_encoding),
-            ("value_dtype", spec.value_dtype),
-        )
-        for key, value in expected:
+        for key, value in shard_codec_metadata(spec).items():
             # The type too: True and 1.0 compare equal to the format version 1.
             if type(metadata.get(key)) is not type(value) or metadata.get(key) != value:
                 raise CacheError(

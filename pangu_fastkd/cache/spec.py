@@ -14,19 +14,31 @@ from typing import Any
 import torch
 
 __all__ = [
+    "CODECS",
+    "DEFAULT_VALUE_BITS",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
+    "ID_CODINGS",
     "ID_ENCODINGS",
     "MAX_VOCAB_SIZE",
     "VALUE_DTYPES",
     "CacheError",
     "CacheSpec",
+    "codec_fields",
     "decode_ids",
     "encode_ids",
     "id_encoding_for_vocab",
 ]
 
-# Written into the manifest, progress files and shard metadata; readers refuse any other.
-FORMAT_VERSION = 1
+# Written into the manifest, progress files and shard metadata: 1 for codec "v1", 2 for "v2".
+# Readers read both and refuse any other.
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = {"v1": 1, "v2": 2}
+CODECS = tuple(FORMAT_VERSIONS)
+# How codec v2 stores top-K ids: Elias-Fano after sorting the row by id, or plain bit fields.
+ID_CODINGS = ("elias_fano", "packed")
+DEFAULT_VALUE_BITS = 6
+_VALUE_BITS_RANGE = (3, 16)  # quantise.MIN_VALUE_BITS, MAX_VALUE_BITS
 
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ID_ENCODINGS = ("int16", "uint24", "int32")
@@ -70,10 +82,17 @@ class CacheSpec:
             weights, the tokenizer and the scored data; the trainer refuses a cache whose
             tokenizer differs from its own.
         label_conditioned: whether the scorer conditioned the top-K selection on the label.
-        value_dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``, storage of the log-prob values.
+        value_dtype: codec v1 only: ``"bf16"``, ``"fp16"`` or ``"fp32"``, storage of the
+            log-prob values (v2 quantises them to ``value_bits``; its spec keeps ``"bf16"``).
         sampled_k: Ks, slots of sampled targets per token (0: none stored).
         sampled_draws: draws per token of the sampled targets (0 exactly when ``sampled_k`` is).
         provenance: free-form JSON (templates, teacher path, scorer version...).
+        codec: ``"v2"`` (bit-packed ids, quantised log-probs; docs/cache-format.md) or ``"v1"``
+            (whole-byte ids, float log-probs).
+        value_bits: codec v2 only: bits per quantised log-prob, 3 to 16 (None: 6).
+        id_coding: codec v2 only: ``"elias_fano"`` (rows sorted by id, about 13 bits per id at
+            K = 64 and V = 153,376) or ``"packed"`` (``V.bit_length()`` bits per id, the
+            teacher's order kept) (None: elias_fano).
     """
 
     vocab_size: int
@@ -87,6 +106,9 @@ class CacheSpec:
     sampled_k: int = 0
     sampled_draws: int = 0
     provenance: dict = field(default_factory=dict, hash=False)
+    codec: str = "v2"
+    value_bits: int | None = None
+    id_coding: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size, 1)
@@ -137,11 +159,52 @@ class CacheSpec:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"provenance must be JSON-serialisable: {exc}") from None
         object.__setattr__(self, "provenance", provenance)
+        self._check_codec()
+
+    def _check_codec(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.codec == "v1":
+            for name in ("value_bits", "id_coding"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} applies to codec v2 only (codec v1 stores values as "
+                        f"value_dtype and ids in whole bytes), got {getattr(self, name)!r}"
+                    )
+            return
+        if self.value_dtype != "bf16":
+            raise ValueError(
+                f"value_dtype applies to codec v1 only (v2 quantises log-probs to value_bits), "
+                f"got {self.value_dtype!r}"
+            )
+        bits = DEFAULT_VALUE_BITS if self.value_bits is None else self.value_bits
+        low, high = _VALUE_BITS_RANGE
+        _check_int("value_bits", bits, low)
+        if bits > high:
+            raise ValueError(f"value_bits must be <= {high}, got {bits}")
+        object.__setattr__(self, "value_bits", bits)
+        coding = "elias_fano" if self.id_coding is None else self.id_coding
+        if coding not in ID_CODINGS:
+            raise ValueError(f"id_coding must be one of {ID_CODINGS}, got {coding!r}")
+        object.__setattr__(self, "id_coding", coding)
+
+    @property
+    def format_version(self) -> int:
+        """The format version of caches with this spec's codec (1 or 2)."""
+        return FORMAT_VERSIONS[self.codec]
 
     @property
     def id_encoding(self) -> str:
-        """How token ids are stored: ``"int16"``, ``"uint24"`` or ``"int32"``."""
+        """How token ids are stored: v1 ``"int16"``, ``"uint24"`` or ``"int32"``; v2 its
+        ``id_coding``."""
+        if self.codec == "v2":
+            return self.id_coding
         return id_encoding_for_vocab(self.vocab_size)
+
+    @property
+    def id_bits(self) -> int:
+        """Bits of one bit-packed id (codec v2): ids ``< V`` and the empty slot ``2**b - 1``."""
+        return self.vocab_size.bit_length()
 
     @property
     def value_torch_dtype(self) -> torch.dtype:
@@ -158,20 +221,26 @@ class CacheSpec:
         return torch.int32
 
     def to_json(self) -> dict[str, Any]:
-        """The spec as a JSON-ready dict (field names as keys)."""
-        return asdict(self)
+        """The spec as a JSON-ready dict (field names as keys), only the fields of its codec:
+        a v1 spec is written exactly as version 1 wrote it."""
+        data = asdict(self)
+        for name in _FIELDS_NOT_IN[self.codec]:
+            del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: Any, *, source: str) -> CacheSpec:
         """Rebuild a spec from ``to_json`` output; CacheError naming ``source`` if malformed."""
-        names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) != names:
+        codec = data.get("codec", "v1") if isinstance(data, dict) else None
+        codec = codec if isinstance(codec, str) else None
+        names = {f.name for f in fields(cls)} - set(_FIELDS_NOT_IN.get(codec, ()))
+        if codec not in CODECS or set(data) != names:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise CacheError(
                 f"{source}: malformed spec, expected fields {sorted(names)}, got {got}"
             )
         try:
-            return cls(**data)
+            return cls(**{"codec": codec, **data})  # a v1 spec has no codec field
         except (TypeError, ValueError) as exc:
             raise CacheError(f"{source}: invalid spec: {exc}") from None
 
@@ -182,6 +251,36 @@ class CacheSpec:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
+
+
+def codec_fields(codec: str, value_dtype: str, value_bits: int, id_coding: str) -> dict[str, Any]:
+    """The ``CacheSpec`` fields of a writer's codec choice, where the writer's settings carry
+    every option with its default (``ScoringConfig``, the ``score`` stage).
+
+    Raises:
+        ValueError: an option of the other codec is set away from its default (it would be
+            ignored), or a value no codec has.
+    """
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+    if codec == "v1":
+        if value_bits != DEFAULT_VALUE_BITS or id_coding != ID_CODINGS[0]:
+            raise ValueError(
+                "value_bits and id_coding apply to codec v2 only (v1 stores value_dtype values "
+                "and whole-byte ids)"
+            )
+        return {"codec": "v1", "value_dtype": value_dtype}
+    if value_dtype != "bf16":
+        raise ValueError(
+            f"value_dtype applies to codec v1 only (v2 quantises log-probs to value_bits), got "
+            f"{value_dtype!r}"
+        )
+    return {"codec": "v2", "value_bits": value_bits, "id_coding": id_coding}
+
+
+# What ``to_json`` leaves out per codec: v1 manifests predate the codec fields, and a v2 spec's
+# value_dtype is always the unused default.
+_FIELDS_NOT_IN = {"v1": ("codec", "value_bits", "id_coding"), "v2": ("value_dtype",)}
 
 
 # ---------------------------------------------------------------------------------------------

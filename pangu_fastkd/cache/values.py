@@ -23,16 +23,55 @@ import numpy as np
 import torch
 
 from ..ops.sparse_kd_targets import SampledTarget, TopKTarget
+from .codec_v2 import decode_v2_ids, decode_v2_topk, v2_topk_names
 from .rows import find_bad_id, first_row
 from .spec import CacheSpec, decode_ids
 
-__all__ = ["decode_sampled", "decode_topk", "sampled_problem", "topk_problem"]
+__all__ = [
+    "SAMPLED_NAMES",
+    "decode_sampled",
+    "decode_topk",
+    "read_topk",
+    "sampled_problem",
+    "topk_names",
+    "topk_problem",
+]
+
+SAMPLED_NAMES = ("sampled_ids", "sampled_counts")
 
 Problem = tuple[int, str]  # (first bad row, what is wrong with it)
 
 
+def topk_names(spec: CacheSpec) -> tuple[str, ...]:
+    """The shard tensors holding the top-K rows of a cache of ``spec``."""
+    if spec.codec == "v2":
+        return v2_topk_names(spec)
+    return ("ids", "values", "lse", "label_value")
+
+
+def read_topk(
+    parts: dict[str, torch.Tensor], spec: CacheSpec, *, check: bool = True
+) -> tuple[TopKTarget, Problem | None]:
+    """Stored top-K rows (``topk_names``) as a ``TopKTarget``, and their first problem (None
+    when ``check`` is off or every row passes)."""
+    if spec.codec == "v1":
+        target = decode_topk(parts, spec)
+        if not check:
+            return target, None
+        return target, topk_problem(target, parts["values"], parts["label_value"], spec)
+    target, values, corrupt = decode_v2_topk(parts, spec)
+    if not check:
+        return target, None
+    if corrupt.any():
+        return target, (first_row(corrupt), "the id code of the row is corrupt")
+    return target, topk_problem(target, values, parts["label_value"], spec)
+
+
 def decode_topk(parts: dict[str, torch.Tensor], spec: CacheSpec) -> TopKTarget:
-    """Stored ``ids``, ``values``, ``lse``, ``label_value`` rows as a ``TopKTarget``."""
+    """Stored top-K rows as a ``TopKTarget``: v1's ``ids``, ``values``, ``lse``,
+    ``label_value``, or v2's (``codec_v2.py``, unchecked)."""
+    if spec.codec == "v2":
+        return decode_v2_topk(parts, spec)[0]
     ids = decode_ids(parts["ids"], spec.id_encoding)
     lse = parts["lse"]
     logits = spec.temperature * (parts["values"].to(torch.float32) + lse[:, None])
@@ -44,7 +83,10 @@ def decode_topk(parts: dict[str, torch.Tensor], spec: CacheSpec) -> TopKTarget:
 
 def decode_sampled(parts: dict[str, torch.Tensor], spec: CacheSpec) -> SampledTarget:
     """Stored ``sampled_ids``, ``sampled_counts`` rows as a ``SampledTarget``."""
-    ids = decode_ids(parts["sampled_ids"], spec.id_encoding)
+    if spec.codec == "v2":
+        ids = decode_v2_ids(parts["sampled_ids"], spec.sampled_k, spec)
+    else:
+        ids = decode_ids(parts["sampled_ids"], spec.id_encoding)
     weights = parts["sampled_counts"].to(torch.float32) / spec.sampled_draws
     return SampledTarget(ids=ids, weights=weights)
 
@@ -53,7 +95,8 @@ def mass_tolerance(spec: CacheSpec) -> float:
     """How far above 1 a row's stored top-K probabilities may sum."""
     # Rounding each stored log-prob v by a relative eps moves sum_j exp(v_j) by at most
     # eps * sum_j p_j |v_j| <= eps * log(K) (the entropy bound); 1e-3 covers an fp32 Lambda.
-    eps = torch.finfo(spec.value_torch_dtype).eps
+    # v2 decodes its values to the stored top-K mass, in fp32.
+    eps = torch.finfo(torch.float32 if spec.codec == "v2" else spec.value_torch_dtype).eps
     return 1e-3 + eps * max(1.0, math.log(spec.k))
 
 

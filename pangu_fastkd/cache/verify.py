@@ -21,15 +21,19 @@ from .loading import describe_row, load_shard
 from .manifest import Manifest, read_manifest
 from .shards import ShardFile
 from .spec import CacheError, CacheSpec
-from .values import Problem, decode_sampled, decode_topk, sampled_problem, topk_problem
+from .values import (
+    SAMPLED_NAMES,
+    Problem,
+    decode_sampled,
+    read_topk,
+    sampled_problem,
+    topk_names,
+)
 
 __all__ = ["verify_cache", "verify_manifest"]
 
 # Rows checked per step: bounds the memory of a scan over a shard of any size.
 CHUNK_ROWS = 1 << 15
-
-_TOPK = ("ids", "values", "lse", "label_value")
-_SAMPLED = ("sampled_ids", "sampled_counts")
 
 
 def verify_cache(directory: str | os.PathLike) -> dict[str, Any]:
@@ -75,17 +79,24 @@ def verify_manifest(directory: str | os.PathLike, manifest: Manifest) -> dict[st
         "k": spec.k,
         "temperature": spec.temperature,
         "id_encoding": spec.id_encoding,
-        "value_dtype": spec.value_dtype,
+        **_codec_summary(spec),
         "sampled_k": spec.sampled_k,
     }
 
 
+def _codec_summary(spec: CacheSpec) -> dict[str, Any]:
+    """How the cache stores its values: v1's value dtype, or v2's codec and value bits."""
+    if spec.codec == "v1":
+        return {"codec": "v1", "value_dtype": spec.value_dtype}
+    return {"codec": spec.codec, "value_bits": spec.value_bits}
+
+
 def _check_rows(shard: ShardFile, spec: CacheSpec, start: int, stop: int) -> Problem | None:
     """The first problem in rows ``[start, stop)`` as ``(row, message)``, or None."""
-    parts = {name: shard.rows(name, start, stop) for name in _TOPK}
-    problems = [topk_problem(decode_topk(parts, spec), parts["values"], parts["label_value"], spec)]
+    parts = {name: shard.rows(name, start, stop) for name in topk_names(spec)}
+    problems = [read_topk(parts, spec)[1]]
     if spec.sampled_k:
-        parts = {name: shard.rows(name, start, stop) for name in _SAMPLED}
+        parts = {name: shard.rows(name, start, stop) for name in SAMPLED_NAMES}
         target = decode_sampled(parts, spec)
         problems.append(sampled_problem(target, parts["sampled_counts"], spec))
     found = [p for p in problems if p is not None]

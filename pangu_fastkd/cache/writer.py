@@ -28,10 +28,16 @@ import torch
 from ..durable import atomic_write_bytes
 from .jsonfile import json_bytes, read_json
 from .manifest import ShardRecord
-from .progress import SEQUENCES_NAME, progress_name, read_progress, sequence_ids_digest
+from .progress import (
+    SEQUENCES_NAME,
+    progress_name,
+    progress_spec,
+    read_progress,
+    sequence_ids_digest,
+)
 from .rows import SequenceScores, encode_sequence
-from .shards import encode_shard, shard_name
-from .spec import FORMAT_VERSION, CacheError, CacheSpec
+from .shards import encode_shard, shard_codec_metadata, shard_name
+from .spec import CacheError, CacheSpec
 
 __all__ = ["CacheWriter"]
 
@@ -220,7 +226,7 @@ class CacheWriter:
         path = self._progress_path
         progress = read_progress(path)
         source = str(path)
-        spec = CacheSpec.from_json(progress["spec"], source=source)
+        spec = progress_spec(progress, path)
         differences = spec.differences(self.spec)
         if differences:
             name, there, here = differences[0]
@@ -272,7 +278,7 @@ class CacheWriter:
 
     def _write_progress(self) -> None:
         body = {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.spec.format_version,
             "rank": self.rank,
             "world_size": self.world_size,
             "num_sequences": len(self._sequence_ids),
@@ -293,12 +299,11 @@ class CacheWriter:
         counts = torch.tensor([0] + [len(rows["lse"]) for rows in self._pending])
         tensors["seq_offsets"] = counts.cumsum(0).to(torch.int64)
         metadata = {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.spec.format_version,
             "rank": self.rank,
             "seq_start": seq_start,
             "seq_stop": seq_stop,
-            "id_encoding": self.spec.id_encoding,
-            "value_dtype": self.spec.value_dtype,
+            **shard_codec_metadata(self.spec),
         }
         data = encode_shard(tensors, metadata)
         name = shard_name(self.rank, len(self._shards))

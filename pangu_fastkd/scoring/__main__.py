@@ -19,6 +19,7 @@ import torch
 
 from ..backends import load_model_spec
 from ..cache import CacheError
+from ..cache.spec import CODECS, DEFAULT_VALUE_BITS, ID_CODINGS
 from ..data import default_template, load_tokenizer, read_jsonl
 from ..distributed import init_distributed
 from .run import ScoringConfig, score_to_cache
@@ -40,7 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--value-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument(
+        "--codec", choices=CODECS, default="v2",
+        help="cache format: v2 bit-packs ids and quantises log-probs (default), v1 stores "
+        "whole-byte ids and float log-probs",
+    )  # fmt: skip
+    p.add_argument(
+        "--value-bits", type=int, default=DEFAULT_VALUE_BITS,
+        help="v2: bits per quantised log-prob, 3 to 16",
+    )  # fmt: skip
+    p.add_argument("--id-coding", choices=ID_CODINGS, default=ID_CODINGS[0], help="v2: ids")
+    p.add_argument(
+        "--value-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="v1: values"
+    )
     p.add_argument("--label-conditioned", action="store_true")
     p.add_argument("--condition-template", default=DEFAULT_CONDITION_TEMPLATE)
     p.add_argument("--sampled-draws", type=int, default=0)
@@ -80,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         config = ScoringConfig(
             k=args.k,
             temperature=args.temperature,
+            codec=args.codec,
+            value_bits=args.value_bits,
+            id_coding=args.id_coding,
             value_dtype=args.value_dtype,
             label_conditioned=args.label_conditioned,
             condition_template=args.condition_template,

@@ -18,6 +18,7 @@ import torch
 
 from ..backends import CausalLM, head_parts
 from ..cache import CacheSpec, CacheWriter, Manifest, SequenceScores, finalize_cache
+from ..cache.spec import DEFAULT_VALUE_BITS, codec_fields
 from ..data import ChatRenderer, Example, Tokenizer, fingerprint_examples
 from ..data.boundaries import cu_seqlens_from_lengths
 from ..distributed import DistributedContext
@@ -34,7 +35,12 @@ class ScoringConfig:
     Attributes:
         k: top-K logits kept per supervised token.
         temperature: cache temperature ``T_c`` of the stored log-partition (and samples).
-        value_dtype: dtype of stored values: "bf16", "fp16" or "fp32".
+        codec: cache format, "v2" (bit-packed ids, ``value_bits``-bit log-probs) or "v1"
+            (whole-byte ids, ``value_dtype`` log-probs); docs/cache-format.md.
+        value_bits: v2: bits per quantised log-prob (3 to 16).
+        id_coding: v2: "elias_fano" (ids sorted within a row) or "packed" (18-bit fields at
+            V = 153,376, the teacher's order kept).
+        value_dtype: v1: dtype of stored values: "bf16", "fp16" or "fp32".
         label_conditioned: give the teacher the reference answer in its context.
         condition_template: the text added to the first user message (``{answer}``).
         sampled_draws: random-sampling KD draws per token (0: no sampled targets).
@@ -46,6 +52,9 @@ class ScoringConfig:
 
     k: int = 16
     temperature: float = 1.0
+    codec: str = "v2"
+    value_bits: int = DEFAULT_VALUE_BITS
+    id_coding: str = "elias_fano"
     value_dtype: str = "bf16"
     label_conditioned: bool = False
     condition_template: str = DEFAULT_CONDITION_TEMPLATE
@@ -64,6 +73,7 @@ class ScoringConfig:
             raise ValueError(f"sampled_draws must be >= 0, got {self.sampled_draws}")
         if self.batch_tokens < 1 or self.shard_tokens < 1 or self.logits_chunk_mb < 1:
             raise ValueError("batch_tokens, shard_tokens and logits_chunk_mb must be positive")
+        codec_fields(self.codec, self.value_dtype, self.value_bits, self.id_coding)
         if self.label_conditioned and "{answer}" not in self.condition_template:
             raise ValueError("condition_template must contain '{answer}'")
 
@@ -205,7 +215,7 @@ def score_to_cache(
         tokenizer_fingerprint=tokenizer.fingerprint(),
         data_fingerprint=fingerprint_examples(examples),
         label_conditioned=config.label_conditioned,
-        value_dtype=config.value_dtype,
+        **codec_fields(config.codec, config.value_dtype, config.value_bits, config.id_coding),
         sampled_k=config.sampled_draws,
         sampled_draws=config.sampled_draws,
         provenance={"scoring": asdict(config), **(provenance or {})},

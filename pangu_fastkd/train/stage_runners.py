@@ -179,6 +179,9 @@ def run_score(
     config = ScoringConfig(
         k=stage.k,
         temperature=stage.temperature,
+        codec=stage.codec,
+        value_bits=stage.value_bits,
+        id_coding=stage.id_coding,
         value_dtype=stage.value_dtype,
         label_conditioned=stage.label_conditioned,
         sampled_draws=stage.sampled_draws,

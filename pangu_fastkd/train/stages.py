@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from ..cache.spec import VALUE_DTYPES
+from ..cache.spec import DEFAULT_VALUE_BITS, ID_CODINGS, VALUE_DTYPES, codec_fields
 from ..ops import SparseKDOptions
 from ..ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES
 from .bounds import check_numbers, number
@@ -151,6 +151,11 @@ class ScoreStage:
     temperature: float = number(1.0, above=0)
     label_conditioned: bool = True
     sampled_draws: int = number(0, at_least=0, note="(0: no sampled targets)")
+    # The cache format (docs/cache-format.md): v2 bit-packs ids and quantises log-probs to
+    # value_bits; v1 stores whole-byte ids and value_dtype log-probs.
+    codec: str = "v2"
+    value_bits: int = number(DEFAULT_VALUE_BITS, at_least=3, at_most=16)
+    id_coding: str = "elias_fano"
     value_dtype: str = "bf16"
     mode: str | None = None
     # Score only the first ``max_examples`` examples of the data (0: all); the KD stage that
@@ -168,6 +173,12 @@ class ScoreStage:
             raise ConfigError(
                 f"{where}.value_dtype: {self.value_dtype!r} is not one of {tuple(VALUE_DTYPES)}"
             )
+        if self.id_coding not in ID_CODINGS:
+            raise ConfigError(f"{where}.id_coding: {self.id_coding!r} is not one of {ID_CODINGS}")
+        try:
+            codec_fields(self.codec, self.value_dtype, self.value_bits, self.id_coding)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         check_mode(f"{where}.mode", self.mode)
 
 
