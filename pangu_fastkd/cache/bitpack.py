@@ -55,8 +55,10 @@ def pack_fields(values: np.ndarray, width: int) -> np.ndarray:
 def unpack_fields(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     """Inverse of ``pack_fields``: ``[n, w]`` uint8 rows to ``[n, count]`` int64 fields.
 
-    Each field is read with one 8-byte little-endian load at its first byte (rows are padded
-    by 7 zero bytes), then shifted and masked: a few vectorised passes, no loop over fields.
+    The layout repeats every ``g = 8 / gcd(width, 8)`` fields (``g * width / 8`` whole bytes):
+    field ``p`` of every group starts at the same bit of its group, so it is read for all
+    groups at once from a few strided byte columns, shifted and masked. That is ``g`` small
+    vectorised passes per batch and no gather, whatever the number of rows.
     """
     if not 1 <= width <= 56:
         raise ValueError(f"field width must be in [1, 56] bits, got {width}")
@@ -69,16 +71,22 @@ def unpack_fields(packed: np.ndarray, count: int, width: int) -> np.ndarray:
         )
     if count == 0 or n == 0:
         return np.zeros((n, count), dtype=np.int64)
-    padded = np.zeros((n, packed.shape[1] + 8), dtype=np.uint8)
+    per_group = 8 // math.gcd(width, 8)
+    group_bytes = width * per_group // 8
+    groups = -(-count // per_group)
+    # 8 spare bytes: a field's last byte column may start up to 8 bytes past its group's start.
+    padded = np.zeros((n, groups * group_bytes + 8), dtype=np.uint8)
     padded[:, : packed.shape[1]] = packed
-    starts = np.arange(count, dtype=np.int64) * width
-    first_byte = starts >> 3
-    # words[i, j] = the 8 bytes from field j's first byte of row i, as one uint64.
-    gather = first_byte[:, None] + np.arange(8)
-    words = np.ascontiguousarray(padded[:, gather]).view("<u8").reshape(n, count)
-    shift = (starts & 7).astype(np.uint64)
+    fields = np.empty((n, groups, per_group), dtype=np.int64)
     mask = np.uint64((1 << width) - 1)
-    return ((words >> shift) & mask).astype(np.int64)
+    for phase in range(per_group):
+        first, shift = divmod(phase * width, 8)
+        word = np.zeros((n, groups), dtype=np.uint64)
+        for b in range((shift + width + 7) // 8):
+            column = padded[:, first + b : first + b + groups * group_bytes : group_bytes]
+            word |= column.astype(np.uint64) << np.uint64(8 * b)
+        fields[:, :, phase] = (word >> np.uint64(shift)) & mask
+    return fields.reshape(n, groups * per_group)[:, :count]
 
 
 def _pack_bits(bits: np.ndarray, num_bytes: int) -> np.ndarray:
@@ -156,7 +164,9 @@ class EliasFano:
         # decode below keeps its shape; the caller refuses them by ``ok``.
         bits[~ok] = 0
         bits[~ok, : self.count] = 1
-        positions = np.nonzero(bits)[1].reshape(n, self.count)
+        # The set bits' positions, row by row (a masked select: twice as fast as nonzero).
+        index = np.broadcast_to(np.arange(bits.shape[1], dtype=np.int64), bits.shape)
+        positions = index[bits.view(bool)].reshape(n, self.count)
         values = (positions - np.arange(self.count)) << self.low_bits
         if self.low_bits:
             values |= unpack_fields(low, self.count, self.low_bits)

@@ -300,11 +300,28 @@ class CacheReader:
         runs = list(self._runs(seq_indices))
         if not runs:  # no sequences: zero rows, shaped and typed like shard 0's tensors
             runs = [(0, 0, 0)]
-        parts = {
-            name: torch.cat([self._shard(s).rows(name, start, stop) for s, start, stop in runs])
-            for name in names
-        }
-        return parts, runs
+        return {name: self._take(runs, name) for name in names}, runs
+
+    def _take(self, runs: list[tuple[int, int, int]], name: str) -> torch.Tensor:
+        """Tensor ``name``'s rows of the runs, in order: one gather per shard the runs touch."""
+        shards = np.array([s for s, _, _ in runs])
+        starts = np.array([start for _, start, _ in runs], dtype=np.int64)
+        lengths = np.array([stop - start for _, start, stop in runs], dtype=np.int64)
+        run_of_row = np.repeat(np.arange(len(runs)), lengths)
+        # Row r of the batch is row starts[run] + (r - first batch row of the run) of its shard.
+        rows = starts[run_of_row] + np.arange(int(lengths.sum())) - (
+            np.cumsum(lengths) - lengths
+        )[run_of_row]
+        shard_of_row = shards[run_of_row]
+        distinct = np.unique(shards)
+        if len(distinct) == 1:
+            return self._shard(int(distinct[0])).take(name, rows)
+        pieces = {int(s): self._shard(int(s)).take(name, rows[shard_of_row == s]) for s in distinct}
+        first = next(iter(pieces.values()))
+        out = first.new_empty((len(rows), *first.shape[1:]))
+        for s, piece in pieces.items():
+            out[torch.from_numpy(shard_of_row == s)] = piece
+        return out
 
     def _raise_for(self, problem: Problem | None, runs: list[tuple[int, int, int]]) -> None:
         """CacheError naming the shard, row, sequence and token of batch row ``problem[0]``."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ class ShardFile:
     seq_offsets: np.ndarray
     num_rows: int
     _slices: dict[str, Any]  # tensor name -> safetensors slice of the memory map
+    _views: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> view of the map
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of tensor ``name``: a ``[stop - start, ...]`` tensor of the
@@ -148,8 +149,17 @@ class ShardFile:
         """
         return self._slices[name][start:stop].clone()
 
+    def take(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """The rows ``rows`` (``[m]`` int64, any order) of tensor ``name``, copied out in one
+        gather: a batch of many short sequences costs one call, not one slice per sequence."""
+        view = self._views.get(name)
+        if view is None:  # a view of the whole tensor in the map; only gathered rows are read
+            view = self._views.setdefault(name, self._slices[name][0 : self.num_rows])
+        return view.index_select(0, torch.from_numpy(rows))
+
     def close(self) -> None:
         """Drop the memory map (it is also released when the object is collected)."""
+        self._views.clear()
         self._slices.clear()
 
 
