@@ -309,9 +309,11 @@ class CacheReader:
         lengths = np.array([stop - start for _, start, stop in runs], dtype=np.int64)
         run_of_row = np.repeat(np.arange(len(runs)), lengths)
         # Row r of the batch is row starts[run] + (r - first batch row of the run) of its shard.
-        rows = starts[run_of_row] + np.arange(int(lengths.sum())) - (
-            np.cumsum(lengths) - lengths
-        )[run_of_row]
+        rows = (
+            starts[run_of_row]
+            + np.arange(int(lengths.sum()))
+            - (np.cumsum(lengths) - lengths)[run_of_row]
+        )
         shard_of_row = shards[run_of_row]
         distinct = np.unique(shards)
         if len(distinct) == 1:
