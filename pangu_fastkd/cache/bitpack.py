@@ -27,6 +27,9 @@ __all__ = [
 ]
 
 
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
 def field_bytes(count: int, width: int) -> int:
     """Bytes per row of ``count`` fields of ``width`` bits."""
     return (count * width + 7) // 8
@@ -156,17 +159,20 @@ class EliasFano:
         are then meaningless)."""
         high = np.ascontiguousarray(high, dtype=np.uint8)
         n = high.shape[0]
+        # Set bits per row from the bytes (a 256-entry table), and none past high_bits.
+        padding = np.uint8((0xFF << (self.high_bits % 8)) & 0xFF) if self.high_bits % 8 else 0
+        ok = _POPCOUNT[high].sum(axis=1, dtype=np.int64) == self.count
+        if padding and high.shape[1]:
+            ok &= (high[:, -1] & padding) == 0
         bits = np.unpackbits(high, axis=1, bitorder="little")
-        ok = (bits[:, : self.high_bits].sum(axis=1) == self.count) & (
-            bits[:, self.high_bits :].sum(axis=1) == 0
-        )
-        # Rows that fail get exactly m set bits (the first m positions) so that the vectorised
-        # decode below keeps its shape; the caller refuses them by ``ok``.
-        bits[~ok] = 0
-        bits[~ok, : self.count] = 1
+        if not ok.all():
+            # Rows that fail get exactly m set bits (the first m positions) so that the
+            # vectorised decode below keeps its shape; the caller refuses them by ``ok``.
+            bits[~ok] = 0
+            bits[~ok, : self.count] = 1
         # The set bits' positions, row by row (a masked select: twice as fast as nonzero).
-        index = np.broadcast_to(np.arange(bits.shape[1], dtype=np.int64), bits.shape)
-        positions = index[bits.view(bool)].reshape(n, self.count)
+        index = np.broadcast_to(np.arange(bits.shape[1], dtype=np.int32), bits.shape)
+        positions = index[bits.view(bool)].reshape(n, self.count).astype(np.int64)
         values = (positions - np.arange(self.count)) << self.low_bits
         if self.low_bits:
             values |= unpack_fields(low, self.count, self.low_bits)
