@@ -155,6 +155,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert main(["--resume", str(run)]) == 0
     assert "score_fast: done (skipped)" in capsys.readouterr().out
     assert (run / "eval.md").read_text() == table
+    # The KD stage started over (no checkpoint left): its steps of the first run were dropped.
+    metrics = read_metrics(run / "metrics.jsonl")
+    steps = [m["step"] for m in metrics if m["kind"] == "train" and m["stage"] == "kd_fast"]
+    assert steps == list(range(1, 9))
 
 
 def test_bad_input_fails_before_training(tmp_path, capsys):

@@ -71,11 +71,13 @@ def train_model(
         if checkpoint.total_steps != plan.total_steps:
             raise ValueError(f"{stage_dir}: checkpoint is from a different plan")
         print(f"{stage_name}: resuming at step {start}/{plan.total_steps}", file=pipeline.out)
-        pipeline.metrics.truncate_after(stage_name, start)
         # Every rank has read its checkpoint before rank 0 moves the damaged one away.
         context.barrier()
         if checkpoint.passed_over and context.is_main:
             set_aside_damaged(stage_dir, checkpoint)
+    # The records of the steps about to be redone go: those after the checkpoint, or all of the
+    # stage's when a run was killed before its first checkpoint (it starts again from step 0).
+    pipeline.metrics.truncate_after(stage_name, start)
     options = kd.loss_options() if kd is not None else None
     module = LossModule(model, options, autocast_bf16=config.autocast_bf16)
     wrapped = wrap_for_ranks(module, config, context)
