@@ -263,6 +263,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, fsdp):
             # Gradient all-reduce sums in another order; AdamW's first steps (update ~ lr *
             # sign(g) where |g| is tiny) can turn last-bit differences into ~1e-6 ones.
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+    # The step statistics are global: summed over the ranks in the step's all-reduce.
+    hard = {
+        run: [r["hard_loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl")
+              if r["kind"] == "train"]
+        for run in ("one", "two")
+    }  # fmt: skip
+    assert len(hard["one"]) == 7 and hard["two"] == pytest.approx(hard["one"], rel=1e-4)
 
 
 def test_bf16_autocast_trains(tmp_path):

@@ -44,7 +44,8 @@ def train_model(
 
     A damaged newest checkpoint is passed over for the previous one, with a warning. Steps with
     a non-finite loss or gradient norm are skipped and logged (``"skipped": true`` in
-    metrics.jsonl); no checkpoint is written on a skipped step.
+    metrics.jsonl); no checkpoint is written on a skipped step. Every step's record has the
+    hard loss (and for KD the soft loss and, with a top-K cache, the ``kd_health`` statistics).
 
     Returns the trained model with full weights on every rank.
 
@@ -79,7 +80,12 @@ def train_model(
     # stage's when a run was killed before its first checkpoint (it starts again from step 0).
     pipeline.metrics.truncate_after(stage_name, start)
     options = kd.loss_options() if kd is not None else None
-    module = LossModule(model, options, autocast_bf16=config.autocast_bf16)
+    module = LossModule(
+        model,
+        options,
+        autocast_bf16=config.autocast_bf16,
+        health_rows=config.logging.health_rows,
+    )
     wrapped = wrap_for_ranks(module, config, context)
     optimizer = make_optimizer(wrapped, train.optim)
     if checkpoint is not None:
@@ -120,6 +126,7 @@ def train_model(
             "stage": stage_name,
             "step": result.step + 1,
             "loss": result.loss,
+            **result.stats,
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "tokens": result.tokens,
