@@ -24,6 +24,7 @@ from .config import ConfigError, load_config, load_saved_config
 from .pipeline import Pipeline, RunDirError
 from .replicates import run_replicates
 from .run_dir import EXECUTION_KEYS, is_execution_key
+from .tensorboard_log import MissingTensorBoardError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line ``argv``; returns the exit status (2, after one ``error:`` line
-    on stderr, for a bad config, data file or run directory)."""
+    on stderr, for a bad config, data file or run directory, or a missing optional package)."""
     args = _parser().parse_args(argv)
     # --threads goes through the config's own check (a resume may change it).
     threads = [] if args.threads is None else [f"threads={args.threads}"]
@@ -78,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             run_replicates(config, context, resume=bool(args.resume), overwrite=args.overwrite)
         else:
             Pipeline(config, context, resume=bool(args.resume), overwrite=args.overwrite).run()
-    except (ConfigError, RunDirError, CacheError, ValueError, OSError) as err:
+    except (
+        ConfigError,
+        RunDirError,
+        CacheError,
+        MissingTensorBoardError,
+        ValueError,
+        OSError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
