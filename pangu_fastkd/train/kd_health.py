@@ -106,7 +106,7 @@ def kd_health(
     log_q = torch.log_softmax(logits / target.temperature, dim=-1)
     q_stored = log_q.gather(1, ids.clamp_min(0)).exp() * stored  # [M, K]
     top = log_q.topk(int(k.max()), dim=-1).indices  # [M, k_max], most probable first
-    in_top = torch.arange(top.shape[1]) < k[:, None]  # each row's own k
+    in_top = torch.arange(top.shape[1], device=top.device) < k[:, None]  # each row's own k
     shared = ((ids[:, :, None] == top[:, None, :]) & in_top[:, None, :]).any(-1) & stored
     return found | {
         "student_mass_on_teacher_topk": q_stored.sum(-1),
@@ -124,7 +124,7 @@ def _student_logits(
     """``[M, V]`` float64 logits ``c * tanh((hidden @ weight.T + bias) / c)``, computed one
     vocabulary chunk of the head at a time."""
     h = hidden.detach().double()
-    logits = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float64)
+    logits = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float64, device=h.device)
     for start in range(0, weight.shape[0], _VOCAB_CHUNK):
         chunk = weight.detach()[start : start + _VOCAB_CHUNK].double()
         logits[:, start : start + chunk.shape[0]] = h @ chunk.T

@@ -22,7 +22,8 @@ STEP_STAT_KEYS = ("hard_loss", "soft_loss", *HEALTH_KEYS)
 
 
 class StepStats:
-    """Sums and row counts of the ``STEP_STAT_KEYS`` statistics, in float64."""
+    """Sums and row counts of the ``STEP_STAT_KEYS`` statistics, in float64 on the CPU (where
+    the step's all-reduce runs)."""
 
     def __init__(self) -> None:
         # Row 0 the sums, row 1 the counts. float64: a step's sums of thousands of small values
@@ -33,7 +34,7 @@ class StepStats:
         """Adds per-row ``values`` (``[n]``, any float dtype) to ``key``'s sum and ``n`` to its
         count."""
         i = STEP_STAT_KEYS.index(key)
-        self.totals[0, i] += values.detach().double().sum()
+        self.totals[0, i] += values.detach().double().sum().cpu()
         self.totals[1, i] += values.numel()
 
     def clear(self) -> None:
