@@ -126,6 +126,8 @@ setup(
         "tokenizers": ["tokenizers>=0.20"],
         # Hugging Face checkpoints and models (pangu_fastkd.hf); transformers needs no torch pin.
         "hf": ["transformers>=5.0,<6", "tokenizers>=0.20"],
+        # [logging] tensorboard = true (torch.utils.tensorboard writes the event files).
+        "tensorboard": ["tensorboard>=2.14"],
     },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithAscend.with_options(use_ninja=True)},

@@ -29,14 +29,21 @@ from pangu_fastkd.train.config import (
     load_saved_config,
 )
 from pangu_fastkd.train.overrides import apply_overrides
-from pangu_fastkd.train.specs import DataSpec, EvalSpec, ModelSpec, OptimSpec, TrainSpec
+from pangu_fastkd.train.specs import (
+    DataSpec,
+    EvalSpec,
+    LoggingSpec,
+    ModelSpec,
+    OptimSpec,
+    TrainSpec,
+)
 from pangu_fastkd.train.stages import KDStage, RolloutStage, ScoreStage, SFTStage
 
 REPO = Path(__file__).resolve().parents[1]
 DEEP = "[" * 10_000 + "]" * 10_000  # deeper than any recursive parser goes
 LONG_INT = "9" * 5_000  # more digits than Python's int() converts from text
 # tiny.toml: 0 sft_reasoning, 1 sft_fast, 2 rollout_fast, 3 score_fast, 4 kd_fast
-TABLES = (PipelineConfig, DataSpec, EvalSpec, ModelSpec, OptimSpec, TrainSpec)
+TABLES = (PipelineConfig, DataSpec, EvalSpec, LoggingSpec, ModelSpec, OptimSpec, TrainSpec)
 STAGES = (SFTStage, KDStage, RolloutStage, ScoreStage)
 
 

@@ -155,6 +155,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert main(["--resume", str(run)]) == 0
     assert "score_fast: done (skipped)" in capsys.readouterr().out
     assert (run / "eval.md").read_text() == table
+    # The KD stage started over (no checkpoint left): its steps of the first run were dropped.
+    metrics = read_metrics(run / "metrics.jsonl")
+    steps = [m["step"] for m in metrics if m["kind"] == "train" and m["stage"] == "kd_fast"]
+    assert steps == list(range(1, 9))
 
 
 def test_bad_input_fails_before_training(tmp_path, capsys):
@@ -259,6 +263,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, fsdp):
             # Gradient all-reduce sums in another order; AdamW's first steps (update ~ lr *
             # sign(g) where |g| is tiny) can turn last-bit differences into ~1e-6 ones.
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+    # The step statistics are global: summed over the ranks in the step's all-reduce.
+    hard = {
+        run: [r["hard_loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl")
+              if r["kind"] == "train"]
+        for run in ("one", "two")
+    }  # fmt: skip
+    assert len(hard["one"]) == 7 and hard["two"] == pytest.approx(hard["one"], rel=1e-4)
 
 
 def test_bf16_autocast_trains(tmp_path):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from pangu_fastkd.train.eval_table import eval_table, write_eval_table
+from pangu_fastkd.train.kd_health import HEALTH_KEYS
 from pangu_fastkd.train.metrics import MetricsError, MetricsLog, read_metrics
-from pangu_fastkd.train.plots import plot_run
+from pangu_fastkd.train.plots import RUN_PLOT_PIXELS, plot_run
 from pangu_fastkd.train.progress import Progress
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +380,10 @@ def test_write_eval_table(tmp_path):
 # Plot
 
 
+# height x width x RGBA
+PNG_SHAPE = (RUN_PLOT_PIXELS[1], RUN_PLOT_PIXELS[0], 4)
+
+
 def read_png(path) -> np.ndarray:
     import matplotlib.image
 
@@ -402,7 +407,7 @@ def test_plot_run_writes_a_png(tmp_path, records):
     png = tmp_path / "curves.png"
     plot_run(metrics, png)
     image = read_png(png)
-    assert image.shape == (450, 1100, 4)
+    assert image.shape == PNG_SHAPE
     # Something was drawn: not a blank canvas.
     assert (image[..., :3] < 0.5).any()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
@@ -421,19 +426,40 @@ def test_plot_run_draws_the_data(tmp_path):
     assert not np.array_equal(read_png(tmp_path / "flat.png"), read_png(tmp_path / "spike.png"))
 
 
+def test_plot_run_draws_the_hard_and_soft_loss_and_the_kd_health(tmp_path):
+    # A KD stage's records with the statistics the trainer logs, and the same without them.
+    metrics = tmp_path / "metrics.jsonl"
+    plain = [train("SFT", 1), train("SFT", 2)] + [train("KD", s) for s in range(1, 5)]
+    write_records(metrics, plain)
+    plot_run(metrics, tmp_path / "plain.png")
+    health = {k: 0.1 * (i + 1) for i, k in enumerate(HEALTH_KEYS)}
+    logged = plain[:2] + [
+        {**r, "hard_loss": 2.0, "soft_loss": 0.5, "tokens_per_s": 1e4, **health} for r in plain[2:]
+    ]
+    metrics.unlink()
+    write_records(metrics, logged)
+    plot_run(metrics, tmp_path / "logged.png")
+    a, b = read_png(tmp_path / "plain.png"), read_png(tmp_path / "logged.png")
+    assert a.shape == b.shape == PNG_SHAPE
+    # The difference is in every panel but the eval one (there are no eval records).
+    half_h, split_w = PNG_SHAPE[0] // 2, int(PNG_SHAPE[1] * 0.55)
+    for rows, cols in [(slice(0, half_h), slice(0, split_w)), (slice(half_h, None), slice(None))]:
+        assert not np.array_equal(a[rows, cols], b[rows, cols])
+
+
 def test_plot_run_replaces_an_old_png_and_reports_bad_metrics(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     png = tmp_path / "curves.png"
     png.write_bytes(b"old")
     write_records(metrics, [train("A", 1), train("A", 2)])
     plot_run(metrics, png)
-    assert read_png(png).shape == (450, 1100, 4)
+    assert read_png(png).shape == PNG_SHAPE
     metrics.write_text('{"kind": "train"}\n')
     with pytest.raises(MetricsError, match=r"metrics\.jsonl:1: missing field 'stage'"):
         plot_run(metrics, png)
     with pytest.raises(FileNotFoundError):
         plot_run(tmp_path / "missing.jsonl", png)
-    assert read_png(png).shape == (450, 1100, 4)  # a failed plot leaves the old PNG whole
+    assert read_png(png).shape == PNG_SHAPE  # a failed plot leaves the old PNG whole
 
 
 # ---------------------------------------------------------------------------------------------

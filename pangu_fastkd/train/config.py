@@ -39,6 +39,7 @@ from .specs import (
     STUDENT_TOKENIZER,
     DataSpec,
     EvalSpec,
+    LoggingSpec,
     ModelSpec,
     OptimSpec,
     TrainSpec,
@@ -53,6 +54,7 @@ __all__ = [
     "DataSpec",
     "EvalSpec",
     "KDStage",
+    "LoggingSpec",
     "ModelLimits",
     "ModelSpec",
     "OptimSpec",
@@ -89,6 +91,7 @@ class PipelineConfig:
     student: ModelSpec = field(default_factory=lambda: ModelSpec(preset="tiny"))
     teachers: dict[str, ModelSpec] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
     stages: list[Stage] = field(default_factory=list)
     # Run the whole config once per seed and report mean and spread (train.replicates).
     seeds: list[int] = field(default_factory=list)
@@ -134,6 +137,7 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
         "TrainSpec | None": TrainSpec,
         "DataSpec": DataSpec,
         "EvalSpec": EvalSpec,
+        "LoggingSpec": LoggingSpec,
         "ModelSpec": ModelSpec,
     }
     if value is None and annotation.endswith("| None"):
@@ -196,6 +200,7 @@ def validate(config: PipelineConfig) -> None:
         # Path("") is the working directory, which --overwrite would empty.
         raise ConfigError("run_dir must not be empty")
     check_numbers(config, "")
+    config.logging.validate()
     config.student.validate("student")
     if config.student.train_on:
         raise ConfigError(

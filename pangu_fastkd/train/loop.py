@@ -15,6 +15,11 @@ so the plan (which batches each step uses, the number of steps) is the same as w
 step, and a resumed run follows it too. All ranks agree on the skip (the flag is summed over
 ranks), and ``max_bad_steps`` bad steps in a row stop the stage with ``NonFiniteStepsError``.
 
+Every step also logs per-row statistics (``step_stats``): the hard loss (CE) and, for KD, the
+soft loss (the divergence before ``kd_weight * T^2``) of every supervised row, from the fused op's
+``KDStats``, and for top-K targets the teacher-agreement statistics of ``kd_health``. They are
+sums and counts that travel in the step's one all-reduce, so the figures are global.
+
 The loop is deterministic on CPU (no dropout; the kernels' static work split under
 ``torch.use_deterministic_algorithms``), so a run resumed from a checkpoint ends with the same
 weights as an uninterrupted one.
@@ -26,7 +31,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,12 +40,16 @@ from ..cache import CacheReader
 from ..data import PackedBatch
 from ..distributed import DistributedContext
 from ..ops import (
+    KDStats,
     NonFiniteError,
     SparseKDOptions,
+    TopKTarget,
     fused_linear_cross_entropy,
     fused_linear_sparse_kd,
 )
 from .config import OptimSpec, TrainSpec
+from .kd_health import kd_health
+from .step_stats import StepStats
 
 __all__ = [
     "LossModule",
@@ -115,17 +124,29 @@ class LossModule(torch.nn.Module):
     ``docs/kd-losses.md`` with the options ``kd`` otherwise. The student is any ``CausalLM``
     backend; its head's bias and logit softcap (when it has them) go into the fused ops, so the
     loss is that of the model's exact logits.
+
+    Each forward also adds its rows' statistics to ``stats`` (a ``StepStats``): the hard loss,
+    the soft loss (KD), and with a top-K target and ``health_rows > 0`` the ``kd_health``
+    statistics of at most ``health_rows`` rows. The runner takes them once per step; they reach
+    it beside the loss, not in forward's result, which DDP and FSDP2 see.
     """
 
     def __init__(
-        self, model: CausalLM, kd: SparseKDOptions | None = None, autocast_bf16: bool = False
+        self,
+        model: CausalLM,
+        kd: SparseKDOptions | None = None,
+        autocast_bf16: bool = False,
+        health_rows: int = 0,
     ):
         super().__init__()
         self.model = model
         self.kd = kd
         self.autocast_bf16 = autocast_bf16
-        # What check_finite found in this rank's micro-batches since the runner last took it.
+        self.health_rows = health_rows
+        # What check_finite found in this rank's micro-batches since the runner last took it,
+        # and the statistics of those micro-batches.
         self.non_finite: list[str] = []
+        self.stats = StepStats()
 
     def forward(self, batch: PackedBatch, target, num_items: float) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
@@ -136,13 +157,39 @@ class LossModule(torch.nn.Module):
         if hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
         try:
-            return self._loss(hidden, weight, bias, softcap, labels, target, num_items, True)
+            loss, stats = self._loss(hidden, weight, bias, softcap, labels, target, num_items, True)
         except NonFiniteError as err:
             # The step must still run its backward (DDP and FSDP2 ranks meet in it), and must
             # not be applied: a NaN loss makes every gradient NaN, which the step guard skips.
+            # The batch's statistics are left out: they would be NaN and hide the others'.
             self.non_finite.append(str(err))
-            loss = self._loss(hidden, weight, bias, softcap, labels, target, num_items, False)
+            loss, _ = self._loss(hidden, weight, bias, softcap, labels, target, num_items, False)
             return loss * math.nan
+        self._add_stats(stats, hidden, weight, bias, softcap, target)
+        return loss
+
+    def _add_stats(
+        self,
+        stats: KDStats,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        softcap: float | None,
+        target,
+    ) -> None:
+        """Adds the batch's per-row statistics (``stats``: ``[N]`` each, the fused op's) to
+        ``self.stats``."""
+        self.stats.add("hard_loss", stats.cross_entropy)
+        if self.kd is None:
+            return
+        if self.kd.kd_weight > 0:  # kd_weight = 0 computes no divergence
+            self.stats.add("soft_loss", stats.divergence)
+        if isinstance(target, TopKTarget) and self.health_rows > 0:
+            health = kd_health(
+                hidden, weight, target, bias=bias, softcap=softcap, max_rows=self.health_rows
+            )
+            for key, values in health.items():
+                self.stats.add(key, values)
 
     def _loss(
         self,
@@ -154,7 +201,8 @@ class LossModule(torch.nn.Module):
         target,
         num_items: float,
         check_finite: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, KDStats]:
+        # return_stats costs nothing more: check_finite has the kernel compute them anyway.
         if self.kd is None:
             return fused_linear_cross_entropy(
                 hidden,
@@ -165,6 +213,7 @@ class LossModule(torch.nn.Module):
                 reduction="sum",
                 num_items=num_items,
                 check_finite=check_finite,
+                return_stats=True,
             )
         return fused_linear_sparse_kd(
             hidden,
@@ -176,6 +225,7 @@ class LossModule(torch.nn.Module):
             reduction="sum",
             num_items=num_items,
             check_finite=check_finite,
+            return_stats=True,
             **self.kd.as_kwargs(),
         )
 
@@ -198,6 +248,8 @@ class StepResult:
     skipped: bool = False  # non-finite loss or gradient: not applied to the weights
     # What the loss's check_finite found on this rank (the first micro-batch's error), if any.
     non_finite: str = ""
+    # The means over the step's rows on all ranks of the STEP_STAT_KEYS the loss gave.
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class StageRunner:
@@ -252,6 +304,9 @@ class StageRunner:
         self.optimizer.zero_grad(set_to_none=True)
         found = getattr(self.loss_module, "non_finite", [])
         found.clear()
+        stats = getattr(self.loss_module, "stats", None)
+        stats = StepStats() if stats is None else stats
+        stats.clear()
         local_loss = torch.zeros((), dtype=torch.float64)
         mine = plan.micro_batches(step, ctx.rank)
         for a, index in enumerate(mine):
@@ -270,11 +325,10 @@ class StageRunner:
             grads_bad = 0.0  # a non-finite gradient makes the norm non-finite
         else:
             grads_bad = 0.0 if _grads_finite(params) else 1.0
-        # One all-reduce for the loss and the count of ranks whose own gradients (FSDP2: shards)
-        # are not finite, so that every rank takes the same decision.
-        reduced = ctx.all_reduce_sum(
-            torch.tensor([float(local_loss), grads_bad], dtype=torch.float64)
-        )
+        # One all-reduce for the loss, the count of ranks whose own gradients (FSDP2: shards)
+        # are not finite, so that every rank takes the same decision, and the step's statistics.
+        head = torch.tensor([float(local_loss), grads_bad], dtype=torch.float64)
+        reduced = ctx.all_reduce_sum(torch.cat([head, stats.flat()]))
         total_loss, bad_ranks = float(reduced[0]), float(reduced[1])
         skipped = bad_ranks > 0 or not (math.isfinite(total_loss) and math.isfinite(grad_norm))
         if skipped:
@@ -291,6 +345,7 @@ class StageRunner:
             seconds=time.perf_counter() - started,
             skipped=skipped,
             non_finite=found[0] if found else "",
+            stats=StepStats.from_flat(reduced[2:]).means(),
         )
 
     def run(

@@ -9,8 +9,10 @@ records. Non-finite floats are written as ``null`` so the file stays strict JSON
 A killed run leaves at most one torn line at the end of the file: ``read_metrics`` ignores it and
 ``MetricsLog`` cuts it off before appending. On ``--resume`` the trainer calls
 ``MetricsLog.truncate_after(stage, step)`` with its checkpoint's position, so the records of the
-steps it is about to redo are not in the file twice. A run's other reports: ``plots.plot_run``
-(``curves.png``), ``eval_table.write_eval_table`` (``eval.md``), ``progress.Progress``.
+steps it is about to redo are not in the file twice (a stage that starts over, killed before its
+first checkpoint, calls it with step 0). A run's other reports: ``plots.plot_run``
+(``plot.png``), ``eval_table.write_eval_table`` (``eval.md``), ``progress.Progress``,
+``tensorboard_log.StageTensorBoard`` (TensorBoard scalars, a copy of the train records).
 """
 
 from __future__ import annotations

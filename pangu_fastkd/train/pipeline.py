@@ -11,6 +11,7 @@ Run directory::
                                 model/ (student after the stage), rollouts.jsonl or cache/,
                                 done.json (written last, sealed, with its outputs' sha256)
     metrics.jsonl, eval.md, plot.png
+    tensorboard/<stage>/        with [logging] tensorboard = true: each training stage's steps
 
 A stage with ``done.json`` is finished and skipped on resume, once the files it vouches for
 (its model, rollouts or cache manifest) match their sha256 and the stages it was made from are
@@ -79,6 +80,7 @@ from .run_dir import (
 from .stage_runners import STAGE_OUTPUTS, STAGE_RUNNERS, TRAINING_KINDS
 from .summary import write_run_report
 from .teachers import trained_teacher
+from .tensorboard_log import require_tensorboard
 from .training import DTYPES
 
 __all__ = ["Pipeline", "RunDirError"]
@@ -349,6 +351,8 @@ class Pipeline:
     def run(self) -> list[dict]:
         """Runs (or resumes) every stage; returns the eval rows."""
         started = time.perf_counter()
+        if self.config.logging.tensorboard:
+            require_tensorboard()  # on every rank, before anything is touched
         self._load_data()  # bad data files fail before the run directory is touched
         self._prepare_run_dir()
         if self.config.data.source == "demo" and self.context.is_main:

@@ -1,27 +1,43 @@
-"""The run's plot (``curves.png``): training loss by global step and each stage's last eval."""
+"""The run's plot (``plot.png``): training loss, KD health and throughput by global step, and
+each stage's last eval."""
 
 from __future__ import annotations
 
 import io
 import math
 import numbers
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..durable import atomic_write_bytes
+from .kd_health import HEALTH_KEYS
 from .metrics import read_metrics
 
-__all__ = ["plot_replicates", "plot_run"]
+__all__ = ["RUN_PLOT_PIXELS", "plot_replicates", "plot_run"]
+
+# plot_run's image, width x height.
+RUN_PLOT_PIXELS = (1100, 850)
+# The loss panel's line style per key: the hard and soft losses of a KD stage beside its loss.
+_LOSS_STYLES = {
+    "loss": ("-", "loss"),
+    "hard_loss": ("--", "hard loss (CE)"),
+    "soft_loss": (":", "soft loss (divergence)"),
+}
 
 
 def plot_run(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Plot a run's metrics file to a PNG (1100 x 450 pixels), atomically.
+    """Plot a run's metrics file to a PNG (``RUN_PLOT_PIXELS``), atomically.
 
-    Left panel: training ``loss`` against the global step, one colour per stage, with a dashed
-    line and the stage's name where each stage starts. Stages are chained in file order: a
-    stage's global steps continue from the last global step of the stage before it. Right
-    panel: the last eval record of each stage, accuracies (``acc*`` keys, in percent, left axis)
-    and losses (``loss*`` keys, dashed, right axis). Panels without data say so.
+    Train records are drawn against the global step: stages are chained in file order, a
+    stage's global steps continuing from the last global step of the stage before it, and a
+    dashed line with the stage's name marks where each stage starts. Top left: ``loss``, one
+    colour per stage; a KD stage (one whose records have ``soft_loss``) also shows its
+    ``hard_loss`` (dashed) and ``soft_loss`` (dotted; for SFT the hard loss is the loss). Top
+    right: the last eval record of each stage, accuracies (``acc*`` keys, in percent, left axis)
+    and losses (``loss*`` keys, dashed, right axis). Bottom left: the KD health statistics
+    (``kd_health.HEALTH_KEYS``, fractions), one colour per statistic. Bottom right:
+    ``tokens_per_s``. Panels without data say so.
 
     Uses ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so it opens no window
     and leaves pyplot's global state (backend, current figure) alone.
@@ -33,11 +49,15 @@ def plot_run(metrics_path: str | Path, png_path: str | Path) -> None:
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
-    fig = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
+    width, height = RUN_PLOT_PIXELS
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, eval_ax = fig.subplots(1, 2, width_ratios=(3, 2))
-    _plot_train_loss(loss_ax, [r for r in records if r["kind"] == "train"])
+    (loss_ax, eval_ax), (health_ax, speed_ax) = fig.subplots(2, 2, width_ratios=(3, 2))
+    runs = _stage_runs([r for r in records if r["kind"] == "train"])
+    _plot_train_loss(loss_ax, runs)
     _plot_stage_evals(eval_ax, [r for r in records if r["kind"] == "eval"])
+    _plot_health(health_ax, runs)
+    _plot_tokens_per_s(speed_ax, runs)
     fig.suptitle(Path(metrics_path).resolve().parent.name or str(metrics_path))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -105,44 +125,131 @@ def _no_data(ax: Any, text: str) -> None:
     ax.set_yticks([])
 
 
-def _plot_train_loss(ax: Any, train: list[dict[str, Any]]) -> None:
-    ax.set_title("training loss")
-    if not train:
-        _no_data(ax, "no training records yet")
-        return
+@dataclass
+class _StageRun:
+    """One stage's train records and their global steps."""
+
+    stage: str
+    records: list[dict[str, Any]]
+    steps: list[int]
+
+    def series(self, key: str) -> list[float]:
+        return [_number(r.get(key)) for r in self.records]
+
+    def has(self, key: str) -> bool:
+        return any(not math.isnan(v) for v in self.series(key))
+
+
+def _stage_runs(train: list[dict[str, Any]]) -> list[_StageRun]:
+    """The train records by stage, in file order, each stage's steps following the last global
+    step of the stages before it."""
+    runs, offset = [], 0
+    for stage, stage_records in _by_stage(train).items():
+        steps = [offset + r["step"] for r in stage_records]
+        runs.append(_StageRun(stage, stage_records, steps))
+        offset = max(offset, *steps)
+    return runs
+
+
+def _stage_axis(ax: Any, runs: list[_StageRun], ylabel: str) -> None:
+    """The global-step axis every train panel shares: stage starts marked, limits from 0."""
     from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
 
     colours = colormaps["tab10"]
-    offset = 0
-    for i, (stage, stage_records) in enumerate(_by_stage(train).items()):
-        xs = [offset + r["step"] for r in stage_records]
-        ys = [_number(r.get("loss")) for r in stage_records]
-        colour = colours(i % colours.N)
-        # A marker keeps a one-point stage visible; on long stages markers would be clutter.
-        marker = "o" if len(xs) < 30 else None
-        ax.plot(xs, ys, color=colour, marker=marker, markersize=3, linewidth=1.2, label=stage)
-        start = offset + 0.5
+    last = 0
+    for i, run in enumerate(runs):
+        start = (run.steps[0] - run.records[0]["step"]) + 0.5
         if i > 0:
             ax.axvline(start, color="0.5", linestyle="--", linewidth=0.8)
         ax.text(
             start,
             0.98,
-            f" {stage}",
+            f" {run.stage}",
             transform=ax.get_xaxis_transform(),
             ha="left",
             va="top",
             fontsize=8,
-            color=colour,
+            color=colours(i % colours.N),
             in_layout=False,
         )
-        offset = max(offset, *xs)
+        last = max(last, *run.steps)
     # From 0 so every stage label sits inside the panel, also for a single point.
-    ax.set_xlim(0, offset + max(0.5, 0.02 * offset))
+    ax.set_xlim(0, last + max(0.5, 0.02 * last))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("global step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
+
+
+def _line(ax: Any, run: _StageRun, key: str, **style: Any) -> list[Any]:
+    # A marker keeps a one-point stage visible; on long stages markers would be clutter.
+    marker = "o" if len(run.steps) < 30 else None
+    return ax.plot(run.steps, run.series(key), marker=marker, markersize=3, linewidth=1.2, **style)
+
+
+def _plot_train_loss(ax: Any, runs: list[_StageRun]) -> None:
+    ax.set_title("training loss")
+    if not runs:
+        _no_data(ax, "no training records yet")
+        return
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    colours = colormaps["tab10"]
+    kd = False
+    for i, run in enumerate(runs):
+        keys = ["loss"]
+        if run.has("soft_loss"):
+            keys += ["hard_loss", "soft_loss"]
+            kd = True
+        for key in keys:
+            _line(ax, run, key, color=colours(i % colours.N), linestyle=_LOSS_STYLES[key][0])
+    _stage_axis(ax, runs, "loss")
+    if kd:
+        handles = [
+            Line2D([], [], color="0.3", linestyle=style, label=label)
+            for style, label in _LOSS_STYLES.values()
+        ]
+        ax.legend(handles=handles, fontsize=8, loc="upper right", bbox_to_anchor=(1, 0.92))
+
+
+def _plot_health(ax: Any, runs: list[_StageRun]) -> None:
+    ax.set_title("KD health (top-K agreement with the teacher's cache)")
+    shown = [run for run in runs if any(run.has(key) for key in HEALTH_KEYS)]
+    if not shown:
+        _no_data(ax, "no KD health statistics (no KD stage with a top-K cache yet)")
+        return
+    from matplotlib import colormaps
+
+    # One colour per statistic, from another palette than the stages' (the stage is told by
+    # the markers along the axis).
+    colours = colormaps["Dark2"]
+    labelled: set[str] = set()
+    for run in shown:
+        for j, key in enumerate(HEALTH_KEYS):
+            if run.has(key):
+                label = None if key in labelled else key.replace("_", " ")
+                labelled.add(key)
+                _line(ax, run, key, color=colours(j % colours.N), label=label)
+    _stage_axis(ax, runs, "fraction")
+    ax.set_ylim(-0.02, 1.05)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+
+
+def _plot_tokens_per_s(ax: Any, runs: list[_StageRun]) -> None:
+    ax.set_title("throughput")
+    shown = [(i, run) for i, run in enumerate(runs) if run.has("tokens_per_s")]
+    if not shown:
+        _no_data(ax, "no throughput records yet")
+        return
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"]
+    for i, run in shown:
+        _line(ax, run, "tokens_per_s", color=colours(i % colours.N))
+    _stage_axis(ax, runs, "tokens / s (all ranks)")
+    ax.set_ylim(bottom=0)
 
 
 def _plot_stage_evals(ax: Any, evals: list[dict[str, Any]]) -> None:

@@ -29,6 +29,7 @@ from .config import PipelineConfig
 from .pipeline import Pipeline
 from .plots import plot_replicates
 from .run_dir import prepare_run_dir
+from .tensorboard_log import require_tensorboard
 
 __all__ = ["aggregate_summaries", "replicate_config", "replicates_report", "run_replicates"]
 
@@ -54,6 +55,8 @@ def run_replicates(
     log=None,
 ) -> dict[str, Any]:
     """Runs (or resumes) every seed's run, then writes the report across seeds; returns it."""
+    if config.logging.tensorboard:
+        require_tensorboard()  # before the run directory is touched
     run_dir = Path(config.run_dir)
     prepare_run_dir(
         run_dir, dataclasses.asdict(config), context, resume=resume, overwrite=overwrite

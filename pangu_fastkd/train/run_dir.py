@@ -33,9 +33,11 @@ from .integrity import (
 
 __all__ = [
     "DONE_NAME",
+    "EXECUTION_KEYS",
     "RunDirError",
     "StageOutputs",
     "finished_record",
+    "is_execution_key",
     "prepare_run_dir",
     "read_record",
     "write_finished_record",
@@ -184,10 +186,17 @@ def _check_started_with(record_path: Path, digest: str, config_path: Path) -> No
 
 
 # Settings of how a run executes, not of what it computes: a resume may change them (on
-# another machine, say, or with the run directory moved). With another thread count the resumed
-# run is not bitwise equal to an uninterrupted one, since reductions split differently.
-_EXECUTION_KEYS = ("threads", "run_dir")
+# another machine, say, with the run directory moved, or with TensorBoard turned on). With
+# another thread count the resumed run is not bitwise equal to an uninterrupted one, since
+# reductions split differently; [logging] changes only what is written about the steps.
+EXECUTION_KEYS = ("threads", "run_dir", "logging")
+
+
+def is_execution_key(path: str) -> bool:
+    """Whether the config path ``path`` (``logging.tensorboard``, ``threads``) is a setting a
+    resume may change."""
+    return path.split(".", 1)[0] in EXECUTION_KEYS
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _EXECUTION_KEYS}
+    return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}

@@ -26,6 +26,7 @@ __all__ = [
     "STUDENT_TOKENIZER",
     "DataSpec",
     "EvalSpec",
+    "LoggingSpec",
     "ModelSpec",
     "OptimSpec",
     "TrainSpec",
@@ -40,6 +41,9 @@ CHAT_TEMPLATES = ("auto", "default")
 STUDENT_TOKENIZER = "student"
 # The demo curriculum's largest operand (data.demo_curriculum refuses more).
 MAX_OPERAND = 99
+# [logging] health_rows: the sample's float64 logits are [rows, V] (4096 rows of a 150k
+# vocabulary: 4.6 GiB); beyond this the sample costs more than it tells.
+MAX_HEALTH_ROWS = 4096
 
 
 # Stage and teacher names become directory names (stages/<i>-<name>; teachers/<name>, which is
@@ -282,3 +286,28 @@ class EvalSpec:
                     raise ConfigError(
                         f"{where}: {name!r} is not an evaluated stage; known: {sorted(row_names)}"
                     )
+
+
+@dataclass
+class LoggingSpec:
+    """What the trainer logs besides ``metrics.jsonl`` and ``plot.png`` (the ``[logging]`` table).
+
+    ``tensorboard``: also write every training step's record as TensorBoard scalars
+    (``train/<key>``, under ``<run_dir>/tensorboard/<stage>``); needs the ``tensorboard``
+    package (the ``tensorboard`` extra). ``health_rows``: supervised rows of each KD
+    micro-batch whose student logits give the top-K agreement statistics
+    (``train.kd_health``). Neither changes what is trained: a resume may change them.
+    """
+
+    tensorboard: bool = False
+    health_rows: int = number(
+        64, at_least=0, at_most=MAX_HEALTH_ROWS, note="(0: no top-K agreement statistics)"
+    )
+
+    def validate(self) -> None:
+        """Raises ``ConfigError`` naming ``logging.<field>`` for a value the trainer cannot use."""
+        check_numbers(self, "logging")
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(
+                f"logging.tensorboard must be a bool, got {show_value(self.tensorboard)}"
+            )

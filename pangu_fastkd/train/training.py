@@ -1,6 +1,6 @@
 """One training run of a model on packed examples (an SFT or KD stage, or a teacher trained
 here): resume from the stage's checkpoint, wrap for the ranks (DDP or FSDP2), the step loop with
-its progress line and metrics, and the checkpoints.
+its progress line, metrics and TensorBoard scalars, and the checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from ..model import DecoderLM
 from .checkpoint import load_checkpoint, save_checkpoint, set_aside_damaged
 from .config import KDStage, PipelineConfig, TrainSpec
 from .loop import LossModule, NonFiniteStepsError, StageRunner, StepPlan, StepResult, make_optimizer
+from .metrics import read_metrics
 from .progress import Progress
+from .tensorboard_log import TENSORBOARD_DIR, StageTensorBoard
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -44,7 +46,9 @@ def train_model(
 
     A damaged newest checkpoint is passed over for the previous one, with a warning. Steps with
     a non-finite loss or gradient norm are skipped and logged (``"skipped": true`` in
-    metrics.jsonl); no checkpoint is written on a skipped step.
+    metrics.jsonl); no checkpoint is written on a skipped step. Every step's record has the
+    hard loss (and for KD the soft loss and, with a top-K cache, the ``kd_health`` statistics);
+    with ``[logging] tensorboard`` it also goes to ``<run_dir>/tensorboard/<stage_name>``.
 
     Returns the trained model with full weights on every rank.
 
@@ -71,13 +75,21 @@ def train_model(
         if checkpoint.total_steps != plan.total_steps:
             raise ValueError(f"{stage_dir}: checkpoint is from a different plan")
         print(f"{stage_name}: resuming at step {start}/{plan.total_steps}", file=pipeline.out)
-        pipeline.metrics.truncate_after(stage_name, start)
         # Every rank has read its checkpoint before rank 0 moves the damaged one away.
         context.barrier()
         if checkpoint.passed_over and context.is_main:
             set_aside_damaged(stage_dir, checkpoint)
+    # The records of the steps about to be redone go: those after the checkpoint, or all of the
+    # stage's when a run was killed before its first checkpoint (it starts again from step 0).
+    pipeline.metrics.truncate_after(stage_name, start)
+    tensorboard = _stage_tensorboard(pipeline, stage_name)
     options = kd.loss_options() if kd is not None else None
-    module = LossModule(model, options, autocast_bf16=config.autocast_bf16)
+    module = LossModule(
+        model,
+        options,
+        autocast_bf16=config.autocast_bf16,
+        health_rows=config.logging.health_rows,
+    )
     wrapped = wrap_for_ranks(module, config, context)
     optimizer = make_optimizer(wrapped, train.optim)
     if checkpoint is not None:
@@ -118,6 +130,7 @@ def train_model(
             "stage": stage_name,
             "step": result.step + 1,
             "loss": result.loss,
+            **result.stats,
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "tokens": result.tokens,
@@ -138,6 +151,7 @@ def train_model(
             )
         progress.update(result.step + 1, result.tokens, loss=result.loss)
         pipeline.metrics.log(record)
+        tensorboard.log(record)
         next_step = result.step + 1
         # Not on a skipped step: a checkpoint in the middle of a run of bad steps would be
         # resumed into them; the last one before them is the one to keep.
@@ -152,7 +166,20 @@ def train_model(
         raise NonFiniteStepsError(f"{err}; {where}") from None
     finally:
         progress.close()
+        tensorboard.close()
     return checkpoint_at(plan.total_steps)
+
+
+def _stage_tensorboard(pipeline: Pipeline, stage_name: str) -> StageTensorBoard:
+    """The stage's TensorBoard writer (a no-op unless enabled, and on ranks other than 0), with
+    the stage's records already in ``metrics.jsonl`` written again (``tensorboard_log``)."""
+    enabled = pipeline.config.logging.tensorboard and pipeline.context.is_main
+    replay = []
+    if enabled:
+        records = read_metrics(pipeline.metrics.path)
+        replay = [r for r in records if r["kind"] == "train" and r["stage"] == stage_name]
+    log_dir = pipeline.run_dir / TENSORBOARD_DIR / stage_name
+    return StageTensorBoard(log_dir, replay=replay, enabled=enabled)
 
 
 def wrap_for_ranks(
