@@ -158,7 +158,12 @@ def test_hf_teacher_cache_trains_embedded_student(tmp_path, arch, backend):
     assert isinstance(teacher, HFCausalLM)  # qwen2 asked for; gemma2 by "auto"
     examples = _examples()
     config = ScoringConfig(
-        k=K, temperature=1.5, value_dtype="fp32", label_conditioned=True, batch_tokens=90
+        k=K,
+        temperature=1.5,
+        codec="v1",
+        value_dtype="fp32",
+        label_conditioned=True,
+        batch_tokens=90,
     )
     score_to_cache(teacher, TOKENIZER, TEMPLATE, examples, tmp_path / "cache", config)
     reader = CacheReader(tmp_path / "cache")
@@ -212,7 +217,7 @@ def test_scoring_cli_runs_an_hf_teacher(tmp_path):
     data = tmp_path / "data.jsonl"
     write_jsonl(data, [example_to_record(ex) for ex in _examples(3)])
     argv = ["--teacher", str(teacher_dir), "--data", str(data), "--out", str(tmp_path / "c")]
-    assert score_main([*argv, "--k", "4", "--value-dtype", "fp32"]) == 0
+    assert score_main([*argv, "--k", "4", "--codec", "v1", "--value-dtype", "fp32"]) == 0
     teacher = load_model_spec(teacher_dir, "transformers", torch.float32)
     spec = CacheReader(tmp_path / "c").manifest.spec
     assert spec.teacher_fingerprint == teacher.weights_fingerprint() and spec.vocab_size == V
@@ -227,7 +232,7 @@ def test_scoring_cli_runs_an_hf_teacher(tmp_path):
 def test_embedded_teacher_cache_trains_hf_student(tmp_path, arch):
     teacher = _embedded(seed=2).eval()
     examples = _examples()
-    config = ScoringConfig(k=K, value_dtype="fp32", label_conditioned=False)
+    config = ScoringConfig(k=K, codec="v1", value_dtype="fp32", label_conditioned=False)
     score_to_cache(teacher, TOKENIZER, TEMPLATE, examples, tmp_path / "cache", config)
     reader = CacheReader(tmp_path / "cache")
 
