@@ -5,14 +5,19 @@ dataset from the internet, a hand-edited config), so each reader must turn every
 hostile input into its one documented error, naming the file (and line, or config path), never
 a traceback of another type, a hang or a silent acceptance:
 
-- ``cache``: a real small cache written by the package's own writer (two of them: int16 ids
-  with sampled targets, 3-byte ids with fp32 values over two ranks), damaged one way per case on
-  a fresh copy: bytes flipped, cut or appended, shards deleted, swapped, renamed or replaced by
-  links, directories and FIFOs, and, re-signed the way an attacker would (the manifest's
-  checksum is its own sha256), manifest fields, shard headers, shard metadata and stored values.
-  ``verify_cache`` and a ``CacheReader`` read the way the KD stage reads (``targets_for_batch``
-  per document with the data's ids and counts) must both raise ``CacheError``; valid variants
-  (re-signed without change, key order, whitespace) must verify and read back exactly.
+- ``cache``: a real small cache written by the package's own writer (five of them: codec v1
+  with int16 ids and sampled targets, v1 with 3-byte ids and fp32 values over two ranks; codec
+  v2 with Elias-Fano ids and sampled targets, v2 with packed 17-bit ids and 7-bit codes over two
+  ranks, v2 with Elias-Fano ids that have no low part), damaged one way per case on a fresh
+  copy: bytes flipped, cut or appended, shards deleted, swapped, renamed or replaced by links,
+  directories and FIFOs, and, re-signed the way an attacker would (the manifest's checksum is
+  its own sha256), manifest fields, shard headers, shard metadata and stored values (v1's ids
+  and float values; v2's unary and low id parts, packed id fields, codes and top-K mass), or
+  the whole cache re-labelled for another codec. What the codec decides on is probed on both
+  codecs. ``verify_cache`` and a ``CacheReader`` read the way the KD stage reads
+  (``targets_for_batch`` per document with the data's ids and counts) must both raise
+  ``CacheError``; valid variants (re-signed without change, key order, whitespace) of every
+  pristine cache must verify and read back exactly.
 - ``data``: generated JSONL files for ``read_jsonl`` (valid ones must parse to the expected
   ``Example`` list; every bad line must be a ``RecordError`` starting ``<file>:<line>:``) and
   Hugging Face tokenizer directories for ``load_tokenizer`` (a ``ValueError`` naming the file).
@@ -23,8 +28,10 @@ a traceback of another type, a hang or a silent acceptance:
   a ``ConfigError`` naming the config path.
 
 Every mutation is chosen to be certainly wrong, so "silently accepted" is a finding; the few
-random corruptions whose validity cannot be known (bytes flipped in TOML text) accept either
-success or the documented error. ``PANGU_FUZZ_SCALE`` multiplies the number of random cases.
+random corruptions whose validity cannot be known (bytes flipped in TOML text, or in a shard's
+data under a re-signed manifest) accept either success or the documented error (for a shard:
+the same verdict from ``verify_cache`` and the reader). ``PANGU_FUZZ_SCALE`` multiplies the
+number of random cases.
 """
 
 from __future__ import annotations
@@ -50,9 +57,10 @@ from fuzz_harness import Case
 from test_cache import LENGTHS, _check_sampled, _check_topk, make_spec, sample_scores, write_cache
 from test_cache_hardening import join_shard, record_shard, resign, rewrite_tensors, split_shard
 
-from pangu_fastkd.cache import CacheError, CacheReader, verify_cache
-from pangu_fastkd.cache.shards import shard_name
-from pangu_fastkd.cache.spec import encode_ids
+from pangu_fastkd.cache import CacheError, CacheReader, CacheSpec, verify_cache
+from pangu_fastkd.cache.manifest import read_manifest
+from pangu_fastkd.cache.shards import expected_shard_tensors, shard_codec_metadata, shard_name
+from pangu_fastkd.cache.spec import decode_ids, encode_ids
 from pangu_fastkd.data.records import Example, Message, RecordError, read_jsonl
 from pangu_fastkd.data.tokenizer import load_tokenizer
 from pangu_fastkd.train.bounds import Range, range_of
@@ -122,22 +130,22 @@ def expect_named(run: Callable[[], Any], pattern_of: Callable[[], str]) -> Calla
 
 
 # =============================================================================================
-# cache: two tiny pristine caches, written once per child process by the package's own writer
+# cache: five tiny pristine caches, written once per child process by the package's own writer
 
 
 @dataclass(frozen=True)
 class Pristine:
     """A small cache as the writer makes it, and what it holds."""
 
-    name: str  # its id encoding, which names its cases
+    name: str  # its codec and id encoding, which name its cases
     spec_fields: tuple[tuple[str, Any], ...]
     lengths: tuple[int, ...]
     shard_tokens: int
     world_size: int
 
     @property
-    def spec(self):
-        return make_spec(**dict(self.spec_fields))
+    def spec(self) -> CacheSpec:
+        return _spec_of(self.spec_fields)
 
     @property
     def ids(self) -> list[str]:
@@ -146,6 +154,11 @@ class Pristine:
     @property
     def target_kinds(self) -> tuple[str, ...]:
         return ("topk", "sampled") if self.spec.sampled_k else ("topk",)
+
+
+@functools.cache
+def _spec_of(fields: tuple[tuple[str, Any], ...]) -> CacheSpec:
+    return make_spec(**dict(fields))
 
 
 PRISTINES = (
@@ -157,7 +170,37 @@ PRISTINES = (
         4,
         2,
     ),
+    # L = 7 low bits per id, 11 unary bits (2 bytes, 5 of padding), 6-bit codes, 10-bit sampled ids.
+    Pristine("v2", (("codec", "v2"), ("sampled_k", 3), ("sampled_draws", 12)), LENGTHS, 9, 1),
+    # Odd widths: 17-bit ids, 7-bit codes; int16 sampled counts.
+    Pristine(
+        "v2-packed",
+        (
+            ("codec", "v2"),
+            ("id_coding", "packed"),
+            ("vocab_size", 70_000),
+            ("k", 5),
+            ("value_bits", 7),
+            ("sampled_k", 2),
+            ("sampled_draws", 300),
+        ),
+        (3, 6, 0, 2, 5, 1),
+        4,
+        2,
+    ),
+    # V < 2K: L = 0, no id_low tensor; the unary part alone holds the ids.
+    Pristine(
+        "v2-no-id-low",
+        (("codec", "v2"), ("vocab_size", 12), ("k", 8), ("value_bits", 7)),
+        (4, 0, 6, 2, 3),
+        5,
+        1,
+    ),
 )
+# The pristine caches of each codec (``cache_damages`` says which damages draw from each).
+FAMILIES = {
+    codec: tuple(kind for kind in PRISTINES if kind.spec.codec == codec) for codec in ("v1", "v2")
+}
 MANIFEST = r"manifest\.json"
 SHARD = r"shard-r\d{3}-\d{5}\.safetensors"
 ANY_FILE = rf"{MANIFEST}|{SHARD}"
@@ -182,14 +225,37 @@ def pristine_dir(kind: Pristine, workdir: Path) -> Path:
     return path
 
 
+@functools.cache
+def pristine_files(kind: Pristine, workdir: Path) -> dict[str, bytes]:
+    """Name -> bytes of every file of the pristine cache of ``kind``."""
+    return {path.name: path.read_bytes() for path in sorted(pristine_dir(kind, workdir).iterdir())}
+
+
 def fresh_copy(kind: Pristine, workdir: Path) -> Path:
-    """A copy of the pristine cache to damage, and an empty ``workdir/outside``."""
+    """A copy of the pristine cache to damage, and an empty ``workdir/outside``.
+
+    The directories are kept from case to case, their entries removed and the pristine files
+    written anew (new inodes, as a copy makes them): removing a directory took about 2 ms on
+    the ext4 of a shared VM, more than most cases take, and truncating a file to rewrite it in
+    place 1.6 ms, against 0.1 ms to create one.
+    """
     directory = workdir / "case"
-    remove(directory)
-    shutil.copytree(pristine_dir(kind, workdir), directory)
-    remove(workdir / "outside")
-    (workdir / "outside").mkdir()
+    emptied(directory)
+    for name, data in pristine_files(kind, workdir).items():
+        (directory / name).write_bytes(data)
+    emptied(workdir / "outside")
     return directory
+
+
+def emptied(directory: Path) -> None:
+    """Make ``directory`` an empty directory (not a link), keeping it if it is one."""
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        directory.unlink()
+    directory.mkdir(exist_ok=True)
+    with os.scandir(directory) as entries:
+        paths = [entry.path for entry in entries]
+    for path in paths:
+        remove(Path(path))
 
 
 def shard_paths(directory: Path) -> list[Path]:
@@ -362,8 +428,9 @@ def byte_damages(rng: random.Random, kind: Pristine, i: int) -> Iterator[Damage]
         yield Damage(f"{prefix}-{label}-{i}", kind, apply)
 
 
-def _other_kind(kind: Pristine) -> Pristine:
-    return next(other for other in PRISTINES if other is not kind)
+def _other_kind(kind: Pristine, which: float) -> Pristine:
+    """Another pristine cache: of the same codec or of the other one."""
+    return pick([other for other in PRISTINES if other is not kind], which)
 
 
 def _copy_resigned(source: Path, target: Path, directory: Path) -> None:
@@ -416,7 +483,8 @@ def file_damages(kind: Pristine, which: float) -> dict[str, Apply]:
     def foreign_resigned(directory: Path, workdir: Path) -> str:
         # A shard of the same name from another cache (other spec), vouched for by the manifest.
         path = shard_paths(directory)[0]
-        _copy_resigned(pristine_dir(_other_kind(kind), workdir) / path.name, path, directory)
+        other = pristine_dir(_other_kind(kind, which), workdir)
+        _copy_resigned(other / path.name, path, directory)
         return re.escape(path.name)
 
     def shard_replaced(make: Callable[[Path, Path], None]) -> Apply:
@@ -578,7 +646,13 @@ def _bad_record(record: dict, _manifest: dict) -> list:
 
 def _bad_spec(spec: dict, _manifest: dict) -> list:
     without_k = {key: value for key, value in spec.items() if key != "k"}
-    return [None, [], "x", 1, without_k, {**spec, "extra": 1}, {**spec, "K": spec["k"]}]
+    if "codec" in spec:  # v2: its codec fields dropped, or v1's field added
+        v2_fields = ("codec", "value_bits", "id_coding")
+        as_v1 = {key: value for key, value in spec.items() if key not in v2_fields}
+        crossed = [as_v1, {**spec, "value_dtype": "bf16"}, {**spec, "codec": "v1"}]
+    else:  # v1: v2's codec fields added (a v1 manifest has none)
+        crossed = [{**spec, "codec": "v1"}, {**spec, "codec": "v2"}, {**spec, "value_bits": 6}]
+    return [None, [], "x", 1, without_k, {**spec, "extra": 1}, {**spec, "K": spec["k"]}, *crossed]
 
 
 def _bad_world(n: int, _manifest: dict) -> list:
@@ -640,14 +714,16 @@ MANIFEST_SLOTS: dict[str, tuple[Callable[[dict, float], tuple], Callable[[Any, d
         _key("spec", "label_conditioned"),
         lambda _v, _m: [0, 1, "true", "False", None, [], {}],
     ),
-    "spec-value_dtype": (_key("spec", "value_dtype"), _other_strings("bf16", "fp16", "fp32")),
     "spec-sampled_k": (_key("spec", "sampled_k"), lambda n, _m: changed_ints(n)),
     "spec-sampled_draws": (_key("spec", "sampled_draws"), lambda n, _m: changed_ints(n)),
     "spec-provenance": (
         _key("spec", "provenance"),
         lambda _v, _m: [None, "x", [], 1, True, {"deep": deep_list(OVER_LIMIT)}],
     ),
-    "id_encoding": (_key("id_encoding"), _other_strings("int16", "uint24", "int32")),
+    "id_encoding": (
+        _key("id_encoding"),
+        _other_strings("int16", "uint24", "int32", "elias_fano", "packed"),
+    ),
     "dtypes": (_key("dtypes"), _bad_dtypes),
     "world_size": (_key("world_size"), _bad_world),
     "num_sequences": (_key("num_sequences"), lambda n, _m: changed_ints(n)),
@@ -664,6 +740,24 @@ MANIFEST_SLOTS: dict[str, tuple[Callable[[dict, float], tuple], Callable[[Any, d
     "token_counts": (_key("token_counts"), _bad_counts),
     "token-count": (_item("token_counts"), lambda n, _m: changed_ints(n)),
 }
+# The spec fields of one codec only (a v1 spec has no codec fields, a v2 spec no value_dtype).
+CODEC_SLOTS: dict[str, dict[str, tuple[Callable[[dict, float], tuple], Callable]]] = {
+    "v1": {
+        "spec-value_dtype": (_key("spec", "value_dtype"), _other_strings("bf16", "fp16", "fp32")),
+    },
+    "v2": {
+        "spec-codec": (_key("spec", "codec"), _other_strings("v1", "v2", "v3")),
+        "spec-value_bits": (_key("spec", "value_bits"), lambda n, _m: [2, 17, *changed_ints(n)]),
+        "spec-id_coding": (_key("spec", "id_coding"), _other_strings("elias_fano", "packed")),
+    },
+}
+
+
+def manifest_slots(kind: Pristine) -> dict:
+    """The manifest slots of ``kind``'s codec."""
+    return {**MANIFEST_SLOTS, **CODEC_SLOTS[kind.spec.codec]}
+
+
 UNKNOWN_KEYS = ("extra", "Checksum", "format_version ", "spec2", "", "shards\x00")
 # Every key of the manifest but its checksum.
 TOP_KEYS_TO_DROP = (
@@ -684,7 +778,7 @@ def set_path(data: Any, path: tuple, value: Any) -> None:
 
 def manifest_edit(slot: str, fraction: float, choice: int) -> Apply:
     """Set the place ``slot`` names to one of its certainly-wrong values, and re-sign."""
-    locate, bad_values = MANIFEST_SLOTS[slot]
+    locate, bad_values = {**MANIFEST_SLOTS, **CODEC_SLOTS["v1"], **CODEC_SLOTS["v2"]}[slot]
 
     def apply(directory: Path, workdir: Path) -> str:
         def edit(manifest: dict) -> None:
@@ -912,26 +1006,41 @@ HEADER_TEXT_LABELS = (
 METADATA_KEY = "pangu_fastkd.cache"
 
 
+# Every string a shard's metadata holds, of either codec.
+METADATA_STRINGS = "int16 uint24 int32 bf16 fp16 fp32 v1 v2 elias_fano packed".split()
+
+
 def _metadata_value(meta: dict, key: str, choice: int) -> Any:
-    if key in ("id_encoding", "value_dtype"):
-        options = [
-            o for o in ("int16", "uint24", "int32", "bf16", "fp16", "fp32") if o != meta[key]
-        ]
-        options = [*options, None, 5, ""]
+    if isinstance(meta[key], str):
+        options = [o for o in METADATA_STRINGS if o != meta[key]]
+        options = [*options, meta[key].upper(), None, 5, ""]
         return options[choice % len(options)]
     values = changed_ints(meta[key])
     return values[choice % len(values)]
 
 
-METADATA_FIELDS = ("rank", "seq_start", "seq_stop", "format_version", "id_encoding", "value_dtype")
+def _other_codec_metadata(spec: CacheSpec) -> dict:
+    """What a shard of the other codec (same vocabulary and K) says about its encoding."""
+    other = RECODINGS["v2-elias_fano-6" if spec.codec == "v1" else "v1-bf16"]
+    return shard_codec_metadata(dataclasses.replace(spec, **other))
+
+
+COMMON_METADATA_FIELDS = ("rank", "seq_start", "seq_stop", "format_version")
+METADATA_FIELDS = {
+    "v1": (*COMMON_METADATA_FIELDS, "id_encoding", "value_dtype"),
+    "v2": (*COMMON_METADATA_FIELDS, "codec", "id_coding", "value_bits"),
+}
+# Beyond one field changed: a field dropped, the other codec's fields instead of its own.
+METADATA_TARGETS = ("dropped", "other-codec", "text", "map")
 METADATA_TEXTS = ("not json", "[]", "null", "", deep_text(DEEP), '{"rank": 0, "rank": 0}', "NaN")
 METADATA_MAPS = (None, [], "x", 5, {METADATA_KEY: 5}, {}, {"other": "x"})
 
 
-def metadata_edit(target: str, which: float, choice: int) -> Apply:
-    """A field of the shard's own metadata changed (``target`` in ``METADATA_FIELDS``), its
-    JSON text replaced (``"text"``) or the ``__metadata__`` map broken (``"map"``); the shard
-    re-signed."""
+def metadata_edit(target: str, kind: Pristine, which: float, choice: int) -> Apply:
+    """A field of the shard's own metadata changed (``target`` in ``METADATA_FIELDS``) or
+    dropped (``"dropped"``), its codec fields replaced by the other codec's
+    (``"other-codec"``), its JSON text replaced (``"text"``) or the ``__metadata__`` map
+    broken (``"map"``); the shard re-signed."""
 
     def apply(directory: Path, _workdir: Path) -> str:
         path = _shard_at(directory, which)
@@ -942,10 +1051,73 @@ def metadata_edit(target: str, which: float, choice: int) -> Apply:
             header["__metadata__"] = METADATA_MAPS[choice % len(METADATA_MAPS)]
         else:
             meta = json.loads(header["__metadata__"][METADATA_KEY])
-            meta[target] = _metadata_value(meta, target, choice)
+            if target == "dropped":
+                del meta[sorted(meta)[choice % len(meta)]]
+            elif target == "other-codec":  # under its own format version
+                own = shard_codec_metadata(kind.spec)
+                meta = {key: value for key, value in meta.items() if key not in own}
+                meta.update(_other_codec_metadata(kind.spec))
+                meta["format_version"] = own["format_version"]
+            else:
+                meta[target] = _metadata_value(meta, target, choice)
             header["__metadata__"][METADATA_KEY] = json.dumps(meta, sort_keys=True)
         record_shard(directory, path.name, join_shard(header, body))
         return re.escape(path.name)
+
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------
+# cache: the whole cache re-labelled for another codec, re-signed
+
+# The codec fields a whole manifest may claim, rewritten consistently (format version, spec,
+# id_encoding and dtypes as the package's own writer records them): only the shards' metadata
+# and layout tell that they were written another way.
+V1_FIELDS = {"codec": "v1", "value_bits": None, "id_coding": None}
+V2_FIELDS = {"codec": "v2", "value_dtype": "bf16"}
+RECODINGS = {
+    "v1-bf16": {**V1_FIELDS, "value_dtype": "bf16"},
+    "v1-fp32": {**V1_FIELDS, "value_dtype": "fp32"},
+    "v2-elias_fano-6": {**V2_FIELDS, "value_bits": 6, "id_coding": "elias_fano"},
+    "v2-elias_fano-7": {**V2_FIELDS, "value_bits": 7, "id_coding": "elias_fano"},
+    "v2-packed-6": {**V2_FIELDS, "value_bits": 6, "id_coding": "packed"},
+    "v2-packed-7": {**V2_FIELDS, "value_bits": 7, "id_coding": "packed"},
+}
+
+
+def recodings(kind: Pristine) -> list[str]:
+    """The recodings that change ``kind``'s shard layout (a relabelled shard of the same layout
+    would be another cache's, not certainly a damaged one)."""
+    spec = kind.spec
+    layout = expected_shard_tensors(spec)
+    return [
+        label
+        for label, codec in RECODINGS.items()
+        if expected_shard_tensors(dataclasses.replace(spec, **codec)) != layout
+    ]
+
+
+def manifest_recoded(label: str, relabel_shards: bool) -> Apply:
+    """The manifest rewritten for the codec fields ``RECODINGS[label]`` as the package's own
+    ``Manifest.to_json`` writes it (consistent and signed); with ``relabel_shards`` every
+    shard's metadata too (re-signed), so that only the shards' layout tells."""
+
+    def apply(directory: Path, _workdir: Path) -> str:
+        manifest = read_manifest(directory)
+        spec = dataclasses.replace(manifest.spec, **RECODINGS[label])
+        if relabel_shards:
+            own = shard_codec_metadata(manifest.spec)
+            for record in manifest.shards:
+                header, body = split_shard((directory / record.name).read_bytes())
+                meta = json.loads(header["__metadata__"][METADATA_KEY])
+                meta = {key: value for key, value in meta.items() if key not in own}
+                meta.update(shard_codec_metadata(spec))
+                header["__metadata__"][METADATA_KEY] = json.dumps(meta, sort_keys=True)
+                record_shard(directory, record.name, join_shard(header, body))
+            manifest = read_manifest(directory)
+        recoded = dataclasses.replace(manifest, format_version=spec.format_version, spec=spec)
+        (directory / "manifest.json").write_text(json.dumps(recoded.to_json()))
+        return SHARD
 
     return apply
 
@@ -961,15 +1133,23 @@ def _row_shard(directory: Path, fraction: float) -> str:
 
 
 def _stored_id(value: int, like: torch.Tensor) -> torch.Tensor | int:
-    """``value`` as stored in ids like ``like`` (3 little-endian bytes for uint24)."""
+    """``value`` as stored in v1 ids like ``like`` (3 little-endian bytes for uint24)."""
     if like.dtype == torch.uint8:
         return encode_ids(torch.tensor([[value]]), "uint24")[0, 0]
     return value
 
 
-def _out_of_range_id(vocab: int, ids: torch.Tensor, offset: int) -> int:
-    top = 32767 if ids.dtype == torch.int16 else (1 << 24) - 2
-    return vocab + offset % (top - vocab + 1)
+def _largest_stored_id(spec: CacheSpec) -> int:
+    """The largest id the cache's id encoding stores that is not its empty slot."""
+    if spec.codec == "v2":
+        return (1 << spec.id_bits) - 2
+    return {"int16": (1 << 15) - 1, "uint24": (1 << 24) - 2}[spec.id_encoding]
+
+
+def _out_of_range_id(spec: CacheSpec, offset: int, top: int | None = None) -> int:
+    """An id in ``[V, top]`` (by default up to the largest the id encoding stores)."""
+    top = _largest_stored_id(spec) if top is None else top
+    return spec.vocab_size + offset % (top - spec.vocab_size + 1)
 
 
 Poison = Callable[[dict, int, int, Pristine], None]
@@ -994,9 +1174,7 @@ def _poison_empty_slot(tensors: dict, row: int, _choice: int, _kind: Pristine) -
 
 def _poison_id_range(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
     ids = tensors["ids"]
-    ids[row, choice % kind.spec.k] = _stored_id(
-        _out_of_range_id(kind.spec.vocab_size, ids, choice), ids
-    )
+    ids[row, choice % kind.spec.k] = _stored_id(_out_of_range_id(kind.spec, choice), ids)
 
 
 def _poison_negative_id(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
@@ -1024,6 +1202,153 @@ def _poison_offsets(tensors: dict, _row: int, choice: int, _kind: Pristine) -> N
     offsets[choice % len(offsets)] += (1, -1, 1000)[choice % 3]
 
 
+# v2's bit fields, edited with plain Python ints after docs/cache-format.md (not with the
+# package's bitpack.py, whose reading is under test): field j of w bits is bits [j w, (j + 1) w)
+# of the row, bit i being bit i mod 8 of byte i div 8. Elias-Fano: L = floor(log2(V / K)) low
+# bits per id (0 when V <= K), high parts in a unary part of K + ((V - 1) >> L) bits.
+
+
+def _fields(row: torch.Tensor, width: int, count: int) -> list[int]:
+    """The first ``count`` ``width``-bit fields of a ``[bytes]`` uint8 row."""
+    bits = int.from_bytes(bytes(row.tolist()), "little")
+    return [(bits >> (j * width)) & ((1 << width) - 1) for j in range(count)]
+
+
+def _set_fields(row: torch.Tensor, width: int, values: list[int]) -> None:
+    """Overwrite the first ``len(values)`` fields of ``row`` in place (the other bits kept)."""
+    bits = int.from_bytes(bytes(row.tolist()), "little")
+    for j, value in enumerate(values):
+        bits &= ~(((1 << width) - 1) << (j * width))
+        bits |= value << (j * width)
+    row.copy_(torch.tensor(list(bits.to_bytes(row.numel(), "little")), dtype=torch.uint8))
+
+
+def _codes(tensors: dict, row: int, spec: CacheSpec) -> list[int]:
+    return _fields(tensors["codes"][row], spec.value_bits, spec.k)
+
+
+def _filled_slots(tensors: dict, row: int, spec: CacheSpec) -> int:
+    """Slots of a row whose code is not the empty one (under elias_fano, the first ones)."""
+    empty = (1 << spec.value_bits) - 1
+    return sum(code != empty for code in _codes(tensors, row, spec))
+
+
+def _low_bits(spec: CacheSpec) -> int:
+    # floor(log2(x)) == floor(log2(floor(x))) for x >= 1: exact in integers.
+    return (spec.vocab_size // spec.k).bit_length() - 1
+
+
+def _high_bits(spec: CacheSpec) -> int:
+    return spec.k + ((spec.vocab_size - 1) >> _low_bits(spec))
+
+
+def _unary(tensors: dict, row: int) -> list[int]:
+    """Every bit of a row's ``id_high``, padding included."""
+    high = tensors["id_high"][row]
+    return _fields(high, 1, 8 * high.numel())
+
+
+def _ef_ids(tensors: dict, row: int, spec: CacheSpec) -> list[int]:
+    """A well-formed Elias-Fano row's ids: entry j set unary bit ``(id_j >> L) + j``, its low
+    ``L`` bits are field j of ``id_low``."""
+    low_bits = _low_bits(spec)
+    ones = [i for i, bit in enumerate(_unary(tensors, row)) if bit]
+    low = _fields(tensors["id_low"][row], low_bits, spec.k) if low_bits else [0] * spec.k
+    return [((position - j) << low_bits) | low[j] for j, position in enumerate(ones)]
+
+
+def _set_ef_ids(tensors: dict, row: int, spec: CacheSpec, ids: list[int]) -> None:
+    """Code ``ids`` (high parts non-decreasing, in the vocabulary or not) into a row."""
+    low_bits = _low_bits(spec)
+    unary = [0] * len(_unary(tensors, row))
+    for j, value in enumerate(ids):
+        unary[(value >> low_bits) + j] = 1
+    _set_fields(tensors["id_high"][row], 1, unary)
+    if low_bits:
+        low = [value & ((1 << low_bits) - 1) for value in ids]
+        _set_fields(tensors["id_low"][row], low_bits, low)
+
+
+def _largest_ef_id(spec: CacheSpec) -> int:
+    """The largest id an Elias-Fano row of V can hold: the top high part, all low bits set."""
+    low_bits = _low_bits(spec)
+    return ((((spec.vocab_size - 1) >> low_bits) + 1) << low_bits) - 1
+
+
+def _poison_unary(how: str) -> Poison:
+    """A row's unary part without exactly K set bits in its first ``high_bits``, or with a
+    padding bit set: a corrupt row, whatever its other bits."""
+
+    def poison(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
+        high_bits = _high_bits(kind.spec)
+        bits = _unary(tensors, row)
+        if how == "zeroed":
+            bits = [0] * len(bits)
+        else:
+            places = {
+                "bit-set": [i for i in range(high_bits) if not bits[i]],
+                "bit-cleared": [i for i in range(high_bits) if bits[i]],
+                "padding-bit": list(range(high_bits, len(bits))),
+            }[how]
+            bits[places[choice % len(places)]] ^= 1
+        _set_fields(tensors["id_high"][row], 1, bits)
+
+    return poison
+
+
+def _poison_ef_duplicate(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
+    # Re-coded well formed (K set bits): only the repeated id tells.
+    spec = kind.spec
+    ids = _ef_ids(tensors, row, spec)
+    slot = 1 + choice % (_filled_slots(tensors, row, spec) - 1)
+    ids[slot] = ids[slot - 1]
+    _set_ef_ids(tensors, row, spec, ids)
+
+
+def _poison_ef_range(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
+    # The row's largest id moved past V - 1 within the top high part: well formed, and the
+    # filler ids of empty slots after it keep their (top) high part.
+    spec = kind.spec
+    ids = _ef_ids(tensors, row, spec)
+    ids[_filled_slots(tensors, row, spec) - 1] = _out_of_range_id(
+        spec, choice, _largest_ef_id(spec)
+    )
+    _set_ef_ids(tensors, row, spec, ids)
+
+
+def _packed_poison(name: str, change: Callable[[list[int], int, CacheSpec], None]) -> Poison:
+    """Row ``row`` of the packed-field tensor ``name`` (``ids`` or ``codes``, K fields) as
+    ``change`` rewrites its fields."""
+
+    def poison(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
+        spec = kind.spec
+        width = spec.id_bits if name == "ids" else spec.value_bits
+        values = _fields(tensors[name][row], width, spec.k)
+        change(values, choice, spec)
+        _set_fields(tensors[name][row], width, values)
+
+    return poison
+
+
+# Slots 0..K-2 of a packed row always hold an id and a value (the teacher's order is kept).
+
+
+def _id_emptied(ids: list[int], choice: int, spec: CacheSpec) -> None:
+    ids[choice % (spec.k - 1)] = (1 << spec.id_bits) - 1  # its code still a value
+
+
+def _code_emptied(codes: list[int], choice: int, spec: CacheSpec) -> None:
+    codes[choice % (spec.k - 1)] = (1 << spec.value_bits) - 1  # its id field still an id
+
+
+def _id_beyond(ids: list[int], choice: int, spec: CacheSpec) -> None:
+    ids[choice % (spec.k - 1)] = _out_of_range_id(spec, choice)
+
+
+def _id_repeated(ids: list[int], choice: int, spec: CacheSpec) -> None:
+    ids[1 + choice % (spec.k - 2)] = ids[0]
+
+
 def _poison_count(delta: int | None) -> Poison:
     def poison(tensors: dict, row: int, _choice: int, _kind: Pristine) -> None:
         counts = tensors["sampled_counts"]
@@ -1032,17 +1357,38 @@ def _poison_count(delta: int | None) -> Poison:
     return poison
 
 
-def _poison_sampled_duplicate(tensors: dict, row: int, _choice: int, _kind: Pristine) -> None:
-    ids = tensors["sampled_ids"]
-    ids[row, 1] = ids[row, 0]  # slots 0 and 1 are never empty (odd rows leave the last)
+def _sampled_poison(change: Callable[[list[int], int, CacheSpec], None]) -> Poison:
+    """Row ``row`` of ``sampled_ids`` (either codec; ``-1`` = empty) as ``change`` rewrites it."""
+
+    def poison(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
+        spec, stored = kind.spec, tensors["sampled_ids"]
+        if spec.codec == "v2":
+            empty = (1 << spec.id_bits) - 1
+            fields = _fields(stored[row], spec.id_bits, spec.sampled_k)
+            ids = [-1 if value == empty else value for value in fields]
+            change(ids, choice, spec)
+            _set_fields(stored[row], spec.id_bits, [empty if i < 0 else i for i in ids])
+        else:
+            ids = decode_ids(stored[row][None], spec.id_encoding)[0].tolist()
+            change(ids, choice, spec)
+            stored[row] = encode_ids(torch.tensor([ids]), spec.id_encoding)[0]
+
+    return poison
 
 
-def _poison_sampled_range(tensors: dict, row: int, choice: int, kind: Pristine) -> None:
-    ids = tensors["sampled_ids"]
-    ids[row, 0] = _stored_id(_out_of_range_id(kind.spec.vocab_size, ids, choice), ids)
+def _sampled_repeated(ids: list[int], _choice: int, _spec: CacheSpec) -> None:
+    ids[1] = ids[0]  # slot 0 is never empty; slot 1 an id, or empty with count 0 (refused too)
 
 
-POISONS: dict[str, Poison] = {
+def _sampled_beyond(ids: list[int], choice: int, spec: CacheSpec) -> None:
+    ids[0] = _out_of_range_id(spec, choice)
+
+
+def _sampled_emptied(ids: list[int], _choice: int, _spec: CacheSpec) -> None:
+    ids[0] = -1  # its count stays >= 1
+
+
+V1_POISONS: dict[str, Poison] = {
     "value-nan": _poison_values(math.nan),
     "value-inf": _poison_values(math.inf),
     "row-mass-above-1": _poison_row_mass,
@@ -1050,6 +1396,25 @@ POISONS: dict[str, Poison] = {
     "id-out-of-range": _poison_id_range,
     "id-negative": _poison_negative_id,
     "id-duplicate": _poison_duplicate_id,
+}
+# v2 rows hold no value that can be NaN or above 1 but the top-K mass.
+ELIAS_FANO_POISONS: dict[str, Poison] = {
+    "mass-logit-nan": _poison_tensor("mass_logit", (math.nan,)),
+    "unary-bit-set": _poison_unary("bit-set"),
+    "unary-bit-cleared": _poison_unary("bit-cleared"),
+    "unary-padding-bit": _poison_unary("padding-bit"),
+    "unary-zeroed": _poison_unary("zeroed"),
+    "id-duplicate": _poison_ef_duplicate,
+    "id-out-of-range": _poison_ef_range,
+}
+PACKED_POISONS: dict[str, Poison] = {
+    "mass-logit-nan": _poison_tensor("mass_logit", (math.nan,)),
+    "empty-id-with-code": _packed_poison("ids", _id_emptied),
+    "empty-code-with-id": _packed_poison("codes", _code_emptied),
+    "id-out-of-range": _packed_poison("ids", _id_beyond),
+    "id-duplicate": _packed_poison("ids", _id_repeated),
+}
+COMMON_POISONS: dict[str, Poison] = {
     "lse": _poison_tensor("lse", (math.inf, -math.inf, math.nan, 3e38)),
     "label-value": _poison_tensor("label_value", (math.nan, math.inf, -math.inf, 0.5)),
     "seq-offsets": _poison_offsets,
@@ -1057,13 +1422,38 @@ POISONS: dict[str, Poison] = {
 SAMPLED_POISONS: dict[str, Poison] = {
     "sampled-count-plus-1": _poison_count(1),
     "sampled-count-zero": _poison_count(None),
-    "sampled-id-duplicate": _poison_sampled_duplicate,
-    "sampled-id-out-of-range": _poison_sampled_range,
+    "sampled-id-duplicate": _sampled_poison(_sampled_repeated),
+    "sampled-id-out-of-range": _sampled_poison(_sampled_beyond),
+    "sampled-empty-slot-with-count": _sampled_poison(_sampled_emptied),
 }
 
 
+def poison_table(kind: Pristine) -> dict[str, Poison]:
+    """The poisons that certainly damage ``kind``'s rows."""
+    spec = kind.spec
+    if spec.codec == "v1":
+        own = V1_POISONS
+    elif spec.id_coding == "packed":
+        own = PACKED_POISONS
+    else:
+        own = dict(ELIAS_FANO_POISONS)
+        if _high_bits(spec) % 8 == 0:  # no padding bit to set
+            del own["unary-padding-bit"]
+        if _largest_ef_id(spec) < spec.vocab_size:  # V a multiple of 2**L (as at L = 0)
+            del own["id-out-of-range"]
+    return {**own, **COMMON_POISONS, **(SAMPLED_POISONS if spec.sampled_k else {})}
+
+
+# Poisons are drawn once per way of storing ids: v1's, Elias-Fano's and packed fields.
+POISON_GROUPS = (
+    FAMILIES["v1"],
+    tuple(kind for kind in FAMILIES["v2"] if kind.spec.id_coding == "elias_fano"),
+    tuple(kind for kind in FAMILIES["v2"] if kind.spec.id_coding == "packed"),
+)
+
+
 def poisoned(label: str, kind: Pristine, which: float, where: float, choice: int) -> Apply:
-    poison = {**POISONS, **SAMPLED_POISONS}[label]
+    poison = poison_table(kind)[label]
 
     def apply(directory: Path, _workdir: Path) -> str:
         name = _row_shard(directory, which)
@@ -1170,6 +1560,38 @@ def batched_read_case(kind: Pristine, rng: random.Random, workdir: Path) -> Case
     return Case(f"cache-{kind.name}-valid-batched-shuffled", run)
 
 
+def flipped_resigned_case(kind: Pristine, rng: random.Random, i: int, workdir: Path) -> Case:
+    """Bytes flipped in a shard's data region and the manifest re-signed over them. Whether the
+    rows are still valid cannot be known (a flipped low id bit, code or lse bit may give other
+    valid rows), so ``verify_cache`` and the reader must agree: both serve the rows, or both
+    refuse them with a CacheError naming the shard (they run the same checks, on every row)."""
+    which = rng.random()
+    flips = [(rng.random(), rng.randrange(1, 256)) for _ in range(rng.randrange(1, 6))]
+
+    def run() -> None:
+        directory = fresh_copy(kind, workdir)
+        path = _shard_at(directory, which)
+        data = bytearray(path.read_bytes())
+        body_start = len(data) - len(split_shard(bytes(data))[1])
+        for where, mask in flips:
+            data[body_start + int(where * (len(data) - body_start))] ^= mask
+        record_shard(directory, path.name, bytes(data))
+        verdicts = []
+        for probe in (verify_cache, functools.partial(read_like_the_kd_stage, kind=kind)):
+            try:
+                probe(directory)
+                verdicts.append("serves")
+            except CacheError as err:
+                if path.name not in str(err):
+                    raise AssertionError(f"CacheError does not name {path.name}: {err}") from None
+                verdicts.append("refuses")
+        assert verdicts[0] == verdicts[1], (
+            f"verify {verdicts[0]} the rows, the reader {verdicts[1]}"
+        )
+
+    return Case(f"cache-{kind.name}-shard-data-flipped-resigned-{i}", run)
+
+
 # ---------------------------------------------------------------------------------------------
 # cache: the category
 
@@ -1180,47 +1602,75 @@ def every_and_more(rng: random.Random, labels: list[str], more: int) -> list[str
 
 
 def cache_damages(rng: random.Random) -> Iterator[Damage]:
-    """Every damage of the category, drawn from ``rng``."""
+    """Every damage of the category, drawn from ``rng``.
+
+    Damages that the codec decides on (the spec, shard layouts and metadata, the swapped and
+    foreign shards) are drawn once per codec, poisons once per way of storing ids. Those
+    refused before the codec matters (bytes the sha256 catches, the manifest's JSON and keys,
+    shard names, the safetensors header's text) alternate between the codecs: drawing them
+    twice would double their cost for nothing more probed.
+    """
+    families = list(FAMILIES.values())
+
+    def alternate(i: int) -> Pristine:
+        return rng.choice(families[i % len(families)])
+
     for i in range(scaled(2)):
-        yield from byte_damages(rng, rng.choice(PRISTINES), i)
-    for label in file_damages(PRISTINES[0], 0.0):
-        kind, which = rng.choice(PRISTINES), rng.random()
+        yield from byte_damages(rng, alternate(i), i)
+    for family in families:
+        yield from family_damages(rng, family)
+    # Names that would read outside the directory, or files the writer never names: each one.
+    for i in range(SHARD_NAME_PROBES):
+        kind, apply = alternate(i), manifest_edit("shard-name", rng.random(), i)
+        yield Damage(f"cache-{kind.name}-shard-name-probe-{i}", kind, apply)
+    for i, key in enumerate(rng.sample(UNKNOWN_KEYS, 3)):
+        kind, apply = alternate(i), manifest_unknown_key(key, rng.choice(JUNK))
+        yield Damage(f"cache-{kind.name}-manifest-unknown-key-{i}", kind, apply)
+    for i, key in enumerate(rng.sample(TOP_KEYS_TO_DROP, 4)):
+        kind = alternate(i)
+        yield Damage(f"cache-{kind.name}-manifest-without-{key}", kind, manifest_dropped_key(key))
+    for i, raw in enumerate(RAW_VALUES):
+        kind, path = alternate(i), rng.choice(RAW_SLOTS)
+        yield Damage(f"cache-{kind.name}-manifest-raw-{i}", kind, manifest_raw(path, raw))
+    for i, label in enumerate(HEADER_TEXT_LABELS):
+        kind, junk = alternate(i), rng.randbytes(rng.randrange(1, 200))
+        apply = header_text(label, rng.random(), rng.randrange(10**6), junk)
+        yield Damage(f"cache-{kind.name}-header-{label}-{i}", kind, apply, resigned=True)
+    for group in POISON_GROUPS:
+        for label in dict.fromkeys(label for kind in group for label in poison_table(kind)):
+            kind = rng.choice([kind for kind in group if label in poison_table(kind)])
+            apply = poisoned(label, kind, rng.random(), rng.random(), rng.randrange(10**6))
+            yield Damage(f"cache-{kind.name}-poison-{label}", kind, apply, resigned=True)
+
+
+def family_damages(rng: random.Random, family: tuple[Pristine, ...]) -> Iterator[Damage]:
+    """The file damages and the edits of manifest fields, shard headers and shard metadata,
+    each on a cache drawn from ``family`` (the pristine caches of one codec)."""
+    for label in file_damages(family[0], 0.0):
+        kind, which = rng.choice(family), rng.random()
         apply = file_damages(kind, which)[label]
         resigned = label.endswith("-resigned")
         yield Damage(f"cache-{kind.name}-{label}", kind, apply, resigned=resigned)
-    for i, slot in enumerate(every_and_more(rng, sorted(MANIFEST_SLOTS), scaled(2))):
-        kind, apply = rng.choice(PRISTINES), manifest_edit(slot, rng.random(), rng.randrange(10**6))
+    slots = sorted(manifest_slots(family[0]))
+    for i, slot in enumerate(every_and_more(rng, slots, scaled(2))):
+        kind, apply = rng.choice(family), manifest_edit(slot, rng.random(), rng.randrange(10**6))
         yield Damage(f"cache-{kind.name}-manifest-{slot}-{i}", kind, apply)
-    # Names that would read outside the directory, or files the writer never names: each one.
-    for i in range(SHARD_NAME_PROBES):
-        kind, apply = rng.choice(PRISTINES), manifest_edit("shard-name", rng.random(), i)
-        yield Damage(f"cache-{kind.name}-shard-name-probe-{i}", kind, apply)
-    for i, key in enumerate(rng.sample(UNKNOWN_KEYS, 3)):
-        kind, apply = rng.choice(PRISTINES), manifest_unknown_key(key, rng.choice(JUNK))
-        yield Damage(f"cache-{kind.name}-manifest-unknown-key-{i}", kind, apply)
-    for key in rng.sample(TOP_KEYS_TO_DROP, 4):
-        kind = rng.choice(PRISTINES)
-        yield Damage(f"cache-{kind.name}-manifest-without-{key}", kind, manifest_dropped_key(key))
-    for i, raw in enumerate(RAW_VALUES):
-        kind, path = rng.choice(PRISTINES), rng.choice(RAW_SLOTS)
-        yield Damage(f"cache-{kind.name}-manifest-raw-{i}", kind, manifest_raw(path, raw))
+    kind = rng.choice(family)
+    for label in recodings(kind):
+        apply = manifest_recoded(label, relabel_shards=False)
+        yield Damage(f"cache-{kind.name}-manifest-recoded-{label}", kind, apply, resigned=True)
+    kind = rng.choice(family)
+    for label in rng.sample(recodings(kind), 2):
+        apply = manifest_recoded(label, relabel_shards=True)
+        yield Damage(f"cache-{kind.name}-relabelled-{label}", kind, apply, resigned=True)
     for i, label in enumerate(every_and_more(rng, sorted(HEADER_EDITS), scaled(2))):
-        kind = rng.choice(PRISTINES)
+        kind = rng.choice(family)
         apply = header_edit(label, rng.random(), rng.random(), rng.randrange(10**6))
         yield Damage(f"cache-{kind.name}-header-{label}-{i}", kind, apply, resigned=True)
-    for i, label in enumerate(HEADER_TEXT_LABELS):
-        kind, junk = rng.choice(PRISTINES), rng.randbytes(rng.randrange(1, 200))
-        apply = header_text(label, rng.random(), rng.randrange(10**6), junk)
-        yield Damage(f"cache-{kind.name}-header-{label}-{i}", kind, apply, resigned=True)
-    for target in (*METADATA_FIELDS, "text", "map"):
-        kind = rng.choice(PRISTINES)
-        apply = metadata_edit(target, rng.random(), rng.randrange(10**6))
+    for target in (*METADATA_FIELDS[family[0].spec.codec], *METADATA_TARGETS):
+        kind = rng.choice(family)
+        apply = metadata_edit(target, kind, rng.random(), rng.randrange(10**6))
         yield Damage(f"cache-{kind.name}-metadata-{target}", kind, apply, resigned=True)
-    sampled = next(kind for kind in PRISTINES if kind.spec.sampled_k)
-    for label in (*POISONS, *SAMPLED_POISONS):
-        kind = sampled if label in SAMPLED_POISONS else rng.choice(PRISTINES)
-        apply = poisoned(label, kind, rng.random(), rng.random(), rng.randrange(10**6))
-        yield Damage(f"cache-{kind.name}-poison-{label}", kind, apply, resigned=True)
 
 
 def cache_cases(rng: random.Random, workdir: Path) -> list[Case]:
@@ -1228,6 +1678,11 @@ def cache_cases(rng: random.Random, workdir: Path) -> list[Case]:
         valid_cache_case(kind, label, workdir) for kind in PRISTINES for label in VALID_VARIANTS
     ]
     cases += [batched_read_case(kind, rng, workdir) for kind in PRISTINES]
+    cases += [
+        flipped_resigned_case(rng.choice(family), rng, i, workdir)
+        for family in FAMILIES.values()
+        for i in range(scaled(4))
+    ]
     for damage in cache_damages(rng):
         cases += damage_cases(damage, workdir)
     return cases
