@@ -31,6 +31,7 @@ __all__ = [
     "TrainSpec",
     "check_mode",
     "check_name",
+    "checkpointing_stride",
 ]
 
 DATA_SPLITS = ("train_reasoning", "train_fast")
@@ -40,6 +41,20 @@ CHAT_TEMPLATES = ("auto", "default")
 STUDENT_TOKENIZER = "student"
 # The demo curriculum's largest operand (data.demo_curriculum refuses more).
 MAX_OPERAND = 99
+
+
+# activation_checkpointing = "every_<n>": every n-th decoder layer (layers 0, n, 2n, ...). At
+# most 6 digits: no model has a million layers, and int() of the digits stays trivial.
+_EVERY_N = re.compile(r"every_([1-9][0-9]{0,5})")
+
+
+def checkpointing_stride(value: bool | str) -> int | None:
+    """The layer stride of an ``activation_checkpointing`` value: 0 for false, 1 for true, ``n``
+    for ``"every_<n>"``; None for any other value."""
+    if isinstance(value, bool):
+        return int(value)
+    match = _EVERY_N.fullmatch(value) if isinstance(value, str) else None
+    return int(match.group(1)) if match else None
 
 
 # Stage and teacher names become directory names (stages/<i>-<name>; teachers/<name>, which is
@@ -102,17 +117,34 @@ class TrainSpec:
     # Optimizer steps in a row with a non-finite loss or gradient norm (each skipped, not
     # applied) before the stage stops with an error.
     max_bad_steps: int = number(8, at_least=1)
+    # Recompute decoder layers' activations in backward instead of keeping them: false, true
+    # (every layer) or "every_<n>" (every n-th layer). Less memory, one more forward per layer.
+    activation_checkpointing: bool | str = False
 
     def validate(self, where: str) -> None:
         """Raises ``ConfigError`` naming ``<where>.<field>`` for a value no stage can train
         with."""
         check_numbers(self, where)
+        if checkpointing_stride(self.activation_checkpointing) is None:
+            raise ConfigError(
+                f"{where}.activation_checkpointing must be false, true or 'every_<n>' (n >= 1: "
+                f"every n-th decoder layer), got {show_value(self.activation_checkpointing)}"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{where}.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if self.difficulty not in ("given", "length"):
             raise ConfigError(f"{where}.difficulty must be 'given' or 'length'")
         check_mode(f"{where}.mode", self.mode)
         self.optim.validate(f"{where}.optim")
+
+    @property
+    def checkpointing_every(self) -> int:
+        """Every how many layers activations are recomputed (0: none), the argument of
+        ``set_activation_checkpointing``; the spec must have passed ``validate``."""
+        stride = checkpointing_stride(self.activation_checkpointing)
+        if stride is None:
+            raise ValueError(f"activation_checkpointing {self.activation_checkpointing!r}")
+        return stride
 
 
 @dataclass

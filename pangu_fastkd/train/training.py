@@ -76,6 +76,9 @@ def train_model(
         context.barrier()
         if checkpoint.passed_over and context.is_main:
             set_aside_damaged(stage_dir, checkpoint)
+    # On the model that trains (a resumed run's is the reloaded one). Layers checkpoint inside
+    # their own forward, so DDP's and FSDP2's hooks stay outside the recomputed region.
+    model.set_activation_checkpointing(train.checkpointing_every)
     options = kd.loss_options() if kd is not None else None
     module = LossModule(model, options, autocast_bf16=config.autocast_bf16)
     wrapped = wrap_for_ranks(module, config, context)
@@ -152,7 +155,9 @@ def train_model(
         raise NonFiniteStepsError(f"{err}; {where}") from None
     finally:
         progress.close()
-    return checkpoint_at(plan.total_steps)
+    trained = checkpoint_at(plan.total_steps)
+    trained.set_activation_checkpointing(0)  # each stage sets its own
+    return trained
 
 
 def wrap_for_ranks(
