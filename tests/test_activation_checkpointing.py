@@ -261,6 +261,11 @@ def test_bad_values_are_config_errors_naming_the_field(key, value):
         load_config("tiny", [f"{key}={value}"])
 
 
+def test_an_unvalidated_spec_refuses_to_give_a_stride():
+    with pytest.raises(ConfigError, match="activation_checkpointing must be false, true or"):
+        _ = TrainSpec(activation_checkpointing="every_0").checkpointing_every
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer: per stage, resume, DDP and FSDP2
 

@@ -31,7 +31,6 @@ __all__ = [
     "TrainSpec",
     "check_mode",
     "check_name",
-    "checkpointing_stride",
 ]
 
 DATA_SPLITS = ("train_reasoning", "train_fast")
@@ -48,7 +47,7 @@ MAX_OPERAND = 99
 _EVERY_N = re.compile(r"every_([1-9][0-9]{0,5})")
 
 
-def checkpointing_stride(value: bool | str) -> int | None:
+def _checkpointing_stride(value: bool | str) -> int | None:
     """The layer stride of an ``activation_checkpointing`` value: 0 for false, 1 for true, ``n``
     for ``"every_<n>"``; None for any other value."""
     if isinstance(value, bool):
@@ -125,11 +124,8 @@ class TrainSpec:
         """Raises ``ConfigError`` naming ``<where>.<field>`` for a value no stage can train
         with."""
         check_numbers(self, where)
-        if checkpointing_stride(self.activation_checkpointing) is None:
-            raise ConfigError(
-                f"{where}.activation_checkpointing must be false, true or 'every_<n>' (n >= 1: "
-                f"every n-th decoder layer), got {show_value(self.activation_checkpointing)}"
-            )
+        if _checkpointing_stride(self.activation_checkpointing) is None:
+            raise ConfigError(f"{where}.{self._bad_checkpointing()}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{where}.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if self.difficulty not in ("given", "length"):
@@ -141,10 +137,16 @@ class TrainSpec:
     def checkpointing_every(self) -> int:
         """Every how many layers activations are recomputed (0: none), the argument of
         ``set_activation_checkpointing``; the spec must have passed ``validate``."""
-        stride = checkpointing_stride(self.activation_checkpointing)
+        stride = _checkpointing_stride(self.activation_checkpointing)
         if stride is None:
-            raise ValueError(f"activation_checkpointing {self.activation_checkpointing!r}")
+            raise ConfigError(self._bad_checkpointing())
         return stride
+
+    def _bad_checkpointing(self) -> str:
+        return (
+            "activation_checkpointing must be false, true or 'every_<n>' (n >= 1: every n-th "
+            f"decoder layer), got {show_value(self.activation_checkpointing)}"
+        )
 
 
 @dataclass
