@@ -6,11 +6,12 @@
 One step = forward, KD loss (top-K teacher, K = 16, kd_weight 0.5), backward and the AdamW update
 on one packed batch of T tokens in 8 documents of mixed lengths. Providers
 (bench/train_step_baselines.py): ``pangu_fastkd`` (``DecoderLM`` with the packed-attention kernel,
-``fused_linear_sparse_kd``) and ``plain`` (the same model and weights in plain PyTorch: dense-mask
-SDPA, materialised logits, ``sparse_kd_reference``). Shapes: the embedded demo student
+``fused_linear_sparse_kd``), ``pangu_fastkd+ckpt`` (the same with activation checkpointing on every
+layer) and ``plain`` (the same model and weights in plain PyTorch: dense-mask SDPA, materialised
+logits, ``sparse_kd_reference``). Shapes: the embedded demo student
 (``small`` preset, byte vocabulary, T = 2048) and openPangu-1B cut to 2 layers (V = 153376,
 T = 4096); fp32, and bf16 parameters (bf16 weights, gradients and AdamW state, no autocast) for
-both providers alike. Every configuration runs in its own process (this file with
+every provider alike. Every configuration runs in its own process (this file with
 ``--worker``), run and measured by bench/harness.py as the other benchmarks.
 """
 
@@ -148,7 +149,7 @@ def run_worker(config: Config) -> dict[str, Any]:
     result.update(time_and_peak_memory(step, clear_grads, config.reps))
     state_tensors = [t for state in optimizer.state.values() for t in state.values()]
     result["state_bytes"] = tensor_bytes(params) + tensor_bytes(state_tensors)
-    # The warmup step runs on the initial weights: both providers must report the same loss.
+    # The warmup step runs on the initial weights: every provider must report the same loss.
     result["first_loss"] = losses[0] if losses else None
     add_above_grads(result, grad_bytes)
     if result["status"] == "ok" and not bool(torch.isfinite(torch.tensor(losses)).all()):
@@ -161,7 +162,7 @@ def run_worker(config: Config) -> dict[str, Any]:
 
 
 def make_configs(args: argparse.Namespace) -> list[Config]:
-    """Per (shape, dtype): plain first, the baseline the other provider is compared with."""
+    """Per (shape, dtype): plain first, the baseline the other providers are compared with."""
     configs = []
     for shape in args.shape:
         t = args.t if args.t is not None else SHAPES[shape].t
@@ -270,42 +271,49 @@ def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
 
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's two targets per (shape, dtype, T) that has both providers' results."""
+    """The issue's two targets per (shape, dtype, T) and project provider, against plain; for
+    ``pangu_fastkd+ckpt`` also its step time over ``pangu_fastkd``'s (what recomputing costs)."""
     by_key = group_rows(rows, _row_key)
     header = [
-        "shape", "dtype", "T", f"tokens/s pangu / plain (>= {TARGET_SPEEDUP}x)",
-        f"peak extra pangu / plain (<= {TARGET_MEMORY}x)", "with weights+AdamW",
+        "provider", "shape", "dtype", "T", f"tokens/s x plain (>= {TARGET_SPEEDUP}x)",
+        f"peak extra x plain (<= {TARGET_MEMORY}x)", "with weights+AdamW",
+        "step time x pangu_fastkd",
     ]  # fmt: skip
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups = dict.fromkeys(key[1:] for key in by_key)
+    ours = [p for p in PROVIDERS if p != "plain"]
     for shape, dtype, t in groups:
-        pangu, plain = ("pangu_fastkd", shape, dtype, t), ("plain", shape, dtype, t)
-        speedup = ratio(ok_p50(by_key, plain, "speed"), ok_p50(by_key, pangu, "speed"))
-        mem_pangu = ok_p50(by_key, pangu, "memory_peak_extra")
-        mem_plain = ok_p50(by_key, plain, "memory_peak_extra")
-        memory = ratio(mem_pangu, mem_plain)
-        # The same ratio with the resident weights and AdamW state counted, for the reader who
-        # reads "peak memory" as the whole process's.
-        state = by_key.get(pangu, {}).get("speed", {}).get("config", {}).get("state_mib")
-        total = (
-            ratio(mem_pangu + state, mem_plain + state)
-            if None not in (mem_pangu, mem_plain, state)
-            else None
-        )
-        out.append(
-            "| "
-            + " | ".join(
-                [
-                    shape,
-                    dtype,
-                    str(t),
-                    _verdict(speedup, lambda r: r >= TARGET_SPEEDUP),
-                    _verdict(memory, lambda r: r <= TARGET_MEMORY),
-                    fmt(total, ".2f", "x"),
-                ]
+        plain = ("plain", shape, dtype, t)
+        # pangu_fastkd always has a line, so that a failed or missing run shows as such.
+        measured = [p for p in ours if (p, shape, dtype, t) in by_key] or ["pangu_fastkd"]
+        for provider in measured:
+            key = (provider, shape, dtype, t)
+            speedup = ratio(ok_p50(by_key, plain, "speed"), ok_p50(by_key, key, "speed"))
+            mem_ours = ok_p50(by_key, key, "memory_peak_extra")
+            mem_plain = ok_p50(by_key, plain, "memory_peak_extra")
+            # The same ratio with the resident weights and AdamW state counted, for the reader
+            # who reads "peak memory" as the whole process's.
+            state = by_key.get(key, {}).get("speed", {}).get("config", {}).get("state_mib")
+            total = (
+                ratio(mem_ours + state, mem_plain + state)
+                if None not in (mem_ours, mem_plain, state)
+                else None
             )
-            + " |"
-        )
+            cost = None
+            if provider != "pangu_fastkd":
+                base = ok_p50(by_key, ("pangu_fastkd", shape, dtype, t), "speed")
+                cost = ratio(ok_p50(by_key, key, "speed"), base)
+            cells = [
+                provider,
+                shape,
+                dtype,
+                str(t),
+                _verdict(speedup, lambda r: r >= TARGET_SPEEDUP),
+                _verdict(ratio(mem_ours, mem_plain), lambda r: r <= TARGET_MEMORY),
+                fmt(total, ".2f", "x"),
+                fmt(cost, ".2f", "x"),
+            ]
+            out.append("| " + " | ".join(cells) + " |")
     return out
 
 
@@ -336,16 +344,19 @@ def markdown_report(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"= {cfg.get('kd_weight')} x forward KL to a random top-{cfg.get('K')} teacher (tail, "
         f"label-conditioned) + {1 - (cfg.get('kd_weight') or 0):g} x CE, mean over the "
         "supervised rows. bf16 = bf16 parameters, gradients and AdamW state (no autocast), for "
-        "both providers.",
+        "every provider.",
         "- pangu_fastkd: `DecoderLM.hidden_states` (packed-attention kernel) + "
         "`fused_linear_sparse_kd`. plain: the same weights in a plain-PyTorch model "
         "(`F.scaled_dot_product_attention` with a dense [T, T] block-diagonal causal mask) + "
-        "`sparse_kd_reference` (materialised [n, V] logits and log-softmax).",
+        "`sparse_kd_reference` (materialised [n, V] logits and log-softmax). "
+        "pangu_fastkd+ckpt: pangu_fastkd with activation checkpointing on every layer "
+        "(`activation_checkpointing = true`: each layer keeps only its input and runs its "
+        "forward again in backward); step time x pangu_fastkd is what that recompute costs.",
         "- Median and p20-p80 of the timed steps after one warmup step, each configuration in "
         "its own process; tokens/s = T / median step time. Peak extra: peak RSS growth over "
         "the step above the resident weights, AdamW state and batch (gradients included; above "
         "grads subtracts them). First loss: the warmup step's loss, on the initial weights, "
-        "the same for both providers up to rounding.",
+        "the same for every provider up to rounding.",
         "",
         *table_lines(rows, markdown=True),
         "",

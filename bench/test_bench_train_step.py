@@ -97,6 +97,22 @@ def test_providers_same_loss_and_grads(variant: str, dtype: torch.dtype, tol: fl
         assert error <= tol, f"{variant} {dtype} {name}: relative error {error:.2e} > {tol:.0e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_checkpointed_provider_computes_the_same_step(dtype: torch.dtype) -> None:
+    """pangu_fastkd+ckpt recomputes the layers in backward: the same loss and gradients (the
+    recompute runs the same kernels on the same inputs), only less kept in between."""
+    config, batch = _model_config("pangu_like"), _batch()
+    want_loss, want = _loss_and_grads(
+        "pangu_fastkd", build_model("pangu_fastkd", config, dtype), batch
+    )
+    model = build_model("pangu_fastkd+ckpt", config, dtype)
+    assert model.training and all(layer.activation_checkpointing for layer in model.layers)
+    got_loss, got = _loss_and_grads("pangu_fastkd+ckpt", model, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["llama", "pangu_like"])
 def test_bf16_error_within_twice_plain(variant: str) -> None:
     """flash-attention's rule: against a float64 run of the same bf16 weights, the project's
@@ -266,9 +282,19 @@ def test_worker_and_table() -> None:
     assert f"| {64 / (ours_ms * 1e-3):.0f} | {speedup:.2f}x |" in lines[3]
 
 
-def _synthetic_rows(plain_ms: float, ours_ms: float, plain_mib: float, ours_mib: float) -> list:
+def _synthetic_rows(
+    plain_ms: float,
+    ours_ms: float,
+    plain_mib: float,
+    ours_mib: float,
+    ckpt: tuple[float, float] | None = None,
+) -> list:
+    """Rows of plain and pangu_fastkd (and pangu_fastkd+ckpt with ``ckpt = (ms, mib)``)."""
+    measured = [("plain", plain_ms, plain_mib), ("pangu_fastkd", ours_ms, ours_mib)]
+    if ckpt is not None:
+        measured.append(("pangu_fastkd+ckpt", *ckpt))
     rows = []
-    for provider, ms, mib in (("plain", plain_ms, plain_mib), ("pangu_fastkd", ours_ms, ours_mib)):
+    for provider, ms, mib in measured:
         result = {
             "config": dataclasses.asdict(_tiny_config(provider, shape="small", t=2048)),
             "status": "ok",
@@ -287,26 +313,34 @@ def _synthetic_rows(plain_ms: float, ours_ms: float, plain_mib: float, ours_mib:
 
 def test_target_verdicts() -> None:
     met = target_lines(_synthetic_rows(3000.0, 1000.0, 400.0, 100.0))
-    assert met[2] == "| small | fp32 | 2048 | 3.00x: met | 0.25x: met | 0.40x |"
+    assert met[0].startswith("| provider | shape | dtype | T | tokens/s x plain (>= 1.5x) |")
+    assert met[2] == "| pangu_fastkd | small | fp32 | 2048 | 3.00x: met | 0.25x: met | 0.40x | - |"
     missed = target_lines(_synthetic_rows(1400.0, 1000.0, 400.0, 300.0))
-    assert missed[2] == "| small | fp32 | 2048 | 1.40x: **not met** | 0.75x: **not met** | 0.80x |"
+    assert missed[2] == (
+        "| pangu_fastkd | small | fp32 | 2048 | 1.40x: **not met** | 0.75x: **not met** | "
+        "0.80x | - |"
+    )
     only_plain = [r for r in _synthetic_rows(1.0, 1.0, 1.0, 1.0) if r["provider"] == "plain"]
     assert "a provider failed or was not run" in target_lines(only_plain)[2]
+    # The checkpointed provider: its own line, with its step time over pangu_fastkd's.
+    with_ckpt = target_lines(_synthetic_rows(3000.0, 1000.0, 400.0, 100.0, ckpt=(1250.0, 60.0)))
+    assert with_ckpt[3] == (
+        "| pangu_fastkd+ckpt | small | fp32 | 2048 | 2.40x: met | 0.15x: met | 0.32x | 1.25x |"
+    )
 
 
 def test_driver_smoke(tmp_path, capsys) -> None:
-    """Two subprocess workers, the JSON file and the Markdown report, then --from-json."""
+    """A subprocess worker per provider, the JSON file and the Markdown report, then
+    --from-json."""
     out = tmp_path / "train_step.json"
     argv = ["--shape", "tiny", "--dtype", "fp32", "--t", "48", "--n-docs", "3", "--reps", "1"]
     main([*argv, "--out", str(out), "--markdown"])
     report = capsys.readouterr().out
-    assert (
-        "| plain | tiny | fp32 | 48 |" in report and "| pangu_fastkd | tiny | fp32 | 48 |" in report
-    )
+    for provider in PROVIDERS:
+        assert f"| {provider} | tiny | fp32 | 48 |" in report
     assert "failed" not in report and "Against the issue's targets" in report
-    assert "| tiny | fp32 | 48 |" in report
     saved = json.loads(out.read_text())
-    assert {r["provider"] for r in saved["rows"]} == {"plain", "pangu_fastkd"}
+    assert {r["provider"] for r in saved["rows"]} == set(PROVIDERS)
     assert all(r["status"] == "ok" for r in saved["rows"])
     main(["--from-json", str(out), "--markdown"])
     assert capsys.readouterr().out.strip() == report.strip()

@@ -7,6 +7,9 @@ to end, ``pangu_fastkd.data.pack_examples`` labels), with the loss
 
 - ``pangu_fastkd``: ``DecoderLM.hidden_states`` (the packed-attention kernel in every layer), then
   ``fused_linear_sparse_kd`` on the supervised rows: the LM-head logits are never materialised.
+- ``pangu_fastkd+ckpt``: the same with activation checkpointing on every layer
+  (``DecoderLM.set_activation_checkpointing(1)``, what ``activation_checkpointing = true`` sets):
+  each layer keeps only its input for backward and runs its forward again there.
 - ``plain``: ``PlainDecoderLM`` below, the same architecture with its attention written the way
   Hugging Face Llama writes it ([1, H, T, D] layout, ``F.scaled_dot_product_attention`` with a
   dense ``[T, T]`` block-diagonal causal mask; the norms, MLP and projections are the model's
@@ -271,7 +274,7 @@ def random_topk_target(labels: Tensor, vocab_size: int, top_k: int, seed: int = 
 # Models, losses, the step
 
 
-PROVIDER_NAMES = ("pangu_fastkd", "plain")
+PROVIDER_NAMES = ("pangu_fastkd", "pangu_fastkd+ckpt", "plain")
 
 
 def build_model(provider: str, config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -287,6 +290,9 @@ def build_model(provider: str, config: ModelConfig, dtype: torch.dtype, seed: in
     init_weights(model, seed)
     model.to(dtype)
     if provider == "pangu_fastkd":
+        return model
+    if provider == "pangu_fastkd+ckpt":
+        model.set_activation_checkpointing(1)  # applies in training mode, a new module's mode
         return model
     with torch.device("meta"):
         plain = PlainDecoderLM(config)
@@ -323,7 +329,11 @@ def plain_loss(model: nn.Module, batch: TrainBatch, kd_weight: float) -> Tensor:
 
 
 LossFn = Callable[[nn.Module, TrainBatch, float], Tensor]
-PROVIDERS: dict[str, LossFn] = {"pangu_fastkd": pangu_fastkd_loss, "plain": plain_loss}
+PROVIDERS: dict[str, LossFn] = {
+    "pangu_fastkd": pangu_fastkd_loss,
+    "pangu_fastkd+ckpt": pangu_fastkd_loss,  # the checkpointing is the model's
+    "plain": plain_loss,
+}
 
 
 def train_step(

@@ -90,6 +90,10 @@ class CausalLM(Protocol):
         """sha256 (hex) of the config and weights, the provenance of caches and rollouts."""
         ...
 
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute every ``every``-th decoder layer's activations in backward (0: none)."""
+        ...
+
     def generate(
         self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, batch_size: int = 16
     ) -> list[Generation]:

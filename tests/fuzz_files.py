@@ -2329,6 +2329,7 @@ WRONG_TYPES_OF = {
     "int": (True, 1.5, "1", [], {}, None),
     "float": (True, "1", [], {}, None),
     "bool": (1, 0, "true", 1.5, [], {}, None),
+    "bool | str": (1, 0, "every", "every_0", "every_-1", "True", 1.5, [], {}, None),
     "str": (5, 1.5, True, [], {}, ["x"]),
     "str | None": (5, 1.5, True, [], {}, ["x"]),
     "list[str]": ("x", 5, {}, True, [5], ["nope"], ["train_fast", "train_fast"]),

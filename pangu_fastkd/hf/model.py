@@ -129,6 +129,43 @@ class HFCausalLM(torch.nn.Module):
         return lm_head_parts(self.hf_model).softcap
 
     # -----------------------------------------------------------------------------------------
+    # Training
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute the activations of every ``every``-th decoder layer (0, every, ...) in
+        backward instead of keeping them; 0 turns it off, 1 checkpoints every layer.
+
+        transformers' own activation checkpointing, non-reentrant: its decoder layers
+        (``GradientCheckpointingLayer``) checkpoint inside ``forward``, in training mode with
+        gradients enabled only, with our packed attention inside the recomputed region.
+
+        Raises:
+            ValueError: ``every`` is not an int >= 0, or the model does not support it.
+        """
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"every must be an int >= 0 (0: off, 1: every layer), got {every!r}")
+        model = self.hf_model
+        if every == 0:
+            _call_first(
+                model, ("activation_checkpointing_disable", "gradient_checkpointing_disable")
+            )
+            return
+        if not model.supports_gradient_checkpointing:
+            raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+        # transformers 5 renamed gradient_checkpointing_enable (the old name is deprecated).
+        names = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+        _call_first(model, names, {"use_reentrant": False})
+        # Every layer is on now; keep every ``every``-th (each layer reads its own flag).
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index % every == 0
+        # Enabling also hooks the embeddings to make their output require grad, for frozen
+        # embeddings (adapters); the trainer trains them, and disabling would leave the hook.
+        model.disable_input_require_grads()
+
+    # -----------------------------------------------------------------------------------------
     # Forward passes
 
     def hidden_states(
@@ -249,6 +286,16 @@ class HFCausalLM(torch.nn.Module):
         embeddings = self.hf_model.get_input_embeddings().weight.shape[0]
         limit = min(self.config.vocab_size, embeddings)
         return check_packed_input_ids(input_ids, limit).long()
+
+
+def _call_first(model: torch.nn.Module, names: Sequence[str], *args) -> None:
+    """Calls the first method of ``names`` that ``model`` has (names differ across versions)."""
+    for name in names:
+        method = getattr(model, name, None)
+        if method is not None:
+            method(*args)
+            return
+    raise AttributeError(f"{type(model).__name__} has none of {list(names)}")
 
 
 def _model_config(hf_model: torch.nn.Module) -> HFModelConfig:

@@ -13,6 +13,11 @@ Data flow, top to bottom::
     logits = norm(x) @ output_weight.T [T, V]
 
 Parameter names are Hugging Face Llama's without the ``model.`` prefix (see ``checkpoint``).
+
+Activation checkpointing (``DecoderLM.set_activation_checkpointing``): a checkpointed layer keeps
+only its input ``x [T, hidden]`` for backward and runs its forward again there
+(``torch.utils.checkpoint``, non-reentrant), instead of keeping every intermediate (q, k, v, the
+attention's output and lse, the MLP's ``[T, intermediate]`` products).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data.boundaries import resolve_documents
 from ..ops.packed_attention import attend_documents
@@ -139,7 +145,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention block and pre-norm MLP block, each with a residual connection."""
+    """Pre-norm attention block and pre-norm MLP block, each with a residual connection.
+
+    Attributes:
+        activation_checkpointing: recompute this layer's activations in backward (training with
+            gradients only); ``DecoderLM.set_activation_checkpointing`` sets it.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -147,8 +158,28 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.activation_checkpointing = False
 
     def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attend: Callable[[Tensor, Tensor, Tensor], Tensor],
+    ) -> Tensor:
+        """``x [T, hidden]`` -> ``[T, hidden]``; ``cos``/``sin`` ``[T, D]`` float32 RoPE tables;
+        ``attend(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D]``."""
+        if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
+            return self._block(x, cos, sin, attend)
+        # Checkpointed inside forward, not around the module call, so that module hooks (FSDP2's
+        # all-gather and reshard) stay outside the recomputed region and do not run again in
+        # backward. Non-reentrant: it takes the packed-attention op's saved tensors through
+        # saved-tensor hooks, replays autocast as the forward had it, and works under DDP and
+        # FSDP2. The layer draws no random numbers (no dropout), so the recompute is the same
+        # computation; preserve_rng_state stays on for whoever adds one.
+        return checkpoint(self._block, x, cos, sin, attend, use_reentrant=False)
+
+    def _block(
         self,
         x: Tensor,
         cos: Tensor,
@@ -201,6 +232,22 @@ class DecoderLM(nn.Module):
     def output_weight(self) -> Tensor:
         """The LM head ``[V, hidden]`` (the embedding matrix when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute the activations of every ``every``-th layer (0, every, 2 * every, ...) in
+        backward instead of keeping them; 0 turns it off, 1 checkpoints every layer.
+
+        Applies in training mode with gradients enabled only; eval, scoring and generation run
+        the layers as they are. Call it before ``fully_shard``/DDP or after: the layers read the
+        flag at each forward.
+
+        Raises:
+            ValueError: ``every`` is not an int >= 0.
+        """
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"every must be an int >= 0 (0: off, 1: every layer), got {every!r}")
+        for index, layer in enumerate(self.layers):
+            layer.activation_checkpointing = every > 0 and index % every == 0
 
     def hidden_states(
         self,

@@ -46,6 +46,20 @@ MAX_OPERAND = 99
 MAX_HEALTH_ROWS = 4096
 
 
+# activation_checkpointing = "every_<n>": every n-th decoder layer (layers 0, n, 2n, ...). At
+# most 6 digits: no model has a million layers, and int() of the digits stays trivial.
+_EVERY_N = re.compile(r"every_([1-9][0-9]{0,5})")
+
+
+def _checkpointing_stride(value: bool | str) -> int | None:
+    """The layer stride of an ``activation_checkpointing`` value: 0 for false, 1 for true, ``n``
+    for ``"every_<n>"``; None for any other value."""
+    if isinstance(value, bool):
+        return int(value)
+    match = _EVERY_N.fullmatch(value) if isinstance(value, str) else None
+    return int(match.group(1)) if match else None
+
+
 # Stage and teacher names become directory names (stages/<i>-<name>; teachers/<name>, which is
 # deleted when that teacher's spec changes): one path component of plain characters, so never
 # "", "." or "..", a separator, or a name only some file systems tell apart.
@@ -106,17 +120,37 @@ class TrainSpec:
     # Optimizer steps in a row with a non-finite loss or gradient norm (each skipped, not
     # applied) before the stage stops with an error.
     max_bad_steps: int = number(8, at_least=1)
+    # Recompute decoder layers' activations in backward instead of keeping them: false, true
+    # (every layer) or "every_<n>" (every n-th layer). Less memory, one more forward per layer.
+    activation_checkpointing: bool | str = False
 
     def validate(self, where: str) -> None:
         """Raises ``ConfigError`` naming ``<where>.<field>`` for a value no stage can train
         with."""
         check_numbers(self, where)
+        if _checkpointing_stride(self.activation_checkpointing) is None:
+            raise ConfigError(f"{where}.{self._bad_checkpointing()}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"{where}.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if self.difficulty not in ("given", "length"):
             raise ConfigError(f"{where}.difficulty must be 'given' or 'length'")
         check_mode(f"{where}.mode", self.mode)
         self.optim.validate(f"{where}.optim")
+
+    @property
+    def checkpointing_every(self) -> int:
+        """Every how many layers activations are recomputed (0: none), the argument of
+        ``set_activation_checkpointing``; the spec must have passed ``validate``."""
+        stride = _checkpointing_stride(self.activation_checkpointing)
+        if stride is None:
+            raise ConfigError(self._bad_checkpointing())
+        return stride
+
+    def _bad_checkpointing(self) -> str:
+        return (
+            "activation_checkpointing must be false, true or 'every_<n>' (n >= 1: every n-th "
+            f"decoder layer), got {show_value(self.activation_checkpointing)}"
+        )
 
 
 @dataclass

@@ -83,6 +83,9 @@ def train_model(
     # stage's when a run was killed before its first checkpoint (it starts again from step 0).
     pipeline.metrics.truncate_after(stage_name, start)
     tensorboard = _stage_tensorboard(pipeline, stage_name)
+    # On the model that trains (a resumed run's is the reloaded one). Layers checkpoint inside
+    # their own forward, so DDP's and FSDP2's hooks stay outside the recomputed region.
+    model.set_activation_checkpointing(train.checkpointing_every)
     options = kd.loss_options() if kd is not None else None
     module = LossModule(
         model,
@@ -167,7 +170,9 @@ def train_model(
     finally:
         progress.close()
         tensorboard.close()
-    return checkpoint_at(plan.total_steps)
+    trained = checkpoint_at(plan.total_steps)
+    trained.set_activation_checkpointing(0)  # each stage sets its own
+    return trained
 
 
 def _stage_tensorboard(pipeline: Pipeline, stage_name: str) -> StageTensorBoard:
