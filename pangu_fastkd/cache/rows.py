@@ -148,6 +148,18 @@ def _log_probs(
     return values
 
 
+def _round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 log-probs in ``dtype``, each rounded toward -inf: no stored probability exceeds the
+    scorer's, so a row's stored top-K (and label) mass stays at most what the scorer checked.
+    Rounding to nearest lets bf16 push a row whose mass is close to 1 above it (1.0017 for a
+    one-hot teacher's top-16 was seen), which the loss refuses mid-training."""
+    stored = values.to(dtype)
+    if dtype == torch.float32:
+        return stored
+    above = stored.to(torch.float32) > values
+    return torch.where(above, torch.nextafter(stored, stored.new_tensor(-math.inf)), stored)
+
+
 def encode_sequence(scores: SequenceScores, spec: CacheSpec, where: str) -> dict[str, Any]:
     """Check one sequence's scores and return its shard rows (stored dtypes) and row count."""
     ids = _as_tensor(where, "topk_ids", scores.topk_ids, floating=False)
@@ -181,9 +193,9 @@ def encode_sequence(scores: SequenceScores, spec: CacheSpec, where: str) -> dict
         label_value = label_value.clamp(min=value_min)
         rows = {
             "ids": encode_ids(ids, spec.id_encoding),
-            "values": values.to(spec.value_torch_dtype),
+            "values": _round_down(values, spec.value_torch_dtype),
             "lse": lse.contiguous(),
-            "label_value": label_value.to(spec.value_torch_dtype),
+            "label_value": _round_down(label_value, spec.value_torch_dtype),
         }
     rows.update(_encode_sampled(scores, spec, where, n))
     return {"rows": rows, "num_tokens": n}
