@@ -19,7 +19,7 @@ from pangu_fastkd.ops import (
     packed_attention_reference,
     sparse_kd_reference,
 )
-from pangu_fastkd.ops.input_checks import NonFiniteError
+from pangu_fastkd.ops.input_checks import NonFiniteError, check_finite_rows
 
 N, D, V, K = 6, 8, 32, 4
 BAD_VALUES = [math.nan, math.inf, -math.inf]
@@ -169,3 +169,19 @@ def test_attention_large_scale_matches_pytorch() -> None:
     assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
     finite = torch.isfinite(ref)
     assert torch.allclose(out[finite], ref[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_large_tensor_is_checked_slice_by_slice_to_its_last_row(bad):
+    """An LM head larger than one check slice (here 5M entries) is checked in slices: a bad
+    entry in any slice, the last included, is found and named by its row."""
+    weight = torch.zeros(5000, 1000)
+    weight[4999, 999] = bad
+    with pytest.raises(NonFiniteError, match=rf"weight holds {bad} in row 4999"):
+        check_finite_rows("op", {"hidden": torch.zeros(3, 1000), "weight": weight})
+    weight[4999, 999] = 0.0
+    weight[2500, 0] = bad
+    with pytest.raises(NonFiniteError, match=r"weight holds .* in row 2500"):
+        check_finite_rows("op", {"weight": weight})
+    weight[2500, 0] = -math.inf
+    check_finite_rows("op", {"weight": weight}, allow_neg_inf=("weight",))

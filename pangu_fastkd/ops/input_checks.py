@@ -82,6 +82,29 @@ def check_positive_finite(op: str, name: str, value: float) -> float:
     return float(value)
 
 
+# Elements per slice of a checked tensor: the masks of a slice, not of a whole LM head
+# (V x d bools, 235 MB for openPangu's), are what the check holds at a time.
+_CHECK_SLICE_ELEMENTS = 1 << 22
+
+
+def _bad_mask(t: torch.Tensor, allow_neg_inf: bool) -> torch.Tensor:
+    """``[rows, -1]`` bool: the NaN or infinite entries of ``t`` (``-inf`` allowed if asked)."""
+    wrong = ~torch.isfinite(t)
+    if allow_neg_inf:
+        wrong &= t != -math.inf
+    return wrong.reshape(t.shape[0], -1) if t.dim() else wrong.reshape(1, 1)
+
+
+def _any_bad(t: torch.Tensor, allow_neg_inf: bool) -> torch.Tensor:
+    """0-dim bool: whether ``t`` holds a bad entry, checked a slice of rows at a time."""
+    if t.dim() == 0 or t.numel() <= _CHECK_SLICE_ELEMENTS:
+        return _bad_mask(t, allow_neg_inf).any()
+    rows = max(1, _CHECK_SLICE_ELEMENTS // max(1, t[0].numel()))
+    return torch.stack(
+        [_bad_mask(part, allow_neg_inf).any() for part in torch.split(t, rows)]
+    ).any()
+
+
 def check_finite_rows(
     op: str, tensors: dict[str, torch.Tensor | None], *, allow_neg_inf: tuple[str, ...] = ()
 ) -> None:
@@ -100,15 +123,10 @@ def check_finite_rows(
     present = [(name, t) for name, t in tensors.items() if t is not None and t.numel() > 0]
     if not present:
         return
-    bad = []
-    for name, t in present:
-        wrong = ~torch.isfinite(t)
-        if name in allow_neg_inf:
-            wrong = wrong & (t != -math.inf)
-        bad.append(wrong.reshape(t.shape[0], -1) if t.dim() else wrong.reshape(1, 1))
-    flags = torch.stack([b.any() for b in bad]).cpu()
-    for (name, t), wrong, flag in zip(present, bad, flags.tolist(), strict=True):
+    flags = torch.stack([_any_bad(t, name in allow_neg_inf) for name, t in present]).cpu()
+    for (name, t), flag in zip(present, flags.tolist(), strict=True):
         if flag:
+            wrong = _bad_mask(t, name in allow_neg_inf)
             row = int(wrong.any(dim=1).nonzero()[0, 0])
             value = t.reshape(wrong.shape)[row][wrong[row]][0].item()
             where = f"row {row}" if t.dim() else "its value"
