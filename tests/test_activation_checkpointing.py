@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -158,12 +159,9 @@ def test_bf16_autocast_checkpointed_matches_loosely():
             assert _relative_error(got_grads[name], grad) <= 1e-2, name
 
 
-def _kept_bytes(every: int) -> int:
-    """Bytes one training forward keeps for backward: autograd's saved tensors (counted as
-    they are packed) plus the inputs of the checkpointed layers, which the checkpoint keeps
-    itself."""
-    model = _model(every)
-    batch = _batch(LENGTHS[2], seed=2)
+def _saved_bytes(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``forward()``'s output and the bytes autograd saved for its backward, counted as they
+    are packed."""
     saved = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -172,7 +170,17 @@ def _kept_bytes(every: int) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden = model.hidden_states(batch.input_ids, batch.cu_seqlens)  # [T, hidden]
+        output = forward()
+    return output, saved
+
+
+def _kept_bytes(every: int) -> int:
+    """Bytes one training forward keeps for backward: autograd's saved tensors (counted as
+    they are packed) plus the inputs of the checkpointed layers, which the checkpoint keeps
+    itself."""
+    model = _model(every)
+    batch = _batch(LENGTHS[2], seed=2)
+    hidden, saved = _saved_bytes(lambda: model.hidden_states(batch.input_ids, batch.cu_seqlens))
     checkpointed = sum(layer.activation_checkpointing for layer in model.layers)
     return saved + checkpointed * hidden.numel() * hidden.element_size()
 
@@ -416,15 +424,7 @@ def test_transformers_layers_checkpoint_through_their_own_switch():
         hf_model.load_state_dict(weights)
         model = HFCausalLM(hf_model).train()
         model.set_activation_checkpointing(every)
-        saved = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            hidden = model.hidden_states(batch.input_ids, batch.cu_seqlens)
+        hidden, saved = _saved_bytes(lambda: model.hidden_states(batch.input_ids, batch.cu_seqlens))
         hidden.square().sum().backward()
         return model, saved, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

@@ -300,29 +300,21 @@ class CacheReader:
         runs = list(self._runs(seq_indices))
         if not runs:  # no sequences: zero rows, shaped and typed like shard 0's tensors
             runs = [(0, 0, 0)]
-        return {name: self._take(runs, name) for name in names}, runs
+        plan = _row_plan(runs)
+        return {name: self._take(plan, name) for name in names}, runs
 
-    def _take(self, runs: list[tuple[int, int, int]], name: str) -> torch.Tensor:
-        """Tensor ``name``'s rows of the runs, in order: one gather per shard the runs touch."""
-        shards = np.array([s for s, _, _ in runs])
-        starts = np.array([start for _, start, _ in runs], dtype=np.int64)
-        lengths = np.array([stop - start for _, start, stop in runs], dtype=np.int64)
-        run_of_row = np.repeat(np.arange(len(runs)), lengths)
-        # Row r of the batch is row starts[run] + (r - first batch row of the run) of its shard.
-        rows = (
-            starts[run_of_row]
-            + np.arange(int(lengths.sum()))
-            - (np.cumsum(lengths) - lengths)[run_of_row]
-        )
-        shard_of_row = shards[run_of_row]
-        distinct = np.unique(shards)
-        if len(distinct) == 1:
-            return self._shard(int(distinct[0])).take(name, rows)
-        pieces = {int(s): self._shard(int(s)).take(name, rows[shard_of_row == s]) for s in distinct}
-        first = next(iter(pieces.values()))
-        out = first.new_empty((len(rows), *first.shape[1:]))
-        for s, piece in pieces.items():
-            out[torch.from_numpy(shard_of_row == s)] = piece
+    def _take(
+        self, plan: list[tuple[int, np.ndarray, torch.Tensor | None]], name: str
+    ) -> torch.Tensor:
+        """Tensor ``name``'s rows of the batch, in order: one gather per shard the batch touches."""
+        if len(plan) == 1:
+            shard, rows, _ = plan[0]
+            return self._shard(shard).take(name, rows)
+        pieces = [(self._shard(shard).take(name, rows), where) for shard, rows, where in plan]
+        total = sum(len(rows) for _, rows, _ in plan)
+        out = pieces[0][0].new_empty((total, *pieces[0][0].shape[1:]))
+        for piece, where in pieces:
+            out[where] = piece
         return out
 
     def _raise_for(self, problem: Problem | None, runs: list[tuple[int, int, int]]) -> None:
@@ -337,3 +329,30 @@ class CacheReader:
         shard = self._shard(shard_index)
         where = describe_row(self.manifest, shard_index, shard.seq_offsets, row)
         raise CacheError(f"{self.manifest.shards[shard_index].name}: {where}: {message}")
+
+
+def _row_plan(
+    runs: list[tuple[int, int, int]],
+) -> list[tuple[int, np.ndarray, torch.Tensor | None]]:
+    """Per shard the runs touch: ``(shard, its rows [m] int64, where they go in the batch)``,
+    worked out once per batch for all of its tensors (``where`` is None for a single shard,
+    whose rows are the whole batch in order)."""
+    shards = np.array([s for s, _, _ in runs])
+    starts = np.array([start for _, start, _ in runs], dtype=np.int64)
+    lengths = np.array([stop - start for _, start, stop in runs], dtype=np.int64)
+    run_of_row = np.repeat(np.arange(len(runs)), lengths)
+    # Row r of the batch is row starts[run] + (r - first batch row of the run) of its shard.
+    rows = (
+        starts[run_of_row]
+        + np.arange(int(lengths.sum()))
+        - (np.cumsum(lengths) - lengths)[run_of_row]
+    )
+    distinct = np.unique(shards)
+    if len(distinct) == 1:
+        return [(int(distinct[0]), rows, None)]
+    shard_of_row = shards[run_of_row]
+    plan = []
+    for shard in distinct:
+        mask = shard_of_row == shard
+        plan.append((int(shard), rows[mask], torch.from_numpy(mask)))
+    return plan

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .quantise import MAX_VALUE_BITS, MIN_VALUE_BITS
+
 __all__ = [
     "CODECS",
     "DEFAULT_VALUE_BITS",
@@ -38,7 +40,6 @@ CODECS = tuple(FORMAT_VERSIONS)
 # How codec v2 stores top-K ids: Elias-Fano after sorting the row by id, or plain bit fields.
 ID_CODINGS = ("elias_fano", "packed")
 DEFAULT_VALUE_BITS = 6
-_VALUE_BITS_RANGE = (3, 16)  # quantise.MIN_VALUE_BITS, MAX_VALUE_BITS
 
 VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ID_ENCODINGS = ("int16", "uint24", "int32")
@@ -178,10 +179,9 @@ class CacheSpec:
                 f"got {self.value_dtype!r}"
             )
         bits = DEFAULT_VALUE_BITS if self.value_bits is None else self.value_bits
-        low, high = _VALUE_BITS_RANGE
-        _check_int("value_bits", bits, low)
-        if bits > high:
-            raise ValueError(f"value_bits must be <= {high}, got {bits}")
+        _check_int("value_bits", bits, MIN_VALUE_BITS)
+        if bits > MAX_VALUE_BITS:
+            raise ValueError(f"value_bits must be <= {MAX_VALUE_BITS}, got {bits}")
         object.__setattr__(self, "value_bits", bits)
         coding = "elias_fano" if self.id_coding is None else self.id_coding
         if coding not in ID_CODINGS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from ..cache.quantise import MAX_VALUE_BITS, MIN_VALUE_BITS
 from ..cache.spec import DEFAULT_VALUE_BITS, ID_CODINGS, VALUE_DTYPES, codec_fields
 from ..ops import SparseKDOptions
 from ..ops.sparse_kd_targets import DIVERGENCES, MISSING_MASS_MODES
@@ -154,7 +155,7 @@ class ScoreStage:
     # The cache format (docs/cache-format.md): v2 bit-packs ids and quantises log-probs to
     # value_bits; v1 stores whole-byte ids and value_dtype log-probs.
     codec: str = "v2"
-    value_bits: int = number(DEFAULT_VALUE_BITS, at_least=3, at_most=16)
+    value_bits: int = number(DEFAULT_VALUE_BITS, at_least=MIN_VALUE_BITS, at_most=MAX_VALUE_BITS)
     id_coding: str = "elias_fano"
     value_dtype: str = "bf16"
     mode: str | None = None
