@@ -148,16 +148,35 @@ def _log_probs(
     return values
 
 
-def _round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 log-probs in ``dtype``, each rounded toward -inf: no stored probability exceeds the
-    scorer's, so a row's stored top-K (and label) mass stays at most what the scorer checked.
-    Rounding to nearest lets bf16 push a row whose mass is close to 1 above it (1.0017 for a
-    one-hot teacher's top-16 was seen), which the loss refuses mid-training."""
-    stored = values.to(dtype)
+def _stored_log_probs(
+    values: torch.Tensor, label_value: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, K]`` top-K and ``[n]`` label log-probs (fp32) in ``dtype``: rounded to nearest,
+    except in the rows where that would lift their mass above 1, which are rounded toward -inf.
+
+    Rounding to nearest lets bf16 push a row whose top-K (or top-K and label) mass is close to 1
+    above it (1.0017 for a one-hot teacher's top-16 was seen), which the loss refuses
+    mid-training. Rounding every row down would bias all of them (at openPangu's width it moved
+    a near-teacher student's KD loss by 2%), so only those rows are.
+    """
+    stored, label = values.to(dtype), label_value.to(dtype)
     if dtype == torch.float32:
-        return stored
-    above = stored.to(torch.float32) > values
-    return torch.where(above, torch.nextafter(stored, stored.new_tensor(-math.inf)), stored)
+        return stored, label
+    mass = stored.to(torch.float32).exp().sum(dim=1)
+    with_label = mass + label.to(torch.float32).exp()
+    exact_with_label = values.exp().sum(dim=1) + label_value.exp()
+    lifted = (mass > 1) | ((with_label > 1) & (exact_with_label <= 1))
+    if not lifted.any():
+        return stored, label
+    down = stored.new_tensor(-math.inf)
+    stored_down = torch.where(
+        stored.to(torch.float32) > values, torch.nextafter(stored, down), stored
+    )
+    label_down = torch.where(
+        label.to(torch.float32) > label_value, torch.nextafter(label, down), label
+    )
+    stored = torch.where(lifted[:, None], stored_down, stored)
+    return stored, torch.where(lifted, label_down, label)
 
 
 def encode_sequence(scores: SequenceScores, spec: CacheSpec, where: str) -> dict[str, Any]:
@@ -191,11 +210,12 @@ def encode_sequence(scores: SequenceScores, spec: CacheSpec, where: str) -> dict
         # fp16 tops out at -65504: keep the label's log-prob finite (the loss requires it).
         value_min = torch.finfo(spec.value_torch_dtype).min
         label_value = label_value.clamp(min=value_min)
+        stored, stored_label = _stored_log_probs(values, label_value, spec.value_torch_dtype)
         rows = {
             "ids": encode_ids(ids, spec.id_encoding),
-            "values": _round_down(values, spec.value_torch_dtype),
+            "values": stored,
             "lse": lse.contiguous(),
-            "label_value": _round_down(label_value, spec.value_torch_dtype),
+            "label_value": stored_label,
         }
     rows.update(_encode_sampled(scores, spec, where, n))
     return {"rows": rows, "num_tokens": n}
